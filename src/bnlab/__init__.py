@@ -1,0 +1,21 @@
+"""bnlab: Batch Normalization from the math to the measurement.
+
+* a normalization library — drop-in, state_dict-compatible ``BatchNorm1d/2d/3d`` written from
+  the formulas (explicit forward, closed-form backward), and what torch.nn lacks;
+* probes that measure training dynamics without perturbing training (``bnlab.probes``);
+* a lab that turns each claim of the BN story into an experiment (``bnlab.lab``, ``bnlab`` CLI).
+"""
+
+from ._version import __version__
+from . import functional
+from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, is_batchnorm
+from .convert import convert
+from .errors import (BatchSizeError, BnlabError, DataError, DTypeError, ModeError,
+                     NonFiniteError, ShapeError)
+
+__all__ = [
+    "__version__", "functional",
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "is_batchnorm", "convert",
+    "BnlabError", "ShapeError", "BatchSizeError", "DTypeError", "ModeError", "NonFiniteError",
+    "DataError",
+]

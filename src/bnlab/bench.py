@@ -1,0 +1,153 @@
+"""Benchmark bnlab's BatchNorm against torch.nn.functional.batch_norm, in the same process.
+
+For each shape, thread count and mode the two implementations are called *alternately* (so
+load on a shared machine hits both alike), and the median over repeats after warm-up is kept.
+Reported: each time, the ratio bnlab/torch, and the effective bandwidth — the bytes a perfect
+kernel must move divided by the time — as a fraction of a device copy measured in the same run.
+
+Modes and their minimal traffic (S = bytes of the tensor):
+  fwd     training-mode forward, autograd recording as in training   read x, write y   = 2S
+  fwdbwd  training forward + backward                                + read x, dy, write dx = 5S
+  eval    inference forward under no_grad                              read x, write y   = 2S
+The copy is ``dst.copy_(src)`` into a preallocated buffer (2S): the memory system's ceiling.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import functional as BF
+
+DEFAULT_SHAPES: list[tuple[tuple[int, ...], bool]] = [
+    ((256, 1024), False),
+    ((4096, 4096), False),
+    ((64, 64, 56, 56), False),
+    ((64, 64, 56, 56), True),
+    ((128, 256, 14, 14), False),
+]
+QUICK_SHAPES: list[tuple[tuple[int, ...], bool]] = [((256, 1024), False), ((32, 64, 28, 28), False),
+                                                    ((32, 64, 28, 28), True)]
+MODES = ("fwd", "fwdbwd", "eval")
+PASSES = {"fwd": 2, "fwdbwd": 5, "eval": 2}
+
+BatchNormFn = Callable[..., torch.Tensor]
+
+
+@dataclass
+class Row:
+    shape: str
+    layout: str
+    threads: int
+    mode: str
+    torch_ms: float
+    bnlab_ms: float
+    ratio: float                  # bnlab / torch: < 1 is faster than torch
+    copy_fraction: float          # bnlab's effective bandwidth / copy bandwidth
+    torch_copy_fraction: float
+    copy_gbs: float
+    repeats: int
+
+
+def _median_alternating(fns: list[Callable[[], object]], min_repeats: int, max_repeats: int,
+                        budget_s: float) -> tuple[list[float], int]:
+    for fn in fns:                 # warm-up: allocator, thread pool, caches
+        fn()
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    start = time.perf_counter()
+    repeats = 0
+    while repeats < max_repeats and (repeats < min_repeats or time.perf_counter() - start < budget_s):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t0)
+        repeats += 1
+    return [statistics.median(t) for t in times], repeats
+
+
+def _case(impl: BatchNormFn, x: torch.Tensor, mode: str) -> Callable[[], object]:
+    C = x.shape[1]
+    weight = torch.ones(C, requires_grad=True)
+    bias = torch.zeros(C, requires_grad=True)
+    running_mean, running_var = torch.zeros(C), torch.ones(C)
+    if mode == "eval":
+        def run():
+            with torch.no_grad():
+                return impl(x, running_mean, running_var, weight, bias, False, 0.1, 1e-5)
+        return run
+    x_leaf = x.detach().clone().requires_grad_()
+    dy = torch.randn_like(x)
+    if mode == "fwd":
+        return lambda: impl(x_leaf, running_mean, running_var, weight, bias, True, 0.1, 1e-5)
+
+    def run():
+        y = impl(x_leaf, running_mean, running_var, weight, bias, True, 0.1, 1e-5)
+        y.backward(dy)
+        x_leaf.grad = weight.grad = bias.grad = None
+    return run
+
+
+def run(shapes: Iterable[tuple[tuple[int, ...], bool]] = DEFAULT_SHAPES,
+        threads: Iterable[int] = (1, 2), modes: Iterable[str] = MODES,
+        impl: BatchNormFn = BF.batch_norm, min_repeats: int = 7, max_repeats: int = 61,
+        budget_s: float = 2.0, log: Optional[Callable[[str], None]] = print) -> list[Row]:
+    """Time ``impl`` against torch's native BN; returns one Row per (shape, threads, mode)."""
+    rows: list[Row] = []
+    previous_threads = torch.get_num_threads()
+    try:
+        for n_threads in threads:
+            torch.set_num_threads(n_threads)
+            for shape, channels_last in shapes:
+                x = torch.randn(*shape)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                nbytes = x.numel() * x.element_size()
+                dst = torch.empty_like(x)
+                (copy_s,), _ = _median_alternating([lambda: dst.copy_(x)], 7, 61, 0.5)
+                copy_bw = 2 * nbytes / copy_s
+                for mode in modes:
+                    (t_torch, t_ours), reps = _median_alternating(
+                        [_case(F.batch_norm, x, mode), _case(impl, x, mode)],
+                        min_repeats, max_repeats, budget_s)
+                    need = PASSES[mode] * nbytes
+                    row = Row(shape="x".join(map(str, shape)),
+                              layout="channels_last" if channels_last else "contiguous",
+                              threads=n_threads, mode=mode, torch_ms=t_torch * 1e3,
+                              bnlab_ms=t_ours * 1e3, ratio=t_ours / t_torch,
+                              copy_fraction=need / t_ours / copy_bw,
+                              torch_copy_fraction=need / t_torch / copy_bw,
+                              copy_gbs=copy_bw / 1e9, repeats=reps)
+                    rows.append(row)
+                    if log:
+                        log(format_row(row))
+    finally:
+        torch.set_num_threads(previous_threads)
+    return rows
+
+
+def format_row(r: Row) -> str:
+    return (f"{r.shape:>14} {r.layout:>13} t={r.threads} {r.mode:>6}: torch {r.torch_ms:8.3f} ms  "
+            f"bnlab {r.bnlab_ms:8.3f} ms  ratio {r.ratio:5.2f}  "
+            f"copy-bw bnlab {100 * r.copy_fraction:5.1f}% torch {100 * r.torch_copy_fraction:5.1f}%")
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = ["| shape | layout | threads | mode | torch ms | bnlab ms | bnlab/torch | bnlab % of copy BW | torch % of copy BW |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.shape} | {r.layout} | {r.threads} | {r.mode} | {r.torch_ms:.3f} | "
+                     f"{r.bnlab_ms:.3f} | {r.ratio:.2f} | {100 * r.copy_fraction:.0f}% | "
+                     f"{100 * r.torch_copy_fraction:.0f}% |")
+    return "\n".join(lines)
+
+
+def save_json(rows: list[Row], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump([asdict(r) for r in rows], f, indent=1)

@@ -1,0 +1,153 @@
+"""Swap every batch-norm layer of a model for another implementation, keeping its state.
+
+``convert(model, to="bnlab")`` replaces ``torch.nn.BatchNorm1d/2d/3d`` (and subclasses) by
+``bnlab.BatchNorm1d/2d/3d``; ``to="torch"`` goes back. Other targets register themselves with
+:func:`register_target` (e.g. ``"sync"``, ``"frozen"`` in later modules).
+
+The swap is zero-copy: the new layer receives the *same* Parameter and buffer objects, so an
+optimizer built before the conversion keeps updating the right tensors, and hooks registered on
+the old layer move with it. The training flag, device and dtype are kept. The model is changed
+in place; the (possibly new) root is returned, as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``
+does, so ``model = bnlab.convert(model)`` is always right.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
+
+from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
+
+__all__ = ["convert", "register_target", "transfer_state", "bn_dim"]
+
+# A target maps a batch-norm layer to its replacement, or returns None to leave it as it is.
+Converter = Callable[[nn.Module], Optional[nn.Module]]
+_TARGETS: Dict[str, Converter] = {}
+
+_TORCH_BY_DIM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_BNLAB_BY_DIM = {1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d}
+
+
+def register_target(name: str) -> Callable[[Converter], Converter]:
+    """Decorator: make ``convert(model, to=name)`` use this per-layer converter."""
+    def deco(fn: Converter) -> Converter:
+        _TARGETS[name] = fn
+        return fn
+    return deco
+
+
+def bn_dim(module: nn.Module) -> Optional[int]:
+    """1, 2 or 3 for a BatchNorm1d/2d/3d (torch's, bnlab's or a subclass); None otherwise."""
+    for dim, (t, b) in enumerate(zip(_TORCH_BY_DIM.values(), _BNLAB_BY_DIM.values()), start=1):
+        if isinstance(module, (t, b)):
+            return dim
+    return getattr(module, "bn_dim", None)
+
+
+def transfer_state(src: nn.Module, dst: nn.Module) -> nn.Module:
+    """Give ``dst`` the very tensors, flags and hooks of ``src`` (no copies). Returns dst."""
+    for name in ("weight", "bias"):
+        if name in dst._parameters:
+            dst._parameters[name] = src._parameters.get(name)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        if name in dst._buffers:
+            dst._buffers[name] = src._buffers.get(name)
+    dst.train(src.training)
+    for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                  "_backward_pre_hooks", "_forward_hooks_with_kwargs",
+                  "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
+        if hasattr(src, hooks):
+            setattr(dst, hooks, getattr(src, hooks))
+    return dst
+
+
+def _config(m: _TorchBatchNorm) -> dict:
+    return dict(num_features=m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine,
+                track_running_stats=m.track_running_stats)
+
+
+def _new_like(cls, m: _TorchBatchNorm, **extra) -> nn.Module:
+    # Built on the meta device: its own tensors are never allocated, transfer_state gives it m's.
+    kwargs = _config(m)
+    if m.affine and m.bias is None:
+        kwargs["bias"] = False
+    new = cls(**kwargs, device="meta", **extra)
+    return transfer_state(m, new)
+
+
+def _refuse_lazy(m: nn.Module) -> None:
+    if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():
+        raise ValueError(f"{type(m).__name__} is not initialized yet: run one forward pass "
+                         f"before converting it")
+
+
+@register_target("bnlab")
+def _to_bnlab(m: nn.Module) -> Optional[nn.Module]:
+    if isinstance(m, _BatchNorm) or not isinstance(m, _TorchBatchNorm):
+        return None
+    _refuse_lazy(m)
+    dim = bn_dim(m)
+    if dim is None:
+        return None        # e.g. torch.nn.SyncBatchNorm: handled by the "sync" target
+    return _new_like(_BNLAB_BY_DIM[dim], m)
+
+
+@register_target("torch")
+def _to_torch(m: nn.Module) -> Optional[nn.Module]:
+    if not isinstance(m, _BatchNorm):
+        return None
+    dim = bn_dim(m)
+    if dim is None:
+        return None
+    if getattr(m, "frozen", False) or getattr(m, "running_var_correction", "unbiased") != "unbiased":
+        warnings.warn(f"{type(m).__name__}: torch.nn.BatchNorm{dim}d has no frozen mode or "
+                      f"biased running variance; the converted layer uses torch's defaults",
+                      stacklevel=3)
+    new = _new_like(_TORCH_BY_DIM[dim], m)
+    # A frozen bnlab layer stopped γ/β; torch has no such mode, so restore their flags.
+    saved = getattr(m, "_requires_grad_before_freeze", None)
+    if saved:
+        for name, flag in saved.items():
+            p = new._parameters.get(name)
+            if p is not None:
+                p.requires_grad_(flag)
+    return new
+
+
+def convert(model: nn.Module, to: str = "bnlab", **options) -> nn.Module:
+    """Replace every batch-norm layer of ``model`` (nested at any depth) by the ``to`` kind.
+
+    Args:
+        model: any module; may itself be a batch-norm layer.
+        to: ``"bnlab"`` or ``"torch"`` (and targets other modules register: ``"sync"``, ...).
+        options: passed to the target's converter when it accepts them (e.g. process_group).
+
+    Returns:
+        The converted model — the same object unless ``model`` itself was replaced.
+    """
+    if to not in _TARGETS:
+        raise ValueError(f"unknown conversion target {to!r}; known: {sorted(_TARGETS)}")
+    converter = _TARGETS[to]
+
+    def swap(m: nn.Module) -> nn.Module:
+        new = converter(m, **options) if options else converter(m)
+        return m if new is None else new
+
+    root = swap(model)
+    stack = [root]
+    while stack:
+        parent = stack.pop()
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            new = swap(child)
+            if new is not child:
+                parent._modules[name] = new
+            stack.append(new)
+    return root
+

@@ -1,0 +1,120 @@
+"""bnlab.functional: the three oracles — float64 gradcheck, autograd of the plain forward, and
+the memory-planned evaluation against the readable definition."""
+
+import itertools
+
+import pytest
+import torch
+
+import bnlab
+from bnlab import functional as BF
+
+SHAPES = [(6, 4), (5, 3, 7), (4, 3, 5, 2), (3, 2, 3, 4, 2)]
+
+
+def _inputs(shape, affine, dtype=torch.float64):
+    x = torch.randn(*shape, dtype=dtype, requires_grad=True)
+    C = shape[1]
+    w = (torch.rand(C, dtype=dtype) + 0.5).requires_grad_() if affine else None
+    b = torch.randn(C, dtype=dtype).requires_grad_() if affine else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck_and_gradgradcheck(shape, affine, training):
+    x, w, b = _inputs(shape, affine)
+    C = shape[1]
+    rm = torch.randn(C, dtype=torch.float64)
+    rv = torch.rand(C, dtype=torch.float64) + 0.5
+
+    def f(*args):
+        x, *params = args
+        w, b = (params if affine else (None, None))
+        # clones: the training call updates running buffers in place on every evaluation
+        return BF.batch_norm(x, rm.clone(), rv.clone(), w, b, training=training, eps=1e-3)
+
+    args = (x, w, b) if affine else (x,)
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradgradcheck(f, args)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("training", [True, False])
+def test_closed_form_backward_equals_autograd_of_plain_forward(shape, training):
+    """The closed form must equal what autograd derives from the forward's own lines."""
+    x, w, b = _inputs(shape, affine=True)
+    C = shape[1]
+    rm, rv = torch.randn(C, dtype=torch.float64), torch.rand(C, dtype=torch.float64) + 0.5
+    y = BF.batch_norm(x, rm.clone(), rv.clone(), w, b, training=training)
+    y_ref = BF.reference_batch_norm(x, rm, rv, w, b, training=training)
+    torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-12)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, w, b), dy)
+    grads_ref = torch.autograd.grad(y_ref, (x, w, b), dy)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=1e-11, rtol=1e-11)
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(17, 5, 3, 3)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_memory_planned_equals_definition(shape, channels_last):
+    x, w, b = _inputs(shape, affine=True)
+    x = x.detach()
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y, mean, var, invstd = BF.train_forward_(x, w.detach(), b.detach(), 1e-5)
+    mean_ref, var_ref = BF.batch_mean_var(x)
+    torch.testing.assert_close(mean, mean_ref, atol=1e-13, rtol=1e-13)
+    torch.testing.assert_close(var, var_ref, atol=1e-13, rtol=1e-13)
+    invstd_ref = torch.rsqrt(var_ref + 1e-5)
+    torch.testing.assert_close(y, BF.normalize(x, mean_ref, invstd_ref, w.detach(), b.detach()),
+                               atol=1e-12, rtol=1e-12)
+    dy = torch.randn_like(x)
+    planned = BF.train_backward_(dy, x, mean, invstd, w.detach())
+    definition = BF.batch_norm_backward(dy, x, mean_ref, invstd_ref, w.detach(), training=True)
+    for g, g_ref in zip(planned, definition):
+        torch.testing.assert_close(g, g_ref, atol=1e-11, rtol=1e-11)
+
+
+def test_direct_path_without_grad_equals_autograd_path():
+    x = torch.randn(8, 3, 4, 4)
+    w, b = torch.rand(3) + 0.5, torch.randn(3)
+    rm1, rv1, rm2, rv2 = torch.zeros(3), torch.ones(3), torch.zeros(3), torch.ones(3)
+    with torch.no_grad():
+        y1 = BF.batch_norm(x, rm1, rv1, w, b, training=True)
+    y2 = BF.batch_norm(x, rm2, rv2, w.requires_grad_(), b, training=True)
+    torch.testing.assert_close(y1, y2.detach(), atol=0, rtol=0)
+    torch.testing.assert_close(rm1, rm2, atol=0, rtol=0)
+    torch.testing.assert_close(rv1, rv2, atol=0, rtol=0)
+
+
+def test_signature_matches_torch():
+    import inspect
+    ours = list(inspect.signature(BF.batch_norm).parameters)
+    theirs = list(inspect.signature(torch.nn.functional.batch_norm).parameters)
+    assert ours[:len(theirs)] == theirs
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_functional_parity_with_torch(training):
+    x = torch.randn(7, 5, 3, dtype=torch.float64)
+    w, b = torch.rand(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    rm, rv = torch.randn(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.1
+    rm_t, rv_t = rm.clone(), rv.clone()
+    y = BF.batch_norm(x, rm, rv, w, b, training, 0.3, 1e-3)
+    y_t = torch.nn.functional.batch_norm(x, rm_t, rv_t, w, b, training, 0.3, 1e-3)
+    torch.testing.assert_close(y, y_t, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(rm, rm_t, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(rv, rv_t, atol=1e-12, rtol=1e-12)
+
+
+def test_low_precision_accumulates_in_float32():
+    """A bfloat16 input's statistics are computed in float32 (and returned as float32)."""
+    x = (torch.randn(64, 8) * 3 + 100).bfloat16()
+    y, mean, var = BF._BatchNormTrain.apply(x, None, None, 1e-5)
+    assert y.dtype == torch.bfloat16 and mean.dtype == torch.float32 and var.dtype == torch.float32
+    x32 = x.float()
+    torch.testing.assert_close(mean, x32.mean(0), atol=1e-4, rtol=1e-6)
+    torch.testing.assert_close(var, x32.var(0, unbiased=False), atol=1e-3, rtol=1e-4)
