@@ -37,6 +37,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import BatchSizeError, DTypeError, ModeError, ShapeError
@@ -198,8 +199,10 @@ def train_forward_(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     dims = reduction_dims(x)
     m = values_per_channel(x)
     mean = x.mean(dim=dims)                                          # C
-    out = torch.sub(x, channel_view(mean, x))                        # N,C,*  x − μ_B (scratch)
-    var = out.square_().sum(dim=dims) / m                            # C      ‖x − μ_B‖²/m
+    # (x − μ_B)² in one pass (mse_loss with reduction="none" is exactly the squared difference),
+    # into the storage that becomes y
+    out = F.mse_loss(x, channel_view(mean, x).expand_as(x), reduction="none")   # N,C,*
+    var = out.sum(dim=dims).div_(m)                                  # C      ‖x − μ_B‖²/m
     invstd = torch.rsqrt(var + eps)                                  # C
     affine_(out, x, mean, invstd, _to(weight, acc), _to(bias, acc))
     return out, mean, var, invstd
@@ -224,7 +227,8 @@ def affine_(out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
     E[x²] − E[x]², whose error is eps·(μ/σ)² and is avoided above).
     """
     alpha = invstd if weight is None else invstd * weight            # C
-    shift = -mean * alpha if bias is None else bias - mean * alpha   # C
+    shift = torch.addcmul(bias if bias is not None else torch.zeros_like(mean),
+                          mean, alpha, value=-1.0)                   # C  β − μ·α
     alpha, shift = channel_view(alpha, x), channel_view(shift, x)
     if x.dim() == 2 or x.stride(1) == 1:
         # channels vary along the innermost dimension: addcmul's vectorized row broadcast is best
