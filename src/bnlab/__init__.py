@@ -10,12 +10,16 @@ from ._version import __version__
 from . import functional
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, is_batchnorm
 from .convert import convert
+from .population import population_statistics, train_eval_gap
+from .fold import fold
+from . import ema
 from .errors import (BatchSizeError, BnlabError, DataError, DTypeError, ModeError,
                      NonFiniteError, ShapeError)
 
 __all__ = [
     "__version__", "functional",
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "is_batchnorm", "convert",
+    "population_statistics", "train_eval_gap", "fold", "ema",
     "BnlabError", "ShapeError", "BatchSizeError", "DTypeError", "ModeError", "NonFiniteError",
     "DataError",
 ]

@@ -20,6 +20,8 @@ What torch.nn lacks, as explicit options:
   * ``batch_of_one="raise"|"use_running_stats"`` — what a training batch with a single value per
     channel does: a clear error (default), or normalization with the running statistics;
   * ``check_finite=True`` — raise before any buffer is touched when the input holds NaN/Inf;
+  * ``ema="debiased"`` — Haiku's debiased moving average (m_t = m/(1 − (1 − m)^t)) instead of
+    PyTorch's plain EMA, so early running statistics are not pulled towards the initial 0/1;
   * float16/bfloat16 inputs are normalized in float32; a float32 module fed low-precision
     inputs (autocast style) keeps float32 statistics and returns the input's dtype.
 """
@@ -50,12 +52,15 @@ class _BatchNorm(_TorchBatchNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
                  *, bias: bool = True, running_var_correction: str = "unbiased",
-                 batch_of_one: str = "raise", check_finite: bool = False) -> None:
+                 batch_of_one: str = "raise", check_finite: bool = False,
+                 ema: str = "pytorch") -> None:
         if running_var_correction not in BF.VAR_CORRECTIONS:
             raise ValueError(f"running_var_correction must be one of {BF.VAR_CORRECTIONS}, "
                              f"got {running_var_correction!r}")
         if batch_of_one not in BATCH_OF_ONE:
             raise ValueError(f"batch_of_one must be one of {BATCH_OF_ONE}, got {batch_of_one!r}")
+        if ema not in ("pytorch", "debiased"):
+            raise ValueError(f"ema must be 'pytorch' or 'debiased' (cumulative: momentum=None), got {ema!r}")
         if momentum is not None and not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1] or None (cumulative average), got {momentum}")
         if _TORCH_HAS_BIAS_KWARG:
@@ -68,6 +73,7 @@ class _BatchNorm(_TorchBatchNorm):
         self.running_var_correction = running_var_correction
         self.batch_of_one = batch_of_one
         self.check_finite = check_finite
+        self.ema = ema
         self.frozen = False
         self._requires_grad_before_freeze: Optional[dict[str, bool]] = None
 
@@ -138,8 +144,10 @@ class _BatchNorm(_TorchBatchNorm):
         momentum = 0.0 if self.momentum is None else self.momentum
         if update and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
-            if self.momentum is None:              # cumulative moving average
-                momentum = 1.0 / float(self.num_batches_tracked)
+            if self.momentum is None or self.ema != "pytorch":   # cumulative or debiased EMA
+                momentum = BF.effective_momentum(
+                    "cumulative" if self.momentum is None else self.ema, self.momentum,
+                    int(self.num_batches_tracked))
 
         return BF.batch_norm(
             input,
@@ -156,6 +164,8 @@ class _BatchNorm(_TorchBatchNorm):
             s += f", batch_of_one={self.batch_of_one!r}"
         if self.check_finite:
             s += ", check_finite=True"
+        if self.ema != "pytorch":
+            s += f", ema={self.ema!r}"
         if self.frozen:
             s += ", frozen=True"
         return s
@@ -165,6 +175,7 @@ class _BatchNorm(_TorchBatchNorm):
         state.setdefault("running_var_correction", "unbiased")
         state.setdefault("batch_of_one", "raise")
         state.setdefault("check_finite", False)
+        state.setdefault("ema", "pytorch")
         state.setdefault("frozen", False)
         state.setdefault("_requires_grad_before_freeze", None)
         super().__setstate__(state)

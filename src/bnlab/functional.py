@@ -52,6 +52,7 @@ __all__ = [
     "channel_view",
     "accumulation_dtype",
     "values_per_channel",
+    "effective_momentum",
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -180,6 +181,27 @@ def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[T
         if correction == "unbiased" and count > 1:
             var = var * (count / (count - 1))
         running_var.lerp_(var.to(running_var.dtype), momentum)
+
+
+EMA_CONVENTIONS = ("pytorch", "cumulative", "debiased")
+
+
+def effective_momentum(convention: str, momentum: Optional[float], step: int) -> float:
+    """m_t of the running-statistics update r_t = (1 − m_t)·r_{t−1} + m_t·x_t at step t ≥ 1.
+
+    pytorch: m; cumulative (or momentum None): 1/t; debiased (Haiku's EMA divided by 1 − d^t,
+    d = 1 − m): m / (1 − d^t). See bnlab.ema for the derivation.
+    """
+    if step < 1:
+        raise ValueError(f"step counts from 1, got {step}")
+    if convention == "cumulative" or momentum is None:
+        return 1.0 / step
+    if convention == "pytorch":
+        return momentum
+    if convention == "debiased":
+        decay = 1.0 - momentum
+        return min(1.0, momentum / (1.0 - decay ** step)) if decay < 1.0 else 1.0 / step
+    raise ValueError(f"ema must be one of {EMA_CONVENTIONS}, got {convention!r}")
 
 
 # ----------------------------------------------------------------------------------------------
