@@ -21,6 +21,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-dir", default=None)
     demo.set_defaults(func=_demo)
 
+    lst = sub.add_parser("list", help="the lab's experiments and the claims they test")
+    lst.set_defaults(func=_list)
+
+    run = sub.add_parser("run", help="run one experiment: DIR/<id>/result.json, metrics.csv, figures")
+    run.add_argument("experiment", help="experiment id, e.g. E1")
+    _add_run_args(run)
+    run.add_argument("--seeds", type=int, default=None, help="number of seeds (overrides the profile)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config field (typed), e.g. --set steps=2000 --set data.path=DIR")
+    run.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
+    run.set_defaults(func=_run)
+
+    rep = sub.add_parser("reproduce", help="run every experiment and write report.html and summary.md")
+    _add_run_args(rep)
+    rep.add_argument("--only", default=None, help="comma-separated experiment ids, e.g. E1,E3")
+    rep.add_argument("--resume", action="store_true", help="keep finished experiments, resume the rest")
+    rep.add_argument("--jobs", type=int, default=None,
+                     help="experiments run in parallel processes (default: min(2, CPUs))")
+    rep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config field in every experiment that has it")
+    rep.set_defaults(func=_reproduce)
+
     bench = sub.add_parser("bench", help="time bnlab's BatchNorm against torch.nn in the same process")
     bench.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     bench.add_argument("--modes", default="fwd,fwdbwd,eval")
@@ -46,6 +68,37 @@ def _bench(args) -> int:
     if args.json:
         bench.save_json(rows, args.json)
     return 0
+
+
+def _add_run_args(p) -> None:
+    p.add_argument("--profile", default="quick", choices=["tiny", "quick", "paper"],
+                   help="quick: minutes, same mechanism; paper: the paper's scale where a CPU allows")
+    p.add_argument("--out", default="runs", help="output directory (default: runs/)")
+    p.add_argument("--data-dir", default=None, help="directory with the MNIST IDX files")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _list(args) -> int:
+    from .lab.registry import all_experiments
+    for e in all_experiments():
+        print(f"{e.id:>4}  {e.title}\n      claim: {e.claim}")
+    return 0
+
+
+def _run(args) -> int:
+    from .lab.runner import run_experiment
+    run_experiment(args.experiment, profile=args.profile, out=args.out, seeds=args.seeds,
+                   overrides=args.overrides, resume=args.resume, data_dir=args.data_dir,
+                   progress=not args.quiet)
+    return 0
+
+
+def _reproduce(args) -> int:
+    from .lab.reproduce import reproduce
+    only = [x.strip().upper() for x in args.only.split(",")] if args.only else None
+    return reproduce(profile=args.profile, out=args.out, only=only, resume=args.resume,
+                     data_dir=args.data_dir, jobs=args.jobs, overrides=args.overrides,
+                     progress=not args.quiet)
 
 
 def _demo(args) -> int:

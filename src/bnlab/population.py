@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from ._progress import Progress
 from .batchnorm import is_batchnorm
 from .errors import BnlabError, ModeError
+from .isolation import isolated
 from .functional import reduction_dims, values_per_channel
 
 __all__ = ["population_statistics", "train_eval_gap", "Moments", "LayerStatistics",
@@ -194,23 +195,10 @@ class _StopForward(BaseException):
 
 
 @contextmanager
-def _preserved(model: nn.Module, layers: "OrderedDict[str, nn.Module]"):
-    """Restore training flags and BN buffers (always) and the RNG (forked) on exit."""
-    flags = [(m, m.training) for m in model.modules()]
-    saved = {name: {k: b.detach().clone() for k, b in m.named_buffers(recurse=False) if b is not None}
-             for name, m in layers.items()}
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield saved
-    finally:
-        for m, flag in flags:
-            m.training = flag
-        with torch.no_grad():
-            for name, m in layers.items():
-                for k, b in m.named_buffers(recurse=False):
-                    if k in saved[name]:
-                        b.copy_(saved[name][k])
+def _preserved(model: nn.Module):
+    """Training flags, buffers and RNG as they were, on exit (bnlab.isolation.isolated)."""
+    with isolated(model):
+        yield
 
 
 def _iterate(batches: Iterable, num_batches: Optional[int]) -> Iterator:
@@ -420,7 +408,7 @@ def population_statistics(model: nn.Module, batches: Iterable, *, num_batches: O
         batches = list(_iterate(batches, num_batches))
         num_batches = None
 
-    with _preserved(model, layers):
+    with _preserved(model):
         if upstream == "batch":
             model.train()
             totals, _, skipped = _measure_pass(model, batches, layers, forward, num_batches,
@@ -431,7 +419,7 @@ def population_statistics(model: nn.Module, batches: Iterable, *, num_batches: O
         else:
             estimates, depths = _population_mode(model, batches, layers, forward, num_batches,
                                                  progress, estimator, correction, process_group)
-    # _preserved restored the buffers; now write the estimates
+    # the buffers are restored; now write the estimates
     result: "OrderedDict[str, LayerStatistics]" = OrderedDict()
     with torch.no_grad():
         for name, (moments, mean, var) in estimates.items():
@@ -552,7 +540,7 @@ def train_eval_gap(model: nn.Module, batches: Iterable, *, num_batches: Optional
     report = GapReport()
     if not layers:
         return report
-    with _preserved(model, layers):
+    with _preserved(model):
         model.train()
         totals, per_batch, skipped = _measure_pass(model, batches, layers, forward, num_batches,
                                                    progress, "train/eval gap", keep_batch_moments=True)

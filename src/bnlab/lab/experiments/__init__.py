@@ -1,0 +1,1 @@
+"""One module per experiment; each registers itself (see bnlab.lab.registry)."""

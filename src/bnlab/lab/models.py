@@ -1,0 +1,271 @@
+"""The lab's models: MLPs whose independent seeds train as one batched computation.
+
+An experiment with S seeds builds one model whose every weight has a leading seed axis: a
+linear layer holds W (S, in, out) and multiplies (S, N, in) activations with one batched
+matmul; a normalization layer built for S·C features sees the (S, N, C) activations as
+(N, S·C), so each seed's features get their own statistics. Seeds never mix: losses are summed
+over seeds (so each seed's gradient is its own loss's), and the optimizers used (SGD with
+momentum/weight decay, Adam) act elementwise. Training S seeds this way costs one Python step
+instead of S — the difference between minutes and an hour for E1 at the paper's scale.
+
+``to_plain(model, seed)`` extracts one seed as an ordinary ``nn.Sequential`` of nn.Linear and
+bnlab layers, so the library's tools (population_statistics, fold, probes) apply to it, and
+``save_checkpoint``/``load_checkpoint`` store it with the spec to rebuild it (``bnlab
+recalibrate``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import batchnorm as bn_mod
+from .io import atomic_torch_save
+
+__all__ = ["BatchedLinear", "SeedBatched", "Activation", "build_mlp", "to_plain", "NORMS",
+           "register_norm", "init_weight", "save_checkpoint", "load_checkpoint", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = "bnlab-model/1"
+
+
+# ----------------------------------------------------------------------------------------------
+# Initializations (Glorot & Bengio 2010; He et al. 2015)
+# ----------------------------------------------------------------------------------------------
+
+def init_weight(shape: tuple[int, ...], fan_in: int, fan_out: int, scheme: str, std: float,
+                generator: torch.Generator) -> Tensor:
+    """normal: N(0, std²) (Ioffe Fig. 1's "small Gaussian"); standard: U[±1/√fan_in];
+    glorot: U[±√(6/(fan_in+fan_out))]; he: N(0, 2/fan_in)."""
+    if scheme == "normal":
+        return torch.randn(shape, generator=generator) * std
+    if scheme == "standard":
+        a = 1.0 / math.sqrt(fan_in)
+        return (torch.rand(shape, generator=generator) * 2 - 1) * a
+    if scheme == "glorot":
+        a = math.sqrt(6.0 / (fan_in + fan_out))
+        return (torch.rand(shape, generator=generator) * 2 - 1) * a
+    if scheme == "he":
+        return torch.randn(shape, generator=generator) * math.sqrt(2.0 / fan_in)
+    raise ValueError(f"unknown init {scheme!r}: normal, standard, glorot or he")
+
+
+# ----------------------------------------------------------------------------------------------
+# Seed-batched layers
+# ----------------------------------------------------------------------------------------------
+
+class BatchedLinear(nn.Module):
+    """y[s] = x[s] @ W[s] + b[s] for S seeds. W (S, in, out), b (S, 1, out).
+
+    Shape: (S, N, in) → (S, N, out); a shared (N, in) input broadcasts to every seed.
+    """
+
+    def __init__(self, seeds: int, in_features: int, out_features: int, bias: bool = True,
+                 init: str = "normal", std: float = 0.1, generators: Optional[list] = None) -> None:
+        super().__init__()
+        self.seeds, self.in_features, self.out_features = seeds, in_features, out_features
+        gens = generators or [torch.Generator().manual_seed(s) for s in range(seeds)]
+        w = torch.stack([init_weight((in_features, out_features), in_features, out_features,
+                                     init, std, g) for g in gens])
+        self.weight = nn.Parameter(w)                                     # S, in, out
+        self.bias = nn.Parameter(torch.zeros(seeds, 1, out_features)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2:                                                  # shared input
+            y = torch.matmul(x, self.weight)                              # S, N, out
+            return y + self.bias if self.bias is not None else y
+        if self.bias is not None:
+            return torch.baddbmm(self.bias, x, self.weight)
+        return torch.bmm(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"seeds={self.seeds}, {self.in_features} → {self.out_features}, bias={self.bias is not None}"
+
+
+class SeedBatched(nn.Module):
+    """Apply a per-feature layer built for S·C features to (S, N, C): each seed its own stats."""
+
+    def __init__(self, layer: nn.Module, seeds: int) -> None:
+        super().__init__()
+        self.layer, self.seeds = layer, seeds
+
+    def forward(self, x: Tensor) -> Tensor:
+        S, N, C = x.shape
+        y = self.layer(x.transpose(0, 1).reshape(N, S * C))               # N, S·C
+        return y.view(N, S, C).transpose(0, 1)                            # S, N, C
+
+
+class Activation(nn.Module):
+    FUNCS: Dict[str, Callable[[Tensor], Tensor]] = {
+        "sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu,
+        "softsign": nn.functional.softsign, "identity": lambda x: x,
+    }
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        if name not in self.FUNCS:
+            raise ValueError(f"unknown activation {name!r}: {sorted(self.FUNCS)}")
+        self.name = name
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.FUNCS[self.name](x)
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+# Normalization layers by name: factory(num_features, **kwargs) -> module on (N, C).
+NORMS: Dict[str, Callable[..., nn.Module]] = {
+    "bn": lambda c, **kw: bn_mod.BatchNorm1d(c, **kw),
+    "torch_bn": lambda c, **kw: nn.BatchNorm1d(c, **kw),
+}
+
+
+def register_norm(name: str, factory: Callable[..., nn.Module]) -> None:
+    NORMS[name] = factory
+
+
+class MLPBlock(nn.Module):
+    """linear → (norm) → activation, with an optional identity shortcut: act(h + f(h))."""
+
+    def __init__(self, linear: nn.Module, norm: Optional[nn.Module], activation: str,
+                 residual: bool = False) -> None:
+        super().__init__()
+        self.linear, self.norm, self.act = linear, norm, Activation(activation)
+        self.residual = residual
+
+    def pre_activation(self, h: Tensor) -> Tensor:
+        z = self.linear(h)
+        if self.norm is not None:
+            z = self.norm(z)
+        return h + z if self.residual else z
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.act(self.pre_activation(h))
+
+
+class BatchedMLP(nn.Module):
+    """Seed-batched MLP: blocks of linear → norm → activation, then a linear readout.
+
+    Input (N, in) shared by all seeds or (S, N, in); output (S, N, classes).
+    """
+
+    def __init__(self, spec: dict, seeds: int) -> None:
+        super().__init__()
+        self.spec, self.seeds = dict(spec), seeds
+        widths = list(spec["widths"])
+        norm = spec.get("norm", "none")
+        norm_kwargs = dict(spec.get("norm_kwargs", {}))
+        residual_from = spec.get("residual_from", None)      # first block index with shortcuts
+        gens = [torch.Generator().manual_seed(int(spec.get("init_seed", 0)) * 1000 + s) for s in range(seeds)]
+        blocks = []
+        for i, (fan_in, fan_out) in enumerate(zip(widths[:-2], widths[1:-1])):
+            has_norm = norm != "none"
+            linear = BatchedLinear(seeds, fan_in, fan_out, bias=not has_norm or not spec.get("drop_bias", True),
+                                   init=spec.get("init", "normal"), std=spec.get("init_std", 0.1),
+                                   generators=gens)
+            layer = SeedBatched(NORMS[norm](seeds * fan_out, **norm_kwargs), seeds) if has_norm else None
+            residual = residual_from is not None and i >= residual_from and fan_in == fan_out
+            blocks.append(MLPBlock(linear, layer, spec.get("activation", "sigmoid"), residual))
+        self.blocks = nn.ModuleList(blocks)
+        self.readout = BatchedLinear(seeds, widths[-2], widths[-1], bias=True,
+                                     init=spec.get("init", "normal"), std=spec.get("init_std", 0.1),
+                                     generators=gens)
+
+    def forward(self, x: Tensor, capture: Optional[list] = None) -> Tensor:
+        h = x
+        for block in self.blocks:
+            z = block.pre_activation(h)
+            if capture is not None:
+                capture.append(z)
+            h = block.act(z)
+        return self.readout(h)
+
+
+def build_mlp(spec: dict, seeds: int) -> BatchedMLP:
+    """spec: widths, activation, norm (a NORMS key or "none"), norm_kwargs, init, init_std,
+    init_seed, residual_from, drop_bias (BN makes the preceding bias redundant, Ioffe §3.2)."""
+    return BatchedMLP(spec, seeds)
+
+
+# ----------------------------------------------------------------------------------------------
+# One seed as an ordinary model; checkpoints
+# ----------------------------------------------------------------------------------------------
+
+class PlainBlock(nn.Module):
+    def __init__(self, linear: nn.Linear, norm: Optional[nn.Module], activation: str, residual: bool):
+        super().__init__()
+        self.linear, self.norm, self.act, self.residual = linear, norm, Activation(activation), residual
+
+    def forward(self, h: Tensor) -> Tensor:
+        z = self.linear(h)
+        if self.norm is not None:
+            z = self.norm(z)
+        return self.act(h + z if self.residual else z)
+
+
+def build_plain(spec: dict) -> nn.Sequential:
+    """The ordinary (unbatched) model of ``spec`` with default initialization."""
+    return to_plain(BatchedMLP(spec, 1), 0)
+
+
+@torch.no_grad()
+def _slice_norm(norm: nn.Module, seed: int, channels: int, spec: dict) -> nn.Module:
+    sub = NORMS[spec["norm"]](channels, **dict(spec.get("norm_kwargs", {})))
+    sl = slice(seed * channels, (seed + 1) * channels)
+    for name, p in norm.named_parameters(recurse=False):
+        getattr(sub, name).copy_(p[sl] if p.dim() and p.shape[0] == norm.num_features else p)
+    for name, b in norm.named_buffers(recurse=False):
+        target = getattr(sub, name)
+        if target is None:
+            continue
+        target.copy_(b[sl] if b.dim() and b.shape[0] == getattr(norm, "num_features", -1) else b)
+    return sub
+
+
+@torch.no_grad()
+def to_plain(model: BatchedMLP, seed: int) -> nn.Sequential:
+    """Seed ``seed`` of a batched MLP as nn.Sequential(blocks..., nn.Linear) (same outputs)."""
+    spec = model.spec
+    layers = []
+    for block in model.blocks:
+        lin = block.linear
+        linear = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None)
+        linear.weight.copy_(lin.weight[seed].t())
+        if lin.bias is not None:
+            linear.bias.copy_(lin.bias[seed, 0])
+        norm = _slice_norm(block.norm.layer, seed, lin.out_features, spec) if block.norm is not None else None
+        layers.append(PlainBlock(linear, norm, block.act.name, block.residual))
+    ro = model.readout
+    readout = nn.Linear(ro.in_features, ro.out_features)
+    readout.weight.copy_(ro.weight[seed].t())
+    readout.bias.copy_(ro.bias[seed, 0])
+    layers.append(readout)
+    plain = nn.Sequential(*layers)
+    plain.train(model.training)
+    return plain
+
+
+def save_checkpoint(path, model: nn.Module, spec: dict, meta: dict) -> Any:
+    """Save an ordinary model as {format, spec, state_dict, meta}; load with load_checkpoint."""
+    atomic_torch_save(dict(format=CHECKPOINT_FORMAT, spec=spec, state_dict=model.state_dict(),
+                           meta=meta), path)
+    return path
+
+
+def load_checkpoint(path) -> tuple[nn.Module, dict]:
+    """Load a lab checkpoint (rebuilt from its spec) or any torch.save'd module.
+
+    Returns (model, info) where info holds "spec"/"meta" for lab checkpoints ({} otherwise).
+    """
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(obj, nn.Module):
+        return obj, {"kind": "module"}
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        model = build_plain(obj["spec"])
+        model.load_state_dict(obj["state_dict"])
+        return model, {"kind": "lab", "spec": obj["spec"], "meta": obj.get("meta", {})}
+    raise ValueError(f"{path}: not a bnlab lab checkpoint ({CHECKPOINT_FORMAT}) nor a torch.save'd "
+                     f"nn.Module (a bare state_dict needs the model's code to rebuild it)")
