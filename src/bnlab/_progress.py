@@ -25,6 +25,7 @@ class Progress:
         self.n = 0
         self.start = time.perf_counter()
         self._last_draw = 0.0
+        self._drawn_n = -1
         self.postfix = ""
 
     def __iter__(self) -> Iterator[T]:
@@ -47,6 +48,7 @@ class Progress:
         self.postfix = text
 
     def _draw(self, now: float) -> None:
+        self._drawn_n = self.n
         elapsed = now - self.start
         rate = self.n / elapsed if elapsed > 0 else 0.0
         if self.total:
@@ -64,7 +66,8 @@ class Progress:
 
     def close(self) -> None:
         if self.enabled and self.n:
-            self._draw(time.perf_counter())
+            if self._drawn_n != self.n:
+                self._draw(time.perf_counter())
             self.stream.write("\n")
             self.stream.flush()
         self.enabled = False

@@ -43,6 +43,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a config field in every experiment that has it")
     rep.set_defaults(func=_reproduce)
 
+    rec = sub.add_parser("recalibrate", help="replace a checkpoint's running BN statistics by exact "
+                                             "population statistics over the training data")
+    rec.add_argument("checkpoint", help="a lab checkpoint or any torch.save'd nn.Module")
+    rec.add_argument("--out", required=True, help="where to write the recalibrated checkpoint")
+    rec.add_argument("--data", default="mnist", choices=["mnist", "idx"])
+    rec.add_argument("--data-dir", default=None)
+    rec.add_argument("--batch-size", type=int, default=None,
+                     help="batch size of the statistics pass (default: the checkpoint's training batch, else 60)")
+    rec.add_argument("--num-batches", type=int, default=None)
+    rec.add_argument("--upstream", default="population", choices=["population", "batch"])
+    rec.add_argument("--estimator", default="pooled", choices=["pooled", "algorithm2"])
+    rec.add_argument("--correction", default="unbiased", choices=["unbiased", "biased"])
+    rec.add_argument("--input-shape", default=None, help="e.g. 784 or 1,28,28 (default: detected)")
+    rec.set_defaults(func=_recalibrate)
+
     bench = sub.add_parser("bench", help="time bnlab's BatchNorm against torch.nn in the same process")
     bench.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     bench.add_argument("--modes", default="fwd,fwdbwd,eval")
@@ -99,6 +114,15 @@ def _reproduce(args) -> int:
     return reproduce(profile=args.profile, out=args.out, only=only, resume=args.resume,
                      data_dir=args.data_dir, jobs=args.jobs, overrides=args.overrides,
                      progress=not args.quiet)
+
+
+def _recalibrate(args) -> int:
+    from .lab.recalibrate import recalibrate
+    shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else None
+    recalibrate(args.checkpoint, args.out, data=args.data, data_dir=args.data_dir,
+                batch_size=args.batch_size, num_batches=args.num_batches, upstream=args.upstream,
+                estimator=args.estimator, correction=args.correction, input_shape=shape)
+    return 0
 
 
 def _demo(args) -> int:
