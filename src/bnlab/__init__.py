@@ -13,13 +13,14 @@ from .convert import convert
 from .population import population_statistics, train_eval_gap
 from .fold import fold
 from . import ema
+from . import probes
 from .errors import (BatchSizeError, BnlabError, DataError, DTypeError, ModeError,
                      NonFiniteError, ShapeError)
 
 __all__ = [
     "__version__", "functional",
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "is_batchnorm", "convert",
-    "population_statistics", "train_eval_gap", "fold", "ema",
+    "population_statistics", "train_eval_gap", "fold", "ema", "probes",
     "BnlabError", "ShapeError", "BatchSizeError", "DTypeError", "ModeError", "NonFiniteError",
     "DataError",
 ]
