@@ -58,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--input-shape", default=None, help="e.g. 784 or 1,28,28 (default: detected)")
     rec.set_defaults(func=_recalibrate)
 
-    bench = sub.add_parser("bench", help="time bnlab's BatchNorm against torch.nn in the same process")
+    bench = sub.add_parser("bench", help="benchmarks: BatchNorm vs torch.nn (default), probe overhead, E1 loops")
+    bench.add_argument("what", nargs="?", default="batchnorm", choices=["batchnorm", "probes", "e1"],
+                       help="batchnorm: bnlab vs torch.nn BN; probes: probe overhead on the E1 MLP; "
+                            "e1: E1's training loop vs plain PyTorch vs NumPy")
     bench.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     bench.add_argument("--modes", default="fwd,fwdbwd,eval")
     bench.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke run)")
@@ -69,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _bench(args) -> int:
+    if args.what == "probes":
+        from . import bench_probes
+        rows = bench_probes.run(steps=100 if args.quick else 300)
+        if args.markdown:
+            print(bench_probes.markdown(rows))
+        return 0
+    if args.what == "e1":
+        from .lab import bench_e1
+        bench_e1.run(steps=500 if args.quick else 5000, markdown=args.markdown)
+        return 0
     from . import bench
     threads = [int(t) for t in args.threads.split(",")]
     modes = [m for m in args.modes.split(",") if m]

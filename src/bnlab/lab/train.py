@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .data import Dataset
 
-__all__ = ["EpochSampler", "ClassifierTrainer", "accuracy_per_seed", "make_optimizer"]
+__all__ = ["EpochSampler", "ClassifierTrainer", "accuracy_per_seed", "make_optimizer", "make_trainer"]
 
 
 class EpochSampler:
@@ -138,3 +138,14 @@ class ClassifierTrainer:
         self.opt.load_state_dict(s["opt"])
         self.sampler.load_state_dict(s["sampler"])
         self.loss_sum, self.loss_count = s["loss_sum"].clone(), s["loss_count"]
+
+
+def make_trainer(model: nn.Module, data: Dataset, seeds: list[int], arm: str, batch: int, lr: float,
+                 momentum: float = 0.0, weight_decay: float = 0.0, optimizer: str = "sgd",
+                 fast: bool = True, **kwargs) -> ClassifierTrainer:
+    """A ClassifierTrainer, using the explicit no-autograd step (lab.fast_mlp) where it computes
+    exactly the same thing (plain SGD on plain MLPs), unless ``fast=False``."""
+    from .fast_mlp import FastMLPTrainer, supports
+    cls = FastMLPTrainer if (fast and kwargs.get("loss_hook") is None
+                             and supports(model, optimizer, momentum, weight_decay)) else ClassifierTrainer
+    return cls(model, data, seeds, arm, batch, lr, momentum, weight_decay, optimizer, **kwargs)

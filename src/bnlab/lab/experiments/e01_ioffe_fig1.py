@@ -13,7 +13,7 @@ from ..config import BaseConfig
 from ..models import build_mlp
 from ..plots import COLORS, mean_band, plt, save
 from ..registry import Experiment, register
-from ..train import ClassifierTrainer
+from ..train import ClassifierTrainer, make_trainer
 from ..verdict import Verdict, all_seeds, combine, fmt, separated
 
 ARMS = ("nobn", "bn")
@@ -80,7 +80,7 @@ class E1(Experiment):
             ctx.log(f"training {LABEL[arm]}: {cfg.seeds} seeds batched, {cfg.steps} steps of batch {cfg.batch}")
             ctx.run_unit(
                 arm,
-                lambda arm=arm: ClassifierTrainer(build_mlp(_spec(cfg, arm), cfg.seeds), data, ctx.seeds,
+                lambda arm=arm: make_trainer(build_mlp(_spec(cfg, arm), cfg.seeds), data, ctx.seeds,
                                                   arm, cfg.batch, cfg.lr, extra_eval=_percentiles(cfg)),
                 cfg.steps, eval_steps=range(cfg.eval_every, cfg.steps + 1, cfg.eval_every))
 

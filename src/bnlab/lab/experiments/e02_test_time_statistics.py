@@ -16,7 +16,7 @@ from ..config import BaseConfig
 from ..models import build_mlp, to_plain
 from ..plots import COLORS, plt, save
 from ..registry import Experiment, register
-from ..train import ClassifierTrainer
+from ..train import ClassifierTrainer, make_trainer
 from ..verdict import Verdict, all_seeds, combine, fmt
 
 METHODS = ("ema", "algorithm2", "population", "batch1", "batch4", "batch60")
@@ -101,7 +101,7 @@ class E2(Experiment):
         for m in cfg.train_batches:
             arm = f"b{m}"
             ctx.log(f"training the BN net at batch {m}: {cfg.seeds} seeds batched, {cfg.steps} steps")
-            trainer = ctx.run_unit(arm, lambda m=m, arm=arm: ClassifierTrainer(
+            trainer = ctx.run_unit(arm, lambda m=m, arm=arm: make_trainer(
                 build_mlp(_spec(cfg), cfg.seeds), data, ctx.seeds, arm, m, cfg.lr), cfg.steps)
             ctx.log(f"batch {m}: EMA vs Algorithm 2 vs exact population vs test-batch statistics")
             g = torch.Generator().manual_seed(0)
