@@ -14,6 +14,8 @@ from .population import population_statistics, train_eval_gap
 from .fold import fold
 from . import ema
 from . import probes
+from .variants import (DetachedNorm, DetachedNorm2d, LpNorm1d, LpNorm2d, NoisyBatchNorm1d,
+                       NoisyBatchNorm2d)
 from .errors import (BatchSizeError, BnlabError, DataError, DTypeError, ModeError,
                      NonFiniteError, ShapeError)
 
@@ -21,6 +23,7 @@ __all__ = [
     "__version__", "functional",
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "is_batchnorm", "convert",
     "population_statistics", "train_eval_gap", "fold", "ema", "probes",
+    "DetachedNorm", "DetachedNorm2d", "NoisyBatchNorm1d", "NoisyBatchNorm2d", "LpNorm1d", "LpNorm2d",
     "BnlabError", "ShapeError", "BatchSizeError", "DTypeError", "ModeError", "NonFiniteError",
     "DataError",
 ]

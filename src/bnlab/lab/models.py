@@ -116,11 +116,26 @@ class Activation(nn.Module):
         return self.name
 
 
-# Normalization layers by name: factory(num_features, **kwargs) -> module on (N, C).
-NORMS: Dict[str, Callable[..., nn.Module]] = {
-    "bn": lambda c, **kw: bn_mod.BatchNorm1d(c, **kw),
-    "torch_bn": lambda c, **kw: nn.BatchNorm1d(c, **kw),
-}
+# Normalization layers by name: factory(num_features, seeds, **kwargs) -> module on (N, C).
+# ``seeds`` is how many seeds share the layer (its features are S contiguous blocks of C); a
+# per-feature layer ignores it, a layer that couples features (ℓp, whitening) must not couple
+# blocks.
+def _norms() -> Dict[str, Callable[..., nn.Module]]:
+    from .. import variants as V
+    return {
+        "bn": lambda c, seeds=1, **kw: bn_mod.BatchNorm1d(c, **kw),
+        "torch_bn": lambda c, seeds=1, **kw: nn.BatchNorm1d(c, **kw),
+        "detached_mean": lambda c, seeds=1, **kw: V.DetachedNorm(c, center=True, scale=False, **kw),
+        "detached_meanstd": lambda c, seeds=1, **kw: V.DetachedNorm(c, center=True, scale=True, **kw),
+        "noisy_bn": lambda c, seeds=1, **kw: V.NoisyBatchNorm1d(c, **kw),
+        "noise_only": lambda c, seeds=1, **kw: V.NoisyBatchNorm1d(c, batchnorm=False, **kw),
+        "lp1": lambda c, seeds=1, **kw: V.LpNorm1d(c, p=1, groups=seeds, **kw),
+        "lp2": lambda c, seeds=1, **kw: V.LpNorm1d(c, p=2, groups=seeds, **kw),
+        "lpinf": lambda c, seeds=1, **kw: V.LpNorm1d(c, p="inf", groups=seeds, **kw),
+    }
+
+
+NORMS: Dict[str, Callable[..., nn.Module]] = _norms()
 
 
 def register_norm(name: str, factory: Callable[..., nn.Module]) -> None:
@@ -166,7 +181,8 @@ class BatchedMLP(nn.Module):
             linear = BatchedLinear(seeds, fan_in, fan_out, bias=not has_norm or not spec.get("drop_bias", True),
                                    init=spec.get("init", "normal"), std=spec.get("init_std", 0.1),
                                    generators=gens)
-            layer = SeedBatched(NORMS[norm](seeds * fan_out, **norm_kwargs), seeds) if has_norm else None
+            layer = SeedBatched(NORMS[norm](seeds * fan_out, seeds=seeds, **norm_kwargs), seeds) \
+                if has_norm else None
             residual = residual_from is not None and i >= residual_from and fan_in == fan_out
             blocks.append(MLPBlock(linear, layer, spec.get("activation", "sigmoid"), residual))
         self.blocks = nn.ModuleList(blocks)
@@ -212,16 +228,22 @@ def build_plain(spec: dict) -> nn.Sequential:
 
 
 @torch.no_grad()
-def _slice_norm(norm: nn.Module, seed: int, channels: int, spec: dict) -> nn.Module:
-    sub = NORMS[spec["norm"]](channels, **dict(spec.get("norm_kwargs", {})))
-    sl = slice(seed * channels, (seed + 1) * channels)
-    for name, p in norm.named_parameters(recurse=False):
-        getattr(sub, name).copy_(p[sl] if p.dim() and p.shape[0] == norm.num_features else p)
-    for name, b in norm.named_buffers(recurse=False):
-        target = getattr(sub, name)
-        if target is None:
+def _slice_norm(norm: nn.Module, seed: int, channels: int, spec: dict, seeds: int) -> nn.Module:
+    """The seed's own layer: per-feature tensors sliced to its block, per-seed tensors (one
+    entry per group = seed) indexed, scalars copied."""
+    sub = NORMS[spec["norm"]](channels, seeds=1, **dict(spec.get("norm_kwargs", {})))
+    for name, t in list(norm.named_parameters(recurse=False)) + list(norm.named_buffers(recurse=False)):
+        target = getattr(sub, name, None)
+        if target is None or t is None:
             continue
-        target.copy_(b[sl] if b.dim() and b.shape[0] == getattr(norm, "num_features", -1) else b)
+        if t.dim() and t.shape[0] == seeds * channels:
+            target.copy_(t[seed * channels:(seed + 1) * channels])
+        elif t.dim() and t.shape[0] == seeds and target.shape[0] == 1:
+            target.copy_(t[seed:seed + 1])
+        else:
+            target.copy_(t)
+    if hasattr(norm, "get_extra_state") and type(norm).get_extra_state is not nn.Module.get_extra_state:
+        sub.set_extra_state(norm.get_extra_state())
     return sub
 
 
@@ -236,7 +258,8 @@ def to_plain(model: BatchedMLP, seed: int) -> nn.Sequential:
         linear.weight.copy_(lin.weight[seed].t())
         if lin.bias is not None:
             linear.bias.copy_(lin.bias[seed, 0])
-        norm = _slice_norm(block.norm.layer, seed, lin.out_features, spec) if block.norm is not None else None
+        norm = _slice_norm(block.norm.layer, seed, lin.out_features, spec, model.seeds) \
+            if block.norm is not None else None
         layers.append(PlainBlock(linear, norm, block.act.name, block.residual))
     ro = model.readout
     readout = nn.Linear(ro.in_features, ro.out_features)

@@ -1,0 +1,75 @@
+r"""DetachedNorm: normalization whose statistics the gradient treats as constants (Ioffe §2).
+
+Ioffe & Szegedy §2 explain why normalization must be part of the gradient step with a layer
+x = u + b normalized by x̂ = x − E[x]: if the gradient ignores that E[x] depends on b, then
+∂ℓ/∂b = ∂ℓ/∂x̂ ≠ 0, yet the update b ← b + Δb is undone by E[x] moving with it — "b will grow
+indefinitely while the loss remains fixed". This layer computes exactly that::
+
+    training:  y = (x − stopgrad(μ_B)) · stopgrad(1/√(σ²_B + ε))?  (· γ + β)
+    eval:      the running statistics, as BN
+
+``center=True, scale=False`` is §2's mean subtraction; ``scale=True`` also divides by the detached
+standard deviation. The forward equals BN's (for scale=True); only the gradient differs:
+∂ℓ/∂x = γ·invstd·∂ℓ/∂y — the projection terms of BN's closed form are missing.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import functional as BF
+from ..batchnorm import BatchNorm1d, BatchNorm2d, _BatchNorm
+
+__all__ = ["DetachedNorm", "DetachedNorm2d", "detached_norm"]
+
+
+def detached_norm(x: Tensor, mean: Tensor, var: Optional[Tensor], weight: Optional[Tensor],
+                  bias: Optional[Tensor], eps: float) -> Tensor:
+    """y = (x − mean)·rsqrt(var + ε) (if var is given) · γ + β, with mean/var constants."""
+    y = x - BF.channel_view(mean.detach().to(x.dtype), x)
+    if var is not None:
+        y = y * BF.channel_view(torch.rsqrt(var.detach().to(x.dtype) + eps), x)
+    if weight is not None:
+        y = y * BF.channel_view(weight, x)
+    if bias is not None:
+        y = y + BF.channel_view(bias, x)
+    return y
+
+
+class _DetachedMixin:
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = False, track_running_stats: bool = True, device=None, dtype=None,
+                 *, center: bool = True, scale: bool = False) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.center, self.scale = center, scale
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        if self._uses_batch_stats():
+            BF.check_batch_size(input)
+            with torch.no_grad():
+                mean, var = BF.batch_mean_var(input)
+                if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+                    self.num_batches_tracked.add_(1)
+                    m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                    BF.update_running_stats(self.running_mean, self.running_var, mean, var,
+                                            BF.values_per_channel(input), m)
+        else:
+            mean, var = self.running_mean, self.running_var
+        if not self.center:
+            mean = torch.zeros_like(mean)
+        return detached_norm(input, mean, var if self.scale else None, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", center={self.center}, scale={self.scale}"
+
+
+class DetachedNorm(_DetachedMixin, BatchNorm1d):
+    """Ioffe §2's normalization outside the gradient, on (N, C) or (N, C, L) inputs."""
+
+
+class DetachedNorm2d(_DetachedMixin, BatchNorm2d):
+    """Ioffe §2's normalization outside the gradient, on (N, C, H, W) inputs."""
