@@ -125,7 +125,8 @@ def test_all_seeds_and_combine_go_every_way():
 def test_fmt_reports_mean_and_spread():
     assert V.fmt([1.0, 3.0]) == "2 ± 1.4 (n=2)"
     assert V.fmt([0.5]) == "0.5 (n=1)"
-    assert V.fmt([math.nan]) == "n/a"
+    assert V.fmt([math.nan]) == "non-finite (diverged)"
+    assert V.fmt([1.0, math.nan]) == "1 (n=1, 1 non-finite)"
 
 
 def test_e1_verdict_logic_on_synthetic_metrics(tmp_path):

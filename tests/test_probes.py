@@ -264,3 +264,26 @@ def test_outputs_and_plots(tmp_path):
 def test_ics_needs_the_optimizer():
     with pytest.raises(ValueError, match="needs the optimizer"):
         Monitor(nn.Linear(2, 2), nn.MSELoss(), probes=[ICS()])
+
+
+def test_probing_a_model_with_its_own_noise_generator_changes_nothing():
+    """Noise layers keep a generator outside the buffers: probes must restore it too."""
+    def run(probes):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), bnlab.NoisyBatchNorm1d(5, noise_seed=4), nn.Tanh(), nn.Linear(5, 2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        mon = Monitor(model, nn.CrossEntropyLoss(), opt, probes=probes, every=1)
+        g = torch.Generator().manual_seed(0)
+        for step in range(4):
+            x, y = torch.randn(8, 6, generator=g), torch.randint(0, 2, (8,), generator=g)
+            nn.CrossEntropyLoss()(model(x), y).backward()
+            mon.observe(step, x, y)
+            opt.step()
+            opt.zero_grad()
+        return model
+    a, b = run([]), run([ICS(), Landscape(points=2), ActivationStats(source="probe", probe_batch=torch.randn(8, 6))])
+    for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
+        if isinstance(v, dict):                          # extra state: the noise generator
+            assert torch.equal(v["generator"], w["generator"]), k
+        else:
+            assert torch.equal(v, w), k

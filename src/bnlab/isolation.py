@@ -9,19 +9,22 @@ measurement raises:
 
   * every module's ``training`` flag (optionally forced to train or eval inside);
   * every buffer (running statistics, counters) — restored bit for bit;
+  * every module's extra state (``get_extra_state``: e.g. a noise layer's own generator);
   * optionally the parameters (for probes that move the weights) and their ``.grad``;
   * the CPU (and CUDA) random number generators, forked: the measurement gets its own stream.
 """
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import torch
 from torch import nn
 
-__all__ = ["isolated", "snapshot_buffers", "restore_buffers"]
+__all__ = ["isolated", "snapshot_buffers", "restore_buffers", "snapshot_extra_state",
+           "restore_extra_state"]
 
 
 def snapshot_buffers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -32,6 +35,20 @@ def snapshot_buffers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]
 def restore_buffers(snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     for b, saved in snapshot:
         b.copy_(saved)
+
+
+def _has_extra_state(m: nn.Module) -> bool:
+    return type(m).get_extra_state is not nn.Module.get_extra_state
+
+
+def snapshot_extra_state(model: nn.Module) -> list:
+    """(module, state) for modules with extra state (random generators of noise layers...)."""
+    return [(m, copy.deepcopy(m.get_extra_state())) for m in model.modules() if _has_extra_state(m)]
+
+
+def restore_extra_state(snapshot: list) -> None:
+    for m, state in snapshot:
+        m.set_extra_state(copy.deepcopy(state))
 
 
 @contextmanager
@@ -49,6 +66,7 @@ def isolated(model: nn.Module, mode: Optional[str] = None, *, parameters: bool =
         raise ValueError(f"mode must be 'train', 'eval' or None, got {mode!r}")
     flags = [(m, m.training) for m in model.modules()]
     buffers = snapshot_buffers(model)
+    extra = snapshot_extra_state(model)
     params = [(p, p.detach().clone()) for p in model.parameters()] if parameters else []
     saved_grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()] \
         if grads else []
@@ -67,6 +85,7 @@ def isolated(model: nn.Module, mode: Optional[str] = None, *, parameters: bool =
         for m, flag in flags:
             m.training = flag
         restore_buffers(buffers)
+        restore_extra_state(extra)
         with torch.no_grad():
             for p, value in params:
                 p.copy_(value)

@@ -106,6 +106,7 @@ class ClassifierTrainer:
         if self.lr_at is not None:
             for group in self.opt.param_groups:
                 group["lr"] = self.lr_at(step)
+        self.last_batch = (x, y)
         loss = self.loss_per_seed(x, y)
         self.opt.zero_grad(set_to_none=True)
         loss.sum().backward()
@@ -129,15 +130,20 @@ class ClassifierTrainer:
                 yield seed, self.arm, metric, value
 
     def state_dict(self) -> dict:
-        return dict(model=self.model.state_dict(), opt=self.opt.state_dict(),
-                    sampler=self.sampler.state_dict(), loss_sum=self.loss_sum.clone(),
-                    loss_count=self.loss_count)
+        out = dict(model=self.model.state_dict(), opt=self.opt.state_dict(),
+                   sampler=self.sampler.state_dict(), loss_sum=self.loss_sum.clone(),
+                   loss_count=self.loss_count)
+        if hasattr(self.extra_eval, "state_dict"):       # stateful measurements resume exactly
+            out["extra_eval"] = self.extra_eval.state_dict()
+        return out
 
     def load_state_dict(self, s: dict) -> None:
         self.model.load_state_dict(s["model"])
         self.opt.load_state_dict(s["opt"])
         self.sampler.load_state_dict(s["sampler"])
         self.loss_sum, self.loss_count = s["loss_sum"].clone(), s["loss_count"]
+        if "extra_eval" in s and hasattr(self.extra_eval, "load_state_dict"):
+            self.extra_eval.load_state_dict(s["extra_eval"])
 
 
 def make_trainer(model: nn.Module, data: Dataset, seeds: list[int], arm: str, batch: int, lr: float,

@@ -50,9 +50,11 @@ def fmt(values: Sequence[float], digits: int = 3) -> str:
     """"0.953 ± 0.004 (n=3)" — the form every measured figure is reported in."""
     m, s = mean_spread(values)
     if math.isnan(m):
-        return "n/a"
+        return "non-finite (diverged)" if values else "n/a"
     n = len([v for v in values if v is not None and math.isfinite(v)])
-    return f"{m:.{digits}g} ± {s:.2g} (n={n})" if n > 1 else f"{m:.{digits}g} (n=1)"
+    lost = len(values) - n
+    tail = f", {lost} non-finite" if lost else ""
+    return f"{m:.{digits}g} ± {s:.2g} (n={n}{tail})" if n > 1 else f"{m:.{digits}g} (n=1{tail})"
 
 
 def all_seeds(holds: Iterable[bool]) -> str:

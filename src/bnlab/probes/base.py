@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..isolation import isolated
+from ..isolation import isolated, restore_extra_state, snapshot_extra_state
 
 __all__ = ["Probe", "Evaluator", "weight_layers", "activation_layers", "simulate_optimizer_step",
            "MODES", "execution_order"]
@@ -67,6 +67,7 @@ class Evaluator:
         self._ctx = isolated(self.model, self.mode)
         self._ctx.__enter__()
         self._rng = torch.get_rng_state()
+        self._extra = snapshot_extra_state(self.model)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -74,7 +75,8 @@ class Evaluator:
 
     def loss(self, params: dict[str, Tensor]) -> Tensor:
         """L at ``params`` (name → tensor, missing names take the current values)."""
-        torch.set_rng_state(self._rng)
+        torch.set_rng_state(self._rng)          # the same dropout/noise draws in every evaluation
+        restore_extra_state(self._extra)
         values = {f"model.{n}": params.get(n, p) for n, p in self.params.items()}
         values.update({f"model.{n}": b.clone() for n, b in self.buffers.items()})
         self.forwards += 1

@@ -17,7 +17,9 @@ class ICS(Probe):
         G  = ∇_{W_i} L(W_1^t, …, W_k^t)
         G′ = ∇_{W_i} L(W_1^{t+1}, …, W_{i−1}^{t+1}, W_i^t, …, W_k^t)
 
-    records ``ics_l2`` = ‖G − G′‖₂ and ``ics_cos`` = cos(G, G′). W^{t+1} is the step a *copy*
+    records ``ics_l2`` = ‖G − G′‖₂, ``ics_cos`` = cos(G, G′) and the scale-free ``ics_rel`` =
+    ‖G − G′‖₂ / ‖G‖₂ (comparable across networks whose gradients differ in scale, as BN's
+    and plain networks' do). W^{t+1} is the step a *copy*
     of the real optimizer (momentum, weight decay, state) takes from the real gradient; "layers
     before i" are all parameters of modules that run before layer i's module. Cost per
     measurement: (1 + number of layers) forward and backward passes.
@@ -61,7 +63,9 @@ class ICS(Probe):
                            if position.get(owner, 1 << 30) < position.get(name, 1 << 30) and p in new}
                 _, Gp = ev.loss_and_grad(earlier, wrt=[weight])
                 g, gp = G[weight].flatten().double(), Gp[weight].flatten().double()
-                rows.append((name, "ics_l2", (g - gp).norm().item()))
+                diff = (g - gp).norm().item()
+                rows.append((name, "ics_l2", diff))
+                rows.append((name, "ics_rel", diff / g.norm().item() if g.norm().item() > 0 else float("nan")))
                 denom = g.norm().item() * gp.norm().item()
                 rows.append((name, "ics_cos", (g @ gp).item() / denom if denom > 0 else float("nan")))
         self.cost.forward += ev.forwards

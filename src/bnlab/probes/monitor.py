@@ -38,12 +38,13 @@ class Monitor:
     def __init__(self, model: nn.Module, loss_fn: Callable, optimizer=None,
                  probes: Sequence[Probe] = (), every: int = 10, probe_batch: Any = None,
                  forward: Optional[Callable[[nn.Module, Any], Any]] = None, lr: Optional[float] = None,
-                 start_step: int = 0) -> None:
+                 start_step: int = 0, at: Iterable[int] = ()) -> None:
         if every < 1:
             raise ValueError(f"every must be ≥ 1, got {every}")
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.probes = list(probes)
         self.every = every
+        self.at = frozenset(int(s) for s in at)          # extra steps to measure (e.g. the first)
         self.probe_batch = probe_batch
         self.forward = forward or (lambda m, x: m(x))
         self._lr = lr
@@ -62,7 +63,7 @@ class Monitor:
         return None
 
     def due(self, probe: Probe, step: int) -> bool:
-        return step % (probe.every or self.every) == 0
+        return step % (probe.every or self.every) == 0 or step in self.at
 
     def _arm(self, step: int) -> None:
         for p in self.probes:
