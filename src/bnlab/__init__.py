@@ -14,8 +14,9 @@ from .population import population_statistics, train_eval_gap
 from .fold import fold
 from . import ema
 from . import probes
-from .variants import (DetachedNorm, DetachedNorm2d, LpNorm1d, LpNorm2d, NoisyBatchNorm1d,
-                       NoisyBatchNorm2d)
+from .variants import (BatchRenorm1d, BatchRenorm2d, DecorrelatedBatchNorm, DetachedNorm,
+                       DetachedNorm2d, FrozenBatchNorm, GhostBatchNorm1d, GhostBatchNorm2d, IterNorm,
+                       LpNorm1d, LpNorm2d, NoisyBatchNorm1d, NoisyBatchNorm2d)
 from .errors import (BatchSizeError, BnlabError, DataError, DTypeError, ModeError,
                      NonFiniteError, ShapeError)
 
@@ -24,6 +25,8 @@ __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "is_batchnorm", "convert",
     "population_statistics", "train_eval_gap", "fold", "ema", "probes",
     "DetachedNorm", "DetachedNorm2d", "NoisyBatchNorm1d", "NoisyBatchNorm2d", "LpNorm1d", "LpNorm2d",
+    "BatchRenorm1d", "BatchRenorm2d", "GhostBatchNorm1d", "GhostBatchNorm2d", "DecorrelatedBatchNorm",
+    "IterNorm", "FrozenBatchNorm",
     "BnlabError", "ShapeError", "BatchSizeError", "DTypeError", "ModeError", "NonFiniteError",
     "DataError",
 ]

@@ -151,3 +151,52 @@ def convert(model: nn.Module, to: str = "bnlab", **options) -> nn.Module:
             stack.append(new)
     return root
 
+
+
+def _plain_bn(m: nn.Module) -> bool:
+    """A batch-norm layer of the standard kind (torch's or bnlab's BatchNormNd, not a variant)."""
+    return isinstance(m, _TorchBatchNorm) and bn_dim(m) is not None and \
+        type(m).forward in (nn.BatchNorm1d.forward, _BatchNorm.forward)
+
+
+@register_target("frozen")
+def _to_frozen(m: nn.Module) -> Optional[nn.Module]:
+    """Every BN layer → FrozenBatchNorm with its statistics and affine as constant buffers."""
+    from .variants.frozen import FrozenBatchNorm
+    if not isinstance(m, _TorchBatchNorm):
+        return None
+    if m.running_mean is None:
+        raise ValueError(f"{type(m).__name__} has no running statistics (track_running_stats=False): "
+                         f"there is nothing to freeze it to")
+    frozen = FrozenBatchNorm(m.num_features, m.eps, device=m.running_mean.device, dtype=m.running_mean.dtype)
+    with torch.no_grad():
+        frozen.running_mean.copy_(m.running_mean)
+        frozen.running_var.copy_(m.running_var)
+        if m.weight is not None:
+            frozen.weight.copy_(m.weight.detach())
+        if m.bias is not None:
+            frozen.bias.copy_(m.bias.detach())
+    return frozen
+
+
+def _to_variant(dims: dict, m: nn.Module, **kwargs) -> Optional[nn.Module]:
+    if not _plain_bn(m):
+        return None
+    dim = bn_dim(m)
+    if dim not in dims:
+        raise ValueError(f"no {sorted(dims)}-D form for {type(m).__name__}")
+    return _new_like(dims[dim], m, **kwargs)
+
+
+@register_target("renorm")
+def _to_renorm(m: nn.Module, **kwargs) -> Optional[nn.Module]:
+    """BN → BatchRenorm1d/2d with the same statistics (options: rmax, dmax, warmup, ...)."""
+    from .variants.renorm import BatchRenorm1d, BatchRenorm2d
+    return _to_variant({1: BatchRenorm1d, 2: BatchRenorm2d}, m, **kwargs)
+
+
+@register_target("ghost")
+def _to_ghost(m: nn.Module, **kwargs) -> Optional[nn.Module]:
+    """BN → GhostBatchNorm1d/2d with the same statistics (option: virtual_batch_size)."""
+    from .variants.ghost import GhostBatchNorm1d, GhostBatchNorm2d
+    return _to_variant({1: GhostBatchNorm1d, 2: GhostBatchNorm2d}, m, **kwargs)

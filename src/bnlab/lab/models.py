@@ -132,6 +132,12 @@ def _norms() -> Dict[str, Callable[..., nn.Module]]:
         "lp1": lambda c, seeds=1, **kw: V.LpNorm1d(c, p=1, groups=seeds, **kw),
         "lp2": lambda c, seeds=1, **kw: V.LpNorm1d(c, p=2, groups=seeds, **kw),
         "lpinf": lambda c, seeds=1, **kw: V.LpNorm1d(c, p="inf", groups=seeds, **kw),
+        "ghost": lambda c, seeds=1, **kw: V.GhostBatchNorm1d(c, **kw),
+        "renorm": lambda c, seeds=1, **kw: V.BatchRenorm1d(c, **kw),
+        # whitening groups of ``group_size`` features: a multiple of it per seed keeps seeds apart
+        "zca": lambda c, seeds=1, group_size=20, **kw: V.DecorrelatedBatchNorm(c, whitening="zca", group_size=group_size, **kw),
+        "pca": lambda c, seeds=1, group_size=20, **kw: V.DecorrelatedBatchNorm(c, whitening="pca", group_size=group_size, **kw),
+        "iternorm": lambda c, seeds=1, group_size=20, **kw: V.IterNorm(c, group_size=group_size, **kw),
     }
 
 
@@ -229,17 +235,17 @@ def build_plain(spec: dict) -> nn.Sequential:
 
 @torch.no_grad()
 def _slice_norm(norm: nn.Module, seed: int, channels: int, spec: dict, seeds: int) -> nn.Module:
-    """The seed's own layer: per-feature tensors sliced to its block, per-seed tensors (one
-    entry per group = seed) indexed, scalars copied."""
+    """The seed's own layer. Any tensor whose leading size is ``seeds`` × the single-seed layer's
+    (per-feature vectors, per-seed scales, per-group whitening matrices) contributes the seed's
+    block; everything else (scalars, counters) is copied."""
     sub = NORMS[spec["norm"]](channels, seeds=1, **dict(spec.get("norm_kwargs", {})))
     for name, t in list(norm.named_parameters(recurse=False)) + list(norm.named_buffers(recurse=False)):
         target = getattr(sub, name, None)
         if target is None or t is None:
             continue
-        if t.dim() and t.shape[0] == seeds * channels:
-            target.copy_(t[seed * channels:(seed + 1) * channels])
-        elif t.dim() and t.shape[0] == seeds and target.shape[0] == 1:
-            target.copy_(t[seed:seed + 1])
+        if t.dim() and target.dim() and t.shape[0] == seeds * target.shape[0] and t.shape[1:] == target.shape[1:]:
+            k = target.shape[0]
+            target.copy_(t[seed * k:(seed + 1) * k])
         else:
             target.copy_(t)
     if hasattr(norm, "get_extra_state") and type(norm).get_extra_state is not nn.Module.get_extra_state:

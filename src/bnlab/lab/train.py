@@ -80,9 +80,10 @@ class ClassifierTrainer:
                  lr: float, momentum: float = 0.0, weight_decay: float = 0.0, optimizer: str = "sgd",
                  extra_eval: Optional[Callable[["ClassifierTrainer", int], Iterable[tuple]]] = None,
                  test_subset: Optional[int] = None, lr_at: Optional[Callable[[int], float]] = None,
-                 loss_hook: Optional[Callable[["ClassifierTrainer", Tensor], None]] = None) -> None:
+                 loss_hook: Optional[Callable[["ClassifierTrainer", Tensor], None]] = None,
+                 sampler=None) -> None:
         self.model, self.data, self.seeds, self.arm = model, data, list(seeds), arm
-        self.sampler = EpochSampler(len(data.train_x), batch, self.seeds)
+        self.sampler = sampler if sampler is not None else EpochSampler(len(data.train_x), batch, self.seeds)
         self.opt = make_optimizer(model.parameters(), optimizer, lr, momentum, weight_decay)
         self.extra_eval = extra_eval
         self.lr_at = lr_at

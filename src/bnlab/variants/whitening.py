@@ -1,0 +1,195 @@
+r"""Whitening inside the network: Decorrelated BN (ZCA, PCA) and IterNorm.
+
+Ioffe & Szegedy §2 name full whitening of each layer's inputs as the ideal BN approximates
+(per-feature standardization ignores correlations). Huang et al. 2018 (Decorrelated BN,
+arXiv:1804.08450) whiten mini-batches inside the network, in groups of G features::
+
+    Σ = (1/m) X_c X_cᵀ + εI = D Λ Dᵀ
+    ZCA:  x̂ = D Λ^(−½) Dᵀ (x − μ)       the whitening closest to the identity
+    PCA:  x̂ = Λ^(−½) Dᵀ (x − μ)          rotates onto the principal axes
+
+then a per-feature affine γ, β. PCA's axes are only defined up to order and sign, and a new
+batch's eigenvectors come out permuted and flipped ("stochastic axis swapping"), so successive
+steps see differently-rotated features and training fails; ZCA is invariant to that ambiguity.
+IterNorm (Huang et al. 2019, arXiv:1904.03441) avoids the eigendecomposition: with
+Σ_N = Σ / tr(Σ), P₀ = I and P_k = ½(3P_{k−1} − P_{k−1}³ Σ_N), Σ^(−½) ≈ P_T / √tr(Σ).
+
+Gradients. ZCA's whitening matrix is a matrix function, Σ^(−½), whose derivative in Σ's
+eigenbasis is the Daleckii–Krein divided difference; for f(λ) = λ^(−½) it has the closed form
+f[λ_i, λ_j] = −1/(s_i s_j (s_i + s_j)) with s = √λ, which stays finite as λ_i → λ_j — unlike
+the eigenvector derivatives (∝ 1/(λ_i − λ_j)) of a generic eigh backward. PCA needs the
+eigenvectors themselves and keeps that unstable backward (part of why it fails). IterNorm's
+gradient flows through its T matrix iterations.
+
+IterNorm's uncoupled Newton iteration converges quadratically once close (float64: ~1e-12 of
+ZCA by T = 10 on a condition number of ~15) but amplifies round-off if run much longer — by
+T ≈ 20–30 it diverges, in float32 sooner. The paper's T = 5 is far from that regime; keep T ≤ 10.
+
+Inference: running mean and running whitening matrix (EMA with ``momentum``). Inputs (N, C, *):
+spatial positions count as samples, as in BN.
+
+``groups`` is the number of groups (``group_size`` sets the size instead); features are split
+into contiguous groups of equal size.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as BF
+
+__all__ = ["DecorrelatedBatchNorm", "IterNorm", "inv_sqrtm", "whitening_matrix", "iternorm_matrix",
+           "group_covariance"]
+
+
+class _InvSqrtm(torch.autograd.Function):
+    """Σ^(−½) of symmetric positive definite matrices (..., G, G), stable backward."""
+
+    @staticmethod
+    def forward(ctx, sigma: Tensor) -> Tensor:
+        lam, D = torch.linalg.eigh(sigma)                                   # ..., G ; ..., G, G
+        s = lam.clamp_min(torch.finfo(lam.dtype).tiny).sqrt()
+        ctx.save_for_backward(D, s)
+        return D @ torch.diag_embed(1.0 / s) @ D.transpose(-1, -2)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        D, s = ctx.saved_tensors
+        sym = 0.5 * (grad + grad.transpose(-1, -2))
+        M = D.transpose(-1, -2) @ sym @ D                                    # grad in the eigenbasis
+        si, sj = s.unsqueeze(-1), s.unsqueeze(-2)
+        K = -1.0 / (si * sj * (si + sj))                                     # f[λ_i, λ_j], f = λ^(−½)
+        return D @ (M * K) @ D.transpose(-1, -2)
+
+
+def inv_sqrtm(sigma: Tensor) -> Tensor:
+    """Σ^(−½) for a batch of SPD matrices, with the divided-difference (Daleckii–Krein) backward."""
+    return _InvSqrtm.apply(sigma)
+
+
+def group_covariance(x: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """x (N, C, *) → (centered X (g, G, m), mean (g, G, 1), Σ = X Xᵀ/m + εI (g, G, G))."""
+    C = x.shape[1]
+    X = x.transpose(0, 1).reshape(C, -1)                                     # C, m
+    m = X.shape[1]
+    X = X.view(groups, C // groups, m)                                       # g, G, m
+    mean = X.mean(-1, keepdim=True)                                          # g, G, 1
+    Xc = X - mean
+    eye = torch.eye(C // groups, dtype=x.dtype, device=x.device)
+    sigma = Xc @ Xc.transpose(-1, -2) / m + eps * eye                        # g, G, G
+    return Xc, mean, sigma
+
+
+def whitening_matrix(sigma: Tensor, method: str) -> Tensor:
+    """ZCA: D Λ^(−½) Dᵀ; PCA: Λ^(−½) Dᵀ (rows: principal axes, ascending eigenvalue)."""
+    if method == "zca":
+        return inv_sqrtm(sigma)
+    if method == "pca":
+        lam, D = torch.linalg.eigh(sigma)
+        return torch.diag_embed(lam.clamp_min(torch.finfo(lam.dtype).tiny).rsqrt()) @ D.transpose(-1, -2)
+    raise ValueError(f"whitening must be 'zca' or 'pca', got {method!r}")
+
+
+def iternorm_matrix(sigma: Tensor, T: int) -> Tensor:
+    """Σ^(−½) ≈ P_T / √tr(Σ) by T Newton iterations on Σ_N = Σ / tr(Σ)."""
+    trace = sigma.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]       # g, 1, 1
+    sigma_n = sigma / trace
+    P = torch.eye(sigma.shape[-1], dtype=sigma.dtype, device=sigma.device).expand_as(sigma)
+    for _ in range(T):
+        P = 1.5 * P - 0.5 * P @ P @ P @ sigma_n
+    return P / trace.sqrt()
+
+
+class _Whitening(nn.Module):
+    def __init__(self, num_features: int, groups: int = 1, eps: float = 1e-5, momentum: float = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, group_size: Optional[int] = None,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        if group_size is not None:
+            if num_features % group_size:
+                raise ValueError(f"num_features {num_features} is not a multiple of group_size {group_size}")
+            groups = num_features // group_size
+        if groups < 1 or num_features % groups:
+            raise ValueError(f"num_features {num_features} must split into {groups} equal groups")
+        G = num_features // groups
+        factory = dict(device=device, dtype=dtype)
+        self.num_features, self.groups, self.eps, self.momentum = num_features, groups, eps, momentum
+        self.affine, self.track_running_stats = affine, track_running_stats
+        self.weight = nn.Parameter(torch.ones(num_features, **factory)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(num_features, **factory)) if affine else None
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_whitening", torch.eye(G, **factory).repeat(groups, 1, 1))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_whitening", None)
+            self.register_buffer("num_batches_tracked", None)
+
+    def _matrix(self, sigma: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        BF.check_input(x, self.num_features)
+        C = self.num_features
+        if self.training or self.running_mean is None:
+            BF.check_batch_size(x)
+            Xc, mean, sigma = group_covariance(x, self.groups, self.eps)
+            W = self._matrix(sigma)                                          # g, G, G
+            Y = W @ Xc                                                       # g, G, m
+            if self.training and self.running_mean is not None:
+                with torch.no_grad():
+                    self.num_batches_tracked.add_(1)
+                    self.running_mean.lerp_(mean.reshape(C), self.momentum)
+                    self.running_whitening.lerp_(W.detach(), self.momentum)
+        else:
+            X = x.transpose(0, 1).reshape(C, -1).view(self.groups, C // self.groups, -1)
+            Y = self.running_whitening @ (X - self.running_mean.view(self.groups, -1, 1))
+        rest = x.shape[2:]
+        y = Y.reshape(C, x.shape[0], *rest).transpose(0, 1)                  # N, C, *
+        if self.weight is not None:
+            y = y * BF.channel_view(self.weight, y) + BF.channel_view(self.bias, y)
+        return y.contiguous()
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, groups={self.groups} (size {self.num_features // self.groups}), "
+                f"eps={self.eps}, momentum={self.momentum}, affine={self.affine}")
+
+
+class DecorrelatedBatchNorm(_Whitening):
+    """Decorrelated BN (Huang et al. 2018): ZCA or PCA whitening of feature groups per batch."""
+
+    def __init__(self, num_features: int, groups: int = 1, whitening: str = "zca", eps: float = 1e-5,
+                 momentum: float = 0.1, affine: bool = True, track_running_stats: bool = True,
+                 group_size: Optional[int] = None, device=None, dtype=None) -> None:
+        if whitening not in ("zca", "pca"):
+            raise ValueError(f"whitening must be 'zca' or 'pca', got {whitening!r}")
+        super().__init__(num_features, groups, eps, momentum, affine, track_running_stats, group_size,
+                         device, dtype)
+        self.whitening = whitening
+
+    def _matrix(self, sigma: Tensor) -> Tensor:
+        return whitening_matrix(sigma, self.whitening)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", whitening={self.whitening!r}"
+
+
+class IterNorm(_Whitening):
+    """IterNorm (Huang et al. 2019): whitening by T Newton iterations, no eigendecomposition."""
+
+    def __init__(self, num_features: int, groups: int = 1, T: int = 5, eps: float = 1e-5,
+                 momentum: float = 0.1, affine: bool = True, track_running_stats: bool = True,
+                 group_size: Optional[int] = None, device=None, dtype=None) -> None:
+        super().__init__(num_features, groups, eps, momentum, affine, track_running_stats, group_size,
+                         device, dtype)
+        self.T = T
+
+    def _matrix(self, sigma: Tensor) -> Tensor:
+        return iternorm_matrix(sigma, self.T)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", T={self.T}"
