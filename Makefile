@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.bnlab-installed
 export OPENBLAS_NUM_THREADS ?= 1
 export MPLBACKEND ?= Agg
 
-.PHONY: install demo test test-all bench lint clean
+.PHONY: install demo test test-all bench paper clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,7 @@ $(STAMP): $(PY) pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/bnlab demo
+	$(VENV)/bin/bnlab reproduce --profile quick --out runs/quick
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
@@ -35,6 +35,9 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_batchnorm.py
+
+paper: $(STAMP)
+	$(VENV)/bin/bnlab reproduce --profile paper --out runs/paper
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build src/*.egg-info

@@ -59,9 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     rec.set_defaults(func=_recalibrate)
 
     bench = sub.add_parser("bench", help="benchmarks: BatchNorm vs torch.nn (default), probe overhead, E1 loops")
-    bench.add_argument("what", nargs="?", default="batchnorm", choices=["batchnorm", "probes", "e1"],
+    bench.add_argument("what", nargs="?", default="batchnorm", choices=["batchnorm", "probes", "e1", "variants"],
                        help="batchnorm: bnlab vs torch.nn BN; probes: probe overhead on the E1 MLP; "
-                            "e1: E1's training loop vs plain PyTorch vs NumPy")
+                            "e1: E1's training loop vs plain PyTorch vs NumPy; variants: each "
+                            "normalization variant vs bnlab BatchNorm")
     bench.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     bench.add_argument("--modes", default="fwd,fwdbwd,eval")
     bench.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke run)")
@@ -77,6 +78,14 @@ def _bench(args) -> int:
         rows = bench_probes.run(steps=100 if args.quick else 300)
         if args.markdown:
             print(bench_probes.markdown(rows))
+        return 0
+    if args.what == "variants":
+        import torch
+        from . import bench_variants
+        torch.set_num_threads(int(args.threads.split(",")[-1]))
+        rows = bench_variants.run(repeats=5 if args.quick else 15)
+        if args.markdown:
+            print(bench_variants.markdown(rows))
         return 0
     if args.what == "e1":
         from .lab import bench_e1
