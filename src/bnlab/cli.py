@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config field (typed), e.g. --set steps=2000 --set data.path=DIR")
     run.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
+    run.add_argument("--nproc", type=int, default=1,
+                     help="train in N processes (torchrun, gloo, DDP + SyncBatchNorm); one result directory")
     run.set_defaults(func=_run)
 
     rep = sub.add_parser("reproduce", help="run every experiment and write report.html and summary.md")
@@ -59,10 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     rec.set_defaults(func=_recalibrate)
 
     bench = sub.add_parser("bench", help="benchmarks: BatchNorm vs torch.nn (default), probe overhead, E1 loops")
-    bench.add_argument("what", nargs="?", default="batchnorm", choices=["batchnorm", "probes", "e1", "variants"],
+    bench.add_argument("what", nargs="?", default="batchnorm", choices=["batchnorm", "probes", "e1", "variants", "ddp"],
                        help="batchnorm: bnlab vs torch.nn BN; probes: probe overhead on the E1 MLP; "
                             "e1: E1's training loop vs plain PyTorch vs NumPy; variants: each "
-                            "normalization variant vs bnlab BatchNorm")
+                            "normalization variant vs bnlab BatchNorm; ddp: E1 step time in 1 and "
+                            "2 processes")
     bench.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     bench.add_argument("--modes", default="fwd,fwdbwd,eval")
     bench.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke run)")
@@ -78,6 +81,10 @@ def _bench(args) -> int:
         rows = bench_probes.run(steps=100 if args.quick else 300)
         if args.markdown:
             print(bench_probes.markdown(rows))
+        return 0
+    if args.what == "ddp":
+        from .lab import bench_ddp
+        bench_ddp.run(steps=100 if args.quick else 500)
         return 0
     if args.what == "variants":
         import torch
@@ -123,6 +130,21 @@ def _list(args) -> int:
 
 
 def _run(args) -> int:
+    if args.nproc > 1:
+        import subprocess
+        argv, skip = [], False
+        for a in args._argv:                        # the same command, minus --nproc
+            if skip:
+                skip = False
+                continue
+            if a == "--nproc":
+                skip = True
+                continue
+            if not a.startswith("--nproc="):
+                argv.append(a)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "bnlab", *argv]
+        return subprocess.run(cmd).returncode
     from .lab.runner import run_experiment
     run_experiment(args.experiment, profile=args.profile, out=args.out, seeds=args.seeds,
                    overrides=args.overrides, resume=args.resume, data_dir=args.data_dir,
@@ -155,7 +177,9 @@ def _demo(args) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args._argv = argv
     if args.command is None:
         parser.print_help()
         return 0

@@ -88,19 +88,50 @@ def _refuse_lazy(m: nn.Module) -> None:
 
 @register_target("bnlab")
 def _to_bnlab(m: nn.Module) -> Optional[nn.Module]:
+    from .sync import SyncBatchNorm
+    if isinstance(m, SyncBatchNorm):                 # back from "sync": the BatchNorm it came from
+        dim = bn_dim(m)
+        if dim is None:
+            raise ValueError("this SyncBatchNorm never saw an input and was not converted from a "
+                             "BatchNorm1d/2d/3d: its dimensionality is unknown; run one forward first")
+        return _new_like(_BNLAB_BY_DIM[dim], m, **_bnlab_options(m))
     if isinstance(m, _BatchNorm) or not isinstance(m, _TorchBatchNorm):
         return None
     _refuse_lazy(m)
+    if isinstance(m, nn.SyncBatchNorm):              # torch's SyncBN → bnlab's, still synchronized
+        return _to_sync(m, process_group=m.process_group)
     dim = bn_dim(m)
     if dim is None:
-        return None        # e.g. torch.nn.SyncBatchNorm: handled by the "sync" target
+        return None
     return _new_like(_BNLAB_BY_DIM[dim], m)
+
+
+def _bnlab_options(m: nn.Module) -> dict:
+    return {k: getattr(m, k) for k in ("running_var_correction", "batch_of_one", "check_finite", "ema")
+            if hasattr(m, k)}
+
+
+@register_target("sync")
+def _to_sync(m: nn.Module, process_group=None) -> Optional[nn.Module]:
+    """Any batch-norm layer (torch's, bnlab's, torch's SyncBatchNorm) → bnlab.SyncBatchNorm."""
+    from .sync import SyncBatchNorm
+    if not isinstance(m, _TorchBatchNorm) or isinstance(m, SyncBatchNorm):
+        return None
+    if isinstance(m, _BatchNorm) and not _plain_bn(m):
+        return None                                  # variants keep their own semantics
+    _refuse_lazy(m)
+    new = _new_like(SyncBatchNorm, m, process_group=process_group, **_bnlab_options(m))
+    new.bn_dim = bn_dim(m)
+    return new
 
 
 @register_target("torch")
 def _to_torch(m: nn.Module) -> Optional[nn.Module]:
+    from .sync import SyncBatchNorm
     if not isinstance(m, _BatchNorm):
         return None
+    if isinstance(m, SyncBatchNorm):
+        return _new_like(nn.SyncBatchNorm, m, process_group=m.process_group)
     dim = bn_dim(m)
     if dim is None:
         return None
@@ -124,7 +155,8 @@ def convert(model: nn.Module, to: str = "bnlab", **options) -> nn.Module:
 
     Args:
         model: any module; may itself be a batch-norm layer.
-        to: ``"bnlab"`` or ``"torch"`` (and targets other modules register: ``"sync"``, ...).
+        to: ``"bnlab"``, ``"torch"``, ``"sync"`` (bnlab.SyncBatchNorm; option process_group;
+            ``to="bnlab"`` goes back), ``"frozen"``, ``"renorm"``, ``"ghost"``.
         options: passed to the target's converter when it accepts them (e.g. process_group).
 
     Returns:
@@ -154,9 +186,12 @@ def convert(model: nn.Module, to: str = "bnlab", **options) -> nn.Module:
 
 
 def _plain_bn(m: nn.Module) -> bool:
-    """A batch-norm layer of the standard kind (torch's or bnlab's BatchNormNd, not a variant)."""
-    return isinstance(m, _TorchBatchNorm) and bn_dim(m) is not None and \
-        type(m).forward in (nn.BatchNorm1d.forward, _BatchNorm.forward)
+    """A batch-norm layer of the standard kind (torch's or bnlab's BatchNormNd or SyncBatchNorm,
+    not a variant that changes the forward)."""
+    from .sync import SyncBatchNorm
+    return isinstance(m, _TorchBatchNorm) and (
+        type(m).forward in (nn.BatchNorm1d.forward, _BatchNorm.forward, nn.SyncBatchNorm.forward,
+                            SyncBatchNorm.forward))
 
 
 @register_target("frozen")

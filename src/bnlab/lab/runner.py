@@ -90,7 +90,9 @@ class RunContext:
 
     # -- helpers -------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
-        self._log(f"[{self.experiment.id}] {msg}")
+        from . import dist as lab_dist
+        if lab_dist.is_main():
+            self._log(f"[{self.experiment.id}] {msg}")
 
     def path(self, name: str) -> Path:
         return self.out_dir / name
@@ -158,7 +160,9 @@ class RunContext:
                 rows.extend(self._eval_rows(trainer, 0))
                 self.rows.extend(rows)
         every = max(1, int(self.cfg.checkpoint_every))
-        bar = Progress(total=steps, desc=f"{self.experiment.id} {name}", enabled=self.progress, unit="step")
+        from . import dist as lab_dist
+        bar = Progress(total=steps, desc=f"{self.experiment.id} {name}",
+                       enabled=self.progress and lab_dist.is_main(), unit="step")
         bar.n = start
         try:
             for step in range(start + 1, steps + 1):
@@ -182,6 +186,9 @@ class RunContext:
                 for seed, arm, metric, value in trainer.evaluate(step)]
 
     def _save_unit(self, path: Path, trainer: Trainer, step: int, rows: list[dict], done: bool) -> None:
+        from . import dist as lab_dist
+        if not lab_dist.is_main():
+            return
         self.state_dir.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(dict(trainer=trainer.state_dict(), step=step, rows=rows, done=done,
                                rng=torch.get_rng_state()), path)
@@ -198,14 +205,18 @@ def run_experiment(eid: str, profile: str = "quick", out: str | Path = "runs", s
                    progress: bool = True, hooks: Sequence[Callable[[str, int], None]] = (),
                    log: Callable[[str], None] = print) -> dict:
     """Run one experiment end to end and write its directory; returns result.json's content."""
+    from . import dist as lab_dist
+    distributed = lab_dist.init_from_env()
+    main = lab_dist.is_main()
     experiment = get(eid)
     ov = parse_overrides(overrides) if not isinstance(overrides, dict) else dict(overrides)
     if seeds is not None:
         ov["seeds"] = seeds
     cfg = experiment.config(profile, ov)
     out_dir = Path(out) / experiment.id
-    if out_dir.exists() and not resume:
+    if main and out_dir.exists() and not resume:
         remove_tree(out_dir)
+    lab_dist.barrier()
     out_dir.mkdir(parents=True, exist_ok=True)
     previous = 0.0
     progress_file = out_dir / "state" / "elapsed.json"
@@ -215,7 +226,8 @@ def run_experiment(eid: str, profile: str = "quick", out: str | Path = "runs", s
         if saved_cfg is not None and saved_cfg != json.loads(json.dumps(config_to_dict(cfg))):
             raise ValueError(f"--resume: {out_dir} was started with a different config; "
                              f"rerun without --resume to start over")
-    atomic_write_json(out_dir / "config.json", config_to_dict(cfg))
+    if main:
+        atomic_write_json(out_dir / "config.json", config_to_dict(cfg))
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(cfg.threads)))
     ctx = RunContext(experiment, cfg, out_dir, resume, data_dir, progress, hooks, log)
@@ -226,8 +238,12 @@ def run_experiment(eid: str, profile: str = "quick", out: str | Path = "runs", s
         try:
             experiment.run(cfg, ctx)
         finally:
-            (out_dir / "state").mkdir(parents=True, exist_ok=True)
-            atomic_write_json(progress_file, dict(seconds=previous + time.perf_counter() - t0))
+            if main:
+                (out_dir / "state").mkdir(parents=True, exist_ok=True)
+                atomic_write_json(progress_file, dict(seconds=previous + time.perf_counter() - t0))
+        lab_dist.barrier()
+        if not main:                              # rank 0 analyzes and writes; the others are done
+            return {}
         ctx.log("analysis and figures")
         verdict = experiment.analyze(cfg, ctx)
     finally:
@@ -239,7 +255,7 @@ def run_experiment(eid: str, profile: str = "quick", out: str | Path = "runs", s
         verdict=verdict.verdict, criterion=verdict.criterion, paper=experiment.paper,
         measured=verdict.measured, numbers=verdict.numbers, figures=verdict.figures,
         notes=verdict.notes, source=experiment.source, profile=profile, seeds=cfg.seeds,
-        config=config_to_dict(cfg), git_sha=git_sha(), versions=versions(),
+        config=config_to_dict(cfg), git_sha=git_sha(), versions=dict(versions(), processes=lab_dist.world()),
         seconds=round(seconds, 2), started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         command=" ".join(["bnlab"] + sys.argv[1:]) if sys.argv and "bnlab" in sys.argv[0] else None)
     atomic_write_json(out_dir / "result.json", result)

@@ -19,31 +19,51 @@ __all__ = ["EpochSampler", "ClassifierTrainer", "accuracy_per_seed", "make_optim
 
 
 class EpochSampler:
-    """(S, B) indices per step: each seed walks its own random permutation, epoch after epoch."""
+    """(S, B_local) indices per step: each seed walks its own random permutation, epoch after epoch.
 
-    def __init__(self, n: int, batch: int, seeds: list[int], salt: int = 0) -> None:
+    Built on torch.utils.data.DistributedSampler: rank r of W reads positions r, r + W, ... of the
+    epoch's permutation, B/W at a time, so the union of the ranks' shards at every step is the
+    global batch a single process would draw. The state is (epoch, position): resumable.
+    """
+
+    def __init__(self, n: int, batch: int, seeds: list[int], salt: int = 0,
+                 rank: Optional[int] = None, world: Optional[int] = None) -> None:
+        from torch.utils.data import DistributedSampler
+
+        from . import dist as lab_dist
+        world = lab_dist.world() if world is None else world
+        rank = lab_dist.rank() if rank is None else rank
         if batch > n:
             raise ValueError(f"batch {batch} exceeds the {n} training examples")
-        self.n, self.batch = n, batch
-        self.gens = [torch.Generator().manual_seed(10_007 * s + salt) for s in seeds]
-        self.perms = torch.stack([torch.randperm(n, generator=g) for g in self.gens])   # S, n
-        self.pos = 0
+        if batch % world:
+            raise ValueError(f"the global batch {batch} must split evenly over {world} processes")
+        self.n, self.batch, self.local = n, batch, batch // world
+        self.samplers = [DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True,
+                                            seed=10_007 * s + salt, drop_last=True) for s in seeds]
+        self.steps_per_epoch = n // batch
+        self.epoch, self.pos = 0, 0
+        self._load_epoch()
+
+    def _load_epoch(self) -> None:
+        for s in self.samplers:
+            s.set_epoch(self.epoch)
+        self.perms = torch.stack([torch.tensor(list(iter(s))) for s in self.samplers])   # S, n/W
 
     def next(self) -> Tensor:
-        if self.pos + self.batch > self.n:
-            self.perms = torch.stack([torch.randperm(self.n, generator=g) for g in self.gens])
+        if self.pos >= self.steps_per_epoch:
+            self.epoch += 1
             self.pos = 0
-        idx = self.perms[:, self.pos:self.pos + self.batch]                        # S, B
-        self.pos += self.batch
+            self._load_epoch()
+        idx = self.perms[:, self.pos * self.local:(self.pos + 1) * self.local]         # S, B/W
+        self.pos += 1
         return idx
 
     def state_dict(self) -> dict:
-        return dict(perms=self.perms.clone(), pos=self.pos, gens=[g.get_state() for g in self.gens])
+        return dict(epoch=self.epoch, pos=self.pos)
 
     def load_state_dict(self, s: dict) -> None:
-        self.perms, self.pos = s["perms"].clone(), s["pos"]
-        for g, st in zip(self.gens, s["gens"]):
-            g.set_state(st)
+        self.epoch, self.pos = s["epoch"], s["pos"]
+        self._load_epoch()
 
 
 def make_optimizer(params, name: str = "sgd", lr: float = 0.1, momentum: float = 0.0,
@@ -84,6 +104,7 @@ class ClassifierTrainer:
                  sampler=None) -> None:
         self.model, self.data, self.seeds, self.arm = model, data, list(seeds), arm
         self.sampler = sampler if sampler is not None else EpochSampler(len(data.train_x), batch, self.seeds)
+        self.train_model = self._distributed(model)
         self.opt = make_optimizer(model.parameters(), optimizer, lr, momentum, weight_decay)
         self.extra_eval = extra_eval
         self.lr_at = lr_at
@@ -95,8 +116,20 @@ class ClassifierTrainer:
         self.last_loss = torch.zeros(len(self.seeds))
         model.train()
 
-    def loss_per_seed(self, x: Tensor, y: Tensor) -> Tensor:
-        logits = self.model(x)                                                     # S, B, K
+    @staticmethod
+    def _distributed(model: nn.Module) -> nn.Module:
+        """Under torch.distributed: plain BN → SyncBatchNorm (global statistics) and DDP."""
+        from . import dist as lab_dist
+        if lab_dist.world() == 1:
+            return model
+        from ..convert import convert
+        converted = convert(model, to="sync")
+        assert converted is model, "the lab's models are containers"
+        # SyncBatchNorm keeps the running statistics identical on every rank: no buffer broadcast
+        return nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+
+    def loss_per_seed(self, x: Tensor, y: Tensor, train: bool = False) -> Tensor:
+        logits = (self.train_model if train else self.model)(x)                   # S, B, K
         S, B, K = logits.shape
         return nn.functional.cross_entropy(logits.reshape(S * B, K), y.reshape(S * B),
                                            reduction="none").view(S, B).mean(1)    # S
@@ -108,15 +141,26 @@ class ClassifierTrainer:
             for group in self.opt.param_groups:
                 group["lr"] = self.lr_at(step)
         self.last_batch = (x, y)
-        loss = self.loss_per_seed(x, y)
+        loss = self.loss_per_seed(x, y, train=True)
         self.opt.zero_grad(set_to_none=True)
         loss.sum().backward()
         if self.loss_hook is not None:
             self.loss_hook(self, loss)
         self.opt.step()
-        self.last_loss = loss.detach()
+        self.last_loss = self._global_mean(loss.detach())
         self.loss_sum += self.last_loss.double()
         self.loss_count += 1
+
+    @staticmethod
+    def _global_mean(loss: Tensor) -> Tensor:
+        """The global batch's loss under torch.distributed (equal shards: the mean of the ranks')."""
+        from . import dist as lab_dist
+        if lab_dist.world() == 1:
+            return loss
+        import torch.distributed as dist
+        total = loss.clone()
+        dist.all_reduce(total)
+        return total / lab_dist.world()
 
     def evaluate(self, step: int):
         acc = accuracy_per_seed(self.model, self.test_x, self.test_y)
@@ -152,7 +196,8 @@ def make_trainer(model: nn.Module, data: Dataset, seeds: list[int], arm: str, ba
                  fast: bool = True, **kwargs) -> ClassifierTrainer:
     """A ClassifierTrainer, using the explicit no-autograd step (lab.fast_mlp) where it computes
     exactly the same thing (plain SGD on plain MLPs), unless ``fast=False``."""
+    from . import dist as lab_dist
     from .fast_mlp import FastMLPTrainer, supports
-    cls = FastMLPTrainer if (fast and kwargs.get("loss_hook") is None
+    cls = FastMLPTrainer if (fast and kwargs.get("loss_hook") is None and lab_dist.world() == 1
                              and supports(model, optimizer, momentum, weight_decay)) else ClassifierTrainer
     return cls(model, data, seeds, arm, batch, lr, momentum, weight_decay, optimizer, **kwargs)

@@ -26,9 +26,13 @@ class GroupSampler:
     group/2 classes × 2 examples (groups of 2: one class × 2), as in Ioffe 2017 §4.2."""
 
     def __init__(self, labels: torch.Tensor, batch: int, group: int, seeds: list[int]) -> None:
+        from .. import dist as lab_dist
         if batch % group or group % 2:
             raise ValueError(f"batch {batch} must split into groups of an even size {group}")
         self.batch, self.group = batch, group
+        self.world, self.rank = lab_dist.world(), lab_dist.rank()
+        if (batch // self.world) % group:
+            raise ValueError(f"each of {self.world} processes must get whole groups of {group}")
         self.gens = [torch.Generator().manual_seed(20_011 * s + group) for s in seeds]
         order = torch.argsort(labels, stable=True)
         counts = torch.bincount(labels, minlength=10)
@@ -50,7 +54,8 @@ class GroupSampler:
             classes = ((first + offsets) % 10).repeat_interleave(2, dim=1)         # groups, group
             pos = (torch.rand(classes.shape, generator=g) * self.counts[classes]).long()
             out.append(self.table[classes, pos].reshape(-1))
-        return torch.stack(out)                                                    # S, B
+        local = self.batch // self.world               # every rank draws the global batch, keeps its slice
+        return torch.stack(out)[:, self.rank * local:(self.rank + 1) * local]     # S, B/W
 
     def state_dict(self) -> dict:
         return {"gens": [g.get_state() for g in self.gens]}
