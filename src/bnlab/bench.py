@@ -1,9 +1,11 @@
 """Benchmark bnlab's BatchNorm against torch.nn.functional.batch_norm, in the same process.
 
 For each shape, thread count and mode the two implementations are called *alternately* (so
-load on a shared machine hits both alike), and the median over repeats after warm-up is kept.
-Reported: each time, the ratio bnlab/torch, and the effective bandwidth — the bytes a perfect
-kernel must move divided by the time — as a fraction of a device copy measured in the same run.
+load on a shared machine hits both alike) and timed after warm-up. Reported: each median time,
+the ratio bnlab/torch as the median of the *paired* per-repetition ratios (each bnlab call
+against the torch call just before it — robust to the slow drifts of a shared machine), and the
+effective bandwidth — the bytes a perfect kernel must move divided by the time — as a fraction
+of a copy measured in the same run.
 
 Modes and their minimal traffic (S = bytes of the tensor):
   fwd     training-mode forward, autograd recording as in training   read x, write y   = 2S
@@ -26,8 +28,11 @@ import torch.nn.functional as F
 from . import functional as BF
 
 DEFAULT_SHAPES: list[tuple[tuple[int, ...], bool]] = [
-    ((256, 1024), False),
+    ((256, 1024), False),          # small: per-call overhead
+    ((4096, 1024), False),
     ((4096, 4096), False),
+    ((64, 64, 28, 28), False),
+    ((64, 64, 28, 28), True),
     ((64, 64, 56, 56), False),
     ((64, 64, 56, 56), True),
     ((128, 256, 14, 14), False),
@@ -56,7 +61,7 @@ class Row:
 
 
 def _median_alternating(fns: list[Callable[[], object]], min_repeats: int, max_repeats: int,
-                        budget_s: float) -> tuple[list[float], int]:
+                        budget_s: float, paired: Optional[list] = None) -> tuple[list[float], int]:
     for fn in fns:                 # warm-up: allocator, thread pool, caches
         fn()
         fn()
@@ -69,6 +74,8 @@ def _median_alternating(fns: list[Callable[[], object]], min_repeats: int, max_r
             fn()
             times[i].append(time.perf_counter() - t0)
         repeats += 1
+    if paired is not None and len(fns) == 2:
+        paired.extend(b / a for a, b in zip(times[0], times[1]))
     return [statistics.median(t) for t in times], repeats
 
 
@@ -96,8 +103,8 @@ def _case(impl: BatchNormFn, x: torch.Tensor, mode: str) -> Callable[[], object]
 
 def run(shapes: Iterable[tuple[tuple[int, ...], bool]] = DEFAULT_SHAPES,
         threads: Iterable[int] = (1, 2), modes: Iterable[str] = MODES,
-        impl: BatchNormFn = BF.batch_norm, min_repeats: int = 7, max_repeats: int = 61,
-        budget_s: float = 2.0, log: Optional[Callable[[str], None]] = print) -> list[Row]:
+        impl: BatchNormFn = BF.batch_norm, min_repeats: int = 15, max_repeats: int = 101,
+        budget_s: float = 2.5, log: Optional[Callable[[str], None]] = print) -> list[Row]:
     """Time ``impl`` against torch's native BN; returns one Row per (shape, threads, mode)."""
     rows: list[Row] = []
     previous_threads = torch.get_num_threads()
@@ -113,14 +120,15 @@ def run(shapes: Iterable[tuple[tuple[int, ...], bool]] = DEFAULT_SHAPES,
                 (copy_s,), _ = _median_alternating([lambda: dst.copy_(x)], 7, 61, 0.5)
                 copy_bw = 2 * nbytes / copy_s
                 for mode in modes:
+                    ratios: list[float] = []
                     (t_torch, t_ours), reps = _median_alternating(
                         [_case(F.batch_norm, x, mode), _case(impl, x, mode)],
-                        min_repeats, max_repeats, budget_s)
+                        min_repeats, max_repeats, budget_s, paired=ratios)
                     need = PASSES[mode] * nbytes
                     row = Row(shape="x".join(map(str, shape)),
                               layout="channels_last" if channels_last else "contiguous",
                               threads=n_threads, mode=mode, torch_ms=t_torch * 1e3,
-                              bnlab_ms=t_ours * 1e3, ratio=t_ours / t_torch,
+                              bnlab_ms=t_ours * 1e3, ratio=statistics.median(ratios),
                               copy_fraction=need / t_ours / copy_bw,
                               torch_copy_fraction=need / t_torch / copy_bw,
                               copy_gbs=copy_bw / 1e9, repeats=reps)

@@ -213,9 +213,56 @@ def effective_momentum(convention: str, momentum: Optional[float], step: int) ->
 # costs more than an arithmetic pass over it (page faults above glibc's mmap threshold), so
 # these do what torch.nn's kernel does — allocate y in forward and dx in backward, nothing else.
 
+_FAST_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def fast_kernels(x: Tensor):
+    """bnlab's compiled CPU kernels if they can compute this call exactly, else None.
+
+    Taken for CPU tensors of float32/float64/bfloat16 that are contiguous (or channels_last),
+    non-empty, and not requiring a graph of the backward (double backward uses the definition).
+    """
+    if x.device.type != "cpu" or x.dtype not in _FAST_DTYPES or x.numel() == 0:
+        return None
+    if not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+            or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d))):
+        return None
+    from . import kernels
+    if not kernels.enabled():
+        return None
+    return kernels.load()
+
+
+def _param(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.detach()
+
+
 def train_forward_(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                   eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Algorithm 1 with one allocation. Returns (y, mean, var, invstd); y in the accumulation dtype."""
+                   eps: float, running: Optional[tuple] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Algorithm 1 with one allocation. Returns (y, mean, var, invstd); y in the accumulation dtype
+    (in x's dtype when the compiled kernel runs it: one pass for the statistics, one to normalize).
+
+    ``running = (running_mean, running_var, momentum, correction)`` also updates the running
+    statistics (update_running_stats; inside the kernel call when it runs).
+    """
+    k = fast_kernels(x)
+    if k is not None:
+        from .kernels import calls
+        calls["forward_train"] += 1
+        if running is None:
+            return tuple(k.forward_train(x, _param(weight), _param(bias), eps))
+        rm, rv, momentum, correction = running
+        return tuple(k.forward_train(x, _param(weight), _param(bias), eps, 0, 0.0, rm, rv, momentum,
+                                     correction == "unbiased"))
+    out = _train_forward_torch(x, weight, bias, eps)
+    if running is not None:
+        rm, rv, momentum, correction = running
+        update_running_stats(rm, rv, out[1], out[2], values_per_channel(x), momentum, correction)
+    return out
+
+
+def _train_forward_torch(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                         eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     acc = accumulation_dtype(x.dtype)
     x = x.to(acc)
     dims = reduction_dims(x)
@@ -233,6 +280,12 @@ def train_forward_(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
 def eval_forward_(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                   mean: Tensor, invstd: Tensor) -> Tensor:
     """Algorithm 2's transform with one allocation (the output), in mean's dtype."""
+    k = fast_kernels(x)
+    if k is not None:
+        from .kernels import calls
+        calls["forward_eval"] += 1
+        # the kernel takes the variance: invstd = 1/√(var + 0) with var = 1/invstd²
+        return k.forward_eval(x, mean, invstd.reciprocal().square(), _param(weight), _param(bias), 0.0, 0, 0.0)
     x = x.to(mean.dtype)
     out = torch.empty_like(x)
     return affine_(out, x, mean, invstd, _to(weight, mean.dtype), _to(bias, mean.dtype))
@@ -267,6 +320,12 @@ def train_backward_(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
         dx = scale·dy + a·x + c,   a = −scale·invstd·k,   c = −scale·mean(dy) − a·μ
     which is how it is evaluated here: two reductions, then three in-place passes.
     """
+    k = fast_kernels(x)
+    if k is not None:
+        from .kernels import calls
+        calls["backward_train"] += 1
+        dx, dgamma, dbeta = k.backward_train(dy, x, mean, invstd, _param(weight))
+        return dx, dgamma, dbeta
     acc = mean.dtype
     x, dy = x.to(acc), dy.to(acc)
     dims = reduction_dims(x)
@@ -293,8 +352,9 @@ class _BatchNormTrain(torch.autograd.Function):
     """Algorithm 1 with batch statistics. Returns (y, mean, var); mean/var are not differentiable."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float):
-        y, mean, var, invstd = train_forward_(x, weight, bias, eps)
+    def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                running: Optional[tuple] = None):
+        y, mean, var, invstd = train_forward_(x, weight, bias, eps, running)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.eps = eps
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -306,8 +366,8 @@ class _BatchNormTrain(torch.autograd.Function):
     def backward(ctx, dy, _dmean, _dvar):
         x, weight, mean, invstd = ctx.saved_tensors
         if dy is None:
-            return None, None, None, None
-        need_dx, need_dw, need_db, _ = ctx.needs_input_grad
+            return None, None, None, None, None
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():
             mean, var = batch_mean_var(x)
             invstd = torch.rsqrt(var + ctx.eps)
@@ -318,7 +378,7 @@ class _BatchNormTrain(torch.autograd.Function):
             dx, dweight, dbias = train_backward_(dy, x, mean, invstd, weight)
         return (_to(dx, x.dtype) if need_dx else None,
                 _to(dweight, _dtype_of(weight)) if need_dw else None,
-                _to(dbias, ctx.bias_dtype) if need_db else None, None)
+                _to(dbias, ctx.bias_dtype) if need_db else None, None, None)
 
 
 class _BatchNormEval(torch.autograd.Function):
@@ -433,14 +493,16 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         check_batch_size(input)
         if input.numel() == 0:
             return _empty_output(input, weight, bias)
+        if running_var_correction not in VAR_CORRECTIONS:
+            raise ValueError(f"running_var_correction must be one of {VAR_CORRECTIONS}, "
+                             f"got {running_var_correction!r}")
+        running = None if (running_mean is None and running_var is None) else \
+            (running_mean, running_var, momentum, running_var_correction)
         if _needs_graph(input, weight, bias):
-            y, mean, var = _BatchNormTrain.apply(input, weight, bias, eps)
-        else:   # nothing to differentiate: skip the autograd.Function machinery (~25 µs a call)
-            y, mean, var, _ = train_forward_(input, weight, bias, eps)
-            y = y.to(input.dtype)
-        update_running_stats(running_mean, running_var, mean, var,
-                             values_per_channel(input), momentum, running_var_correction)
-        return y
+            y, _, _ = _BatchNormTrain.apply(input, weight, bias, eps, running)
+            return y
+        # nothing to differentiate: skip the autograd.Function machinery (~25 µs a call)
+        return train_forward_(input, weight, bias, eps, running)[0].to(input.dtype)
     if running_mean is None or running_var is None:
         raise ModeError(
             "running_mean must be defined in evaluation mode: pass the running statistics, or "

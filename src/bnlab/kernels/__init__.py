@@ -1,0 +1,131 @@
+"""bnlab's compiled CPU kernels (batchnorm_cpu.cpp), built on first use and cached.
+
+The readable path in bnlab.functional is the definition; this is the fast path it dispatches to
+when it computes exactly the same thing (CPU tensor, float32/float64/bfloat16, contiguous or
+channels_last, and no graph of the backward requested). Why C++ through
+``torch.utils.cpp_extension`` rather than numba or torch ops: it shares ATen's thread pool
+(``torch.set_num_threads`` applies, no second OpenMP runtime), handles bfloat16 natively, and can
+give the large outputs huge-page memory — which no torch-level code can (docs/performance.md).
+
+The build runs once per machine (``bnlab kernels --build`` does it ahead of time, ~1 minute)
+into ``~/.cache/bnlab/kernels/<key>``, the key covering the source, torch's version and the CPU
+(the code is compiled for the host CPU). Without a compiler the fast path is off and bnlab
+says so once; ``BNLAB_KERNELS=0`` turns it off on purpose. ``calls`` counts dispatches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import warnings
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+__all__ = ["load", "available", "enabled", "disabled", "calls", "build_dir", "build", "empty_cache",
+           "cache_info"]
+
+SOURCE = Path(__file__).with_name("batchnorm_cpu.cpp")
+# -fopenmp: ATen's at::parallel_for is inline OpenMP in its headers (torch is built with
+# AT_PARALLEL_OPENMP); the extension then links libgomp.so.1, which resolves to the copy torch
+# already loaded — one runtime, one thread count, torch.set_num_threads applies.
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
+         "-fno-trapping-math", "-std=c++17", "-fopenmp"]
+
+calls: Counter = Counter()
+_module = None
+_failed: Optional[str] = None
+_enabled = os.environ.get("BNLAB_KERNELS", "1") not in ("0", "false", "off")
+
+
+def _cpu_key() -> str:
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "model name")):
+                    flags += line
+                    if line.startswith("flags"):
+                        break
+    except OSError:
+        pass
+    h = hashlib.sha256()
+    h.update(SOURCE.read_bytes())
+    h.update(" ".join(FLAGS).encode())
+    h.update(torch.__version__.encode())
+    h.update(platform.machine().encode())
+    h.update(flags.encode())
+    return h.hexdigest()[:16]
+
+
+def build_dir() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bnlab" / "kernels"
+    return root / _cpu_key()
+
+
+def build(verbose: bool = False):
+    """Compile (or load the cached build of) the extension; raises on failure."""
+    from torch.utils.cpp_extension import load as cpp_load
+    d = build_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    return cpp_load(name="bnlab_cpu_kernels", sources=[str(SOURCE)], extra_cflags=FLAGS,
+                    extra_ldflags=["-fopenmp"], build_directory=str(d), verbose=verbose)
+
+
+def load():
+    """The compiled module, or None (no compiler, disabled, or not on this platform)."""
+    global _module, _failed
+    if _module is not None or _failed is not None:
+        return _module
+    if platform.system() != "Linux":
+        _failed = "the CPU kernels are built for Linux"
+        return None
+    try:
+        _module = build()
+    except Exception as e:                      # no compiler, no ninja, ...: the torch-ops path works
+        _failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        warnings.warn(f"bnlab: CPU kernels unavailable ({_failed}); using the torch-ops path", stacklevel=3)
+    return _module
+
+
+def available() -> bool:
+    return _enabled and load() is not None
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+@contextmanager
+def disabled():
+    """Run the readable torch-ops path only (for comparisons and tests)."""
+    global _enabled
+    before = _enabled
+    _enabled = False
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+def failure() -> Optional[str]:
+    return _failed
+
+
+def empty_cache() -> int:
+    """Unmap the pooled output regions (kept for reuse by later outputs); returns bytes freed."""
+    m = _module
+    return int(m.empty_cache()) if m is not None else 0
+
+
+def cache_info() -> dict:
+    """Pooled output memory: regions, bytes, and the cap (env BNLAB_KERNEL_CACHE_MB, default 1024)."""
+    m = _module
+    if m is None:
+        return dict(regions=0, bytes=0, cap=0)
+    regions, nbytes, cap = m.cache_info()
+    return dict(regions=regions, bytes=nbytes, cap=cap)

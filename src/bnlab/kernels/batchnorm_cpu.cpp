@@ -1,0 +1,642 @@
+// bnlab's CPU fast path for Batch Normalization (training forward, backward, eval) and fused
+// BN + activation. The readable definition is bnlab/functional.py; tests hold this equal to it.
+//
+// Memory is the cost: training forward must read x and write y, backward read x, dy and write
+// dx. So:
+//  * statistics in one pass over memory: rows are taken in chunks that stay in cache, each chunk
+//    reduced by the corrected two-pass algorithm (Chan, Golub & LeVeque 1983: a first pass for the
+//    chunk mean m̃, then d = x − m̃ with M2 = Σd² − (Σd)²/n and mean = m̃ + Σd/n, which cancels the
+//    rounding error of m̃) and merged into per-thread accumulators with Chan's update in double
+//    precision; threads merged at the end (never E[x²] − E[x]²);
+//  * normalize in one pass: y = x·α + b per channel (α = γ·invstd, b = β − μ·α);
+//  * backward: one pass for Σdy and Σdy·(x − μ), one pass for dx = dy·k1 + x·k2 + k3;
+//  * fresh large outputs are allocated 2 MiB-aligned and madvised for transparent huge pages —
+//    otherwise first touch page-faults every 4 KiB page (~13 ms per 64 MB on this machine);
+//  * per-thread scratch is thread_local and reused across calls.
+// Two layouts: (N, C, L) contiguous (NCHW, NCL) and (M, C) rows (2-D input, channels_last).
+// Threads come from ATen's pool (at::parallel_for), so torch.set_num_threads applies.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <mutex>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kHugePage = 2 << 20;
+constexpr int64_t kChunkElems = 16384;  // values per cached chunk in the (M, C) layout
+
+inline int64_t row_chunk(int64_t C) { return std::max<int64_t>(8, kChunkElems / std::max<int64_t>(1, C)); }
+
+enum Act { kIdentity = 0, kRelu = 1, kLeakyRelu = 2 };
+// Outputs at least this large come from bnlab's pool of huge-page regions. A training step
+// keeps y and dx alive together; glibc then trims the freed top of its heap and the next step
+// page-faults every 4 KiB page of both again (~5 ms per 25 MB here). The pool keeps freed
+// regions mapped (and faulted in) and hands them to the next output of a similar size: no
+// fault, no zeroing — the "no buffer that can be reused is re-allocated" rule applied to outputs.
+constexpr int64_t kPoolMin = 1 << 20;
+
+struct Region { void* ptr; int64_t len; };
+std::mutex pool_mutex;
+std::vector<Region> pool;          // free regions, kept mapped
+int64_t pool_bytes = 0;
+int64_t pool_cap() {
+  static const int64_t cap = [] {
+    const char* env = std::getenv("BNLAB_KERNEL_CACHE_MB");
+    return (env ? std::atoll(env) : 1024LL) << 20;
+  }();
+  return cap;
+}
+
+void* map_region(int64_t len) {
+  void* raw = mmap(nullptr, len + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED) return nullptr;
+  const uintptr_t start = reinterpret_cast<uintptr_t>(raw);
+  const uintptr_t aligned = (start + kHugePage - 1) / kHugePage * kHugePage;
+  if (aligned > start) munmap(raw, aligned - start);                          // trim the head
+  const uintptr_t end = start + len + kHugePage;
+  if (end > aligned + len) munmap(reinterpret_cast<void*>(aligned + len), end - aligned - len);
+  void* ptr = reinterpret_cast<void*>(aligned);
+  madvise(ptr, len, MADV_HUGEPAGE);
+  return ptr;
+}
+
+void release_region(void* ptr, int64_t len) {
+  std::lock_guard<std::mutex> lock(pool_mutex);
+  if (pool_bytes + len <= pool_cap()) {
+    pool.push_back({ptr, len});
+    pool_bytes += len;
+  } else {
+    munmap(ptr, len);
+  }
+}
+
+Region acquire_region(int64_t bytes) {
+  const int64_t len = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+  {
+    std::lock_guard<std::mutex> lock(pool_mutex);
+    int best = -1;
+    for (int i = 0; i < int(pool.size()); ++i) {                             // best fit within 25%
+      if (pool[i].len >= len && pool[i].len <= len + len / 4 && (best < 0 || pool[i].len < pool[best].len)) best = i;
+    }
+    if (best >= 0) {
+      Region r = pool[best];
+      pool.erase(pool.begin() + best);
+      pool_bytes -= r.len;
+      return r;
+    }
+  }
+  return {map_region(len), len};
+}
+
+at::Tensor empty_out(const at::Tensor& like, at::ScalarType dtype) {
+  const int64_t bytes = like.numel() * c10::elementSize(dtype);
+  if (bytes < kPoolMin) {
+    return at::empty_like(like, like.options().dtype(dtype), like.suggest_memory_format());
+  }
+  Region r = acquire_region(bytes);
+  if (r.ptr == nullptr) {
+    return at::empty_like(like, like.options().dtype(dtype), like.suggest_memory_format());
+  }
+  const int64_t len = r.len;
+  return torch::from_blob(r.ptr, like.sizes(), like.strides(), [len](void* p) { release_region(p, len); },
+                          like.options().dtype(dtype));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layout
+// ---------------------------------------------------------------------------------------------
+
+struct Layout {
+  bool rows;     // true: (M, C) rows; false: (N, C, L) contiguous
+  int64_t N, C, L, M;
+};
+
+Layout layout_of(const at::Tensor& x) {
+  Layout l;
+  l.C = x.size(1);
+  l.N = x.size(0);
+  l.L = x.numel() / std::max<int64_t>(1, l.N * l.C);
+  if (x.dim() == 2 || l.L == 1) {
+    TORCH_CHECK(x.is_contiguous(), "bnlab kernel: 2-D input must be contiguous");
+    l.rows = true;
+    l.M = l.N * l.L;
+  } else if (x.is_contiguous()) {
+    l.rows = false;
+    l.M = l.N * l.L;
+  } else if ((x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+             (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d))) {
+    l.rows = true;
+    l.M = l.N * l.L;
+  } else {
+    TORCH_CHECK(false, "bnlab kernel: input must be contiguous or channels_last");
+  }
+  return l;
+}
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+// Chan et al.: merge (n_b, mean_b, m2_b) into (n, mean, m2).
+inline void chan(double& n, double& mean, double& m2, double nb, double mb, double m2b) {
+  if (nb == 0) return;
+  const double tot = n + nb;
+  const double delta = mb - mean;
+  mean += delta * (nb / tot);
+  m2 += m2b + delta * delta * (n * nb / tot);
+  n = tot;
+}
+
+struct Moments {
+  std::vector<double> n, mean, m2;    // per channel (n identical in the rows layout)
+  void reset(int64_t C) { n.assign(C, 0.0); mean.assign(C, 0.0); m2.assign(C, 0.0); }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Statistics
+// ---------------------------------------------------------------------------------------------
+
+template <typename scalar_t>
+void stats_rows(const scalar_t* x, const Layout& l, double* mean_out, double* m2_out) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const int64_t C = l.C, M = l.M;
+  const int nt = at::get_num_threads();
+  std::vector<Moments> per(nt);
+  for (auto& p : per) p.reset(C);
+  const int64_t R = row_chunk(C);
+  at::parallel_for(0, (M + R - 1) / R, 1, [&](int64_t b0, int64_t b1) {
+    Moments& acc = per[at::get_thread_num()];
+    thread_local std::vector<acc_t> sum, dev, dsum;
+    sum.resize(C);
+    dev.resize(C);
+    dsum.resize(C);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * R, r1 = std::min(M, r0 + R);
+      const acc_t inv = acc_t(1) / acc_t(r1 - r0);
+      std::fill(sum.begin(), sum.end(), acc_t(0));
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* row = x + r * C;
+        for (int64_t c = 0; c < C; ++c) sum[c] += acc_t(row[c]);
+      }
+      for (int64_t c = 0; c < C; ++c) sum[c] *= inv;                      // chunk mean m̃
+      std::fill(dev.begin(), dev.end(), acc_t(0));
+      std::fill(dsum.begin(), dsum.end(), acc_t(0));
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* row = x + r * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t d = acc_t(row[c]) - sum[c];
+          dsum[c] += d;
+          dev[c] += d * d;
+        }
+      }
+      const double nb = double(r1 - r0);
+      for (int64_t c = 0; c < C; ++c) {                                    // corrected two-pass
+        const double ds = double(dsum[c]);
+        chan(acc.n[c], acc.mean[c], acc.m2[c], nb, double(sum[c]) + ds / nb, double(dev[c]) - ds * ds / nb);
+      }
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double n = 0, mean = 0, m2 = 0;
+    for (auto& p : per) chan(n, mean, m2, p.n[c], p.mean[c], p.m2[c]);
+    mean_out[c] = mean;
+    m2_out[c] = m2;
+  }
+}
+
+// Tasks over (n, channel range) in memory order, so every thread reads contiguous memory; each
+// (n, c) block of L values is reduced by the corrected two-pass algorithm in cache and merged
+// into the thread's per-channel accumulators.
+inline int64_t channel_splits(int64_t N, int64_t C) {
+  const int64_t nt = at::get_num_threads();
+  return std::max<int64_t>(1, std::min<int64_t>(C, (2 * nt + N - 1) / N));
+}
+
+template <typename scalar_t>
+void stats_ncl(const scalar_t* x, const Layout& l, double* mean_out, double* m2_out) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const int64_t N = l.N, C = l.C, L = l.L;
+  const int nt = at::get_num_threads();
+  const int64_t cb = channel_splits(N, C);
+  std::vector<Moments> per(nt);
+  for (auto& p : per) p.reset(C);
+  at::parallel_for(0, N * cb, 1, [&](int64_t t0, int64_t t1) {
+    Moments& acc = per[at::get_thread_num()];
+    const acc_t inv = acc_t(1) / acc_t(L);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i = t / cb, part = t % cb;
+      const int64_t c0 = C * part / cb, c1 = C * (part + 1) / cb;
+      for (int64_t c = c0; c < c1; ++c) {
+        const scalar_t* block = x + (i * C + c) * L;
+        acc_t sum = 0;
+        for (int64_t k = 0; k < L; ++k) sum += acc_t(block[k]);
+        const acc_t bm = sum * inv;
+        acc_t dev = 0, dsum = 0;
+        for (int64_t k = 0; k < L; ++k) {
+          const acc_t d = acc_t(block[k]) - bm;
+          dsum += d;
+          dev += d * d;
+        }
+        const double ds = double(dsum);                                    // corrected two-pass
+        chan(acc.n[c], acc.mean[c], acc.m2[c], double(L), double(bm) + ds / double(L),
+             double(dev) - ds * ds / double(L));
+      }
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double n = 0, mean = 0, m2 = 0;
+    for (auto& p : per) chan(n, mean, m2, p.n[c], p.mean[c], p.m2[c]);
+    mean_out[c] = mean;
+    m2_out[c] = m2;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise: y = act(x·alpha + beta)
+// ---------------------------------------------------------------------------------------------
+
+template <typename acc_t>
+inline acc_t activate(acc_t z, int act, acc_t slope) {
+  if (act == kRelu) return z > acc_t(0) ? z : acc_t(0);
+  if (act == kLeakyRelu) return z >= acc_t(0) ? z : z * slope;
+  return z;
+}
+
+template <typename scalar_t>
+void affine(const scalar_t* x, scalar_t* y, const Layout& l, const std::vector<typename Acc<scalar_t>::type>& alpha,
+            const std::vector<typename Acc<scalar_t>::type>& beta, int act, double slope) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const acc_t sl = acc_t(slope);
+  if (l.rows) {
+    const int64_t C = l.C;
+    at::parallel_for(0, l.M, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C)), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* xr = x + r * C;
+        scalar_t* yr = y + r * C;
+        if (act == kIdentity) {
+          for (int64_t c = 0; c < C; ++c) yr[c] = scalar_t(acc_t(xr[c]) * alpha[c] + beta[c]);
+        } else {
+          for (int64_t c = 0; c < C; ++c) yr[c] = scalar_t(activate(acc_t(xr[c]) * alpha[c] + beta[c], act, sl));
+        }
+      }
+    });
+  } else {
+    const int64_t C = l.C, L = l.L;
+    at::parallel_for(0, l.N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, L)), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t c = b % C;
+        const acc_t a = alpha[c], be = beta[c];
+        const scalar_t* xb = x + b * L;
+        scalar_t* yb = y + b * L;
+        if (act == kIdentity) {
+          for (int64_t k = 0; k < L; ++k) yb[k] = scalar_t(acc_t(xb[k]) * a + be);
+        } else {
+          for (int64_t k = 0; k < L; ++k) yb[k] = scalar_t(activate(acc_t(xb[k]) * a + be, act, sl));
+        }
+      }
+    });
+  }
+}
+
+template <typename acc_t>
+void coefficients(const double* mean, const double* invstd, const at::Tensor& weight, const at::Tensor& bias,
+                  int64_t C, std::vector<acc_t>& alpha, std::vector<acc_t>& beta) {
+  alpha.resize(C);
+  beta.resize(C);
+  const at::Tensor w = weight.defined() ? weight.to(at::kDouble).contiguous() : at::Tensor();
+  const at::Tensor bb = bias.defined() ? bias.to(at::kDouble).contiguous() : at::Tensor();
+  const double* wp = w.defined() ? w.data_ptr<double>() : nullptr;
+  const double* bp = bb.defined() ? bb.data_ptr<double>() : nullptr;
+  for (int64_t c = 0; c < C; ++c) {
+    const double a = invstd[c] * (wp ? wp[c] : 1.0);
+    alpha[c] = acc_t(a);
+    beta[c] = acc_t((bp ? bp[c] : 0.0) - mean[c] * a);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward reductions: Σdz and Σdz·(x − μ), where dz = dy (plain BN) or, from the output of a
+// fused activation, dz = dy·act'(z) with z recovered from y (see bn_act_backward).
+// ---------------------------------------------------------------------------------------------
+
+template <typename scalar_t>
+void grad_sums_rows(const scalar_t* dy, const scalar_t* x, const double* mean, const Layout& l,
+                    double* sum_dy, double* sum_dy_xmu) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const int64_t C = l.C, M = l.M;
+  const int nt = at::get_num_threads();
+  std::vector<std::vector<double>> s1(nt, std::vector<double>(C, 0.0)), s2(nt, std::vector<double>(C, 0.0));
+  std::vector<acc_t> mu(C);
+  for (int64_t c = 0; c < C; ++c) mu[c] = acc_t(mean[c]);
+  const int64_t R = row_chunk(C);
+  at::parallel_for(0, (M + R - 1) / R, 1, [&](int64_t b0, int64_t b1) {
+    const int tid = at::get_thread_num();
+    thread_local std::vector<acc_t> a1, a2;
+    a1.resize(C);
+    a2.resize(C);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * R, r1 = std::min(M, r0 + R);
+      std::fill(a1.begin(), a1.end(), acc_t(0));
+      std::fill(a2.begin(), a2.end(), acc_t(0));
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* g = dy + r * C;
+        const scalar_t* xr = x + r * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t gv = acc_t(g[c]);
+          a1[c] += gv;
+          a2[c] += gv * (acc_t(xr[c]) - mu[c]);
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        s1[tid][c] += a1[c];
+        s2[tid][c] += a2[c];
+      }
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double t1 = 0, t2 = 0;
+    for (int t = 0; t < nt; ++t) {
+      t1 += s1[t][c];
+      t2 += s2[t][c];
+    }
+    sum_dy[c] = t1;
+    sum_dy_xmu[c] = t2;
+  }
+}
+
+template <typename scalar_t>
+void grad_sums_ncl(const scalar_t* dy, const scalar_t* x, const double* mean, const Layout& l,
+                   double* sum_dy, double* sum_dy_xmu) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const int64_t N = l.N, C = l.C, L = l.L;
+  const int nt = at::get_num_threads();
+  const int64_t cb = channel_splits(N, C);
+  std::vector<std::vector<double>> s1(nt, std::vector<double>(C, 0.0)), s2(nt, std::vector<double>(C, 0.0));
+  at::parallel_for(0, N * cb, 1, [&](int64_t t0, int64_t t1) {
+    const int tid = at::get_thread_num();
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i = t / cb, part = t % cb;
+      const int64_t c0 = C * part / cb, c1 = C * (part + 1) / cb;
+      for (int64_t c = c0; c < c1; ++c) {
+        const acc_t mu = acc_t(mean[c]);
+        const scalar_t* g = dy + (i * C + c) * L;
+        const scalar_t* xb = x + (i * C + c) * L;
+        acc_t a1 = 0, a2 = 0;
+        for (int64_t k = 0; k < L; ++k) {
+          const acc_t gv = acc_t(g[k]);
+          a1 += gv;
+          a2 += gv * (acc_t(xb[k]) - mu);
+        }
+        s1[tid][c] += a1;
+        s2[tid][c] += a2;
+      }
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double t1 = 0, t2 = 0;
+    for (int t = 0; t < nt; ++t) {
+      t1 += s1[t][c];
+      t2 += s2[t][c];
+    }
+    sum_dy[c] = t1;
+    sum_dy_xmu[c] = t2;
+  }
+}
+
+// dx = dy·k1 + x·k2 + k3 per channel
+template <typename scalar_t>
+void dx_pass(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Layout& l,
+             const std::vector<typename Acc<scalar_t>::type>& k1, const std::vector<typename Acc<scalar_t>::type>& k2,
+             const std::vector<typename Acc<scalar_t>::type>& k3) {
+  using acc_t = typename Acc<scalar_t>::type;
+  if (l.rows) {
+    const int64_t C = l.C;
+    at::parallel_for(0, l.M, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C)), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* g = dy + r * C;
+        const scalar_t* xr = x + r * C;
+        scalar_t* o = dx + r * C;
+        for (int64_t c = 0; c < C; ++c) o[c] = scalar_t(acc_t(g[c]) * k1[c] + acc_t(xr[c]) * k2[c] + k3[c]);
+      }
+    });
+  } else {
+    const int64_t C = l.C, L = l.L;
+    at::parallel_for(0, l.N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, L)), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t c = b % C;
+        const acc_t a = k1[c], bb = k2[c], cc = k3[c];
+        const scalar_t* g = dy + b * L;
+        const scalar_t* xb = x + b * L;
+        scalar_t* o = dx + b * L;
+        for (int64_t k = 0; k < L; ++k) o[k] = scalar_t(acc_t(g[k]) * a + acc_t(xb[k]) * bb + cc);
+      }
+    });
+  }
+}
+
+at::Tensor vec(const std::vector<double>& v, at::ScalarType dtype) {
+  at::Tensor out = at::empty({int64_t(v.size())}, at::TensorOptions().dtype(dtype));
+  if (dtype == at::kDouble) {
+    std::copy(v.begin(), v.end(), out.data_ptr<double>());
+  } else {
+    float* p = out.data_ptr<float>();
+    for (size_t i = 0; i < v.size(); ++i) p[i] = float(v[i]);
+  }
+  return out;
+}
+
+// r ← (1 − m)·r + m·x_t in place, x_t the unbiased (count/(count − 1)) or biased batch variance.
+void update_running(const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+                    const std::vector<double>& mean, const std::vector<double>& var, double count, double momentum,
+                    bool unbiased) {
+  const double factor = (unbiased && count > 1) ? count / (count - 1) : 1.0;
+  if (running_mean.has_value() && running_mean->defined()) {
+    at::Tensor rm = *running_mean;
+    TORCH_CHECK(rm.is_contiguous(), "running_mean must be contiguous");
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rm.scalar_type(), "bnlab_running_mean", [&] {
+      scalar_t* p = rm.data_ptr<scalar_t>();
+      for (size_t c = 0; c < mean.size(); ++c) p[c] = scalar_t(double(p[c]) + momentum * (mean[c] - double(p[c])));
+    });
+  }
+  if (running_var.has_value() && running_var->defined()) {
+    at::Tensor rv = *running_var;
+    TORCH_CHECK(rv.is_contiguous(), "running_var must be contiguous");
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rv.scalar_type(), "bnlab_running_var", [&] {
+      scalar_t* p = rv.data_ptr<scalar_t>();
+      for (size_t c = 0; c < var.size(); ++c) {
+        const double v = var[c] * factor;
+        p[c] = scalar_t(double(p[c]) + momentum * (v - double(p[c])));
+      }
+    });
+  }
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Entry points
+// ---------------------------------------------------------------------------------------------
+
+// Training forward: (y, mean, var_biased, invstd); y = act(γ·x̂ + β) (act = identity for BN).
+std::vector<at::Tensor> forward_train(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                      const c10::optional<at::Tensor>& bias, double eps, int64_t act,
+                                      double slope, const c10::optional<at::Tensor>& running_mean,
+                                      const c10::optional<at::Tensor>& running_var, double momentum,
+                                      bool unbiased) {
+  const Layout l = layout_of(x);
+  std::vector<double> mean(l.C), m2(l.C), var(l.C), invstd(l.C);
+  at::Tensor y = empty_out(x, x.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bnlab_forward_train", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    if (l.rows) stats_rows<scalar_t>(xp, l, mean.data(), m2.data());
+    else stats_ncl<scalar_t>(xp, l, mean.data(), m2.data());
+    const double m = double(l.M);
+    for (int64_t c = 0; c < l.C; ++c) {
+      var[c] = m2[c] / m;
+      invstd[c] = 1.0 / std::sqrt(var[c] + eps);
+    }
+    using acc_t = typename Acc<scalar_t>::type;
+    std::vector<acc_t> alpha, beta;
+    coefficients<acc_t>(mean.data(), invstd.data(), weight.value_or(at::Tensor()), bias.value_or(at::Tensor()),
+                        l.C, alpha, beta);
+    affine<scalar_t>(xp, y.data_ptr<scalar_t>(), l, alpha, beta, int(act), slope);
+  });
+  update_running(running_mean, running_var, mean, var, double(l.M), momentum, unbiased);
+  const auto acc = acc_type(x.scalar_type());
+  return {y, vec(mean, acc), vec(var, acc), vec(invstd, acc)};
+}
+
+// Eval forward with given statistics: y = act(x·α + b).
+at::Tensor forward_eval(const at::Tensor& x, const at::Tensor& running_mean, const at::Tensor& running_var,
+                        const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, double eps,
+                        int64_t act, double slope) {
+  const Layout l = layout_of(x);
+  at::Tensor rm = running_mean.to(at::kDouble).contiguous(), rv = running_var.to(at::kDouble).contiguous();
+  std::vector<double> mean(rm.data_ptr<double>(), rm.data_ptr<double>() + l.C), invstd(l.C);
+  const double* rvp = rv.data_ptr<double>();
+  for (int64_t c = 0; c < l.C; ++c) invstd[c] = 1.0 / std::sqrt(rvp[c] + eps);
+  at::Tensor y = empty_out(x, x.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bnlab_forward_eval", [&] {
+    using acc_t = typename Acc<scalar_t>::type;
+    std::vector<acc_t> alpha, beta;
+    coefficients<acc_t>(mean.data(), invstd.data(), weight.value_or(at::Tensor()), bias.value_or(at::Tensor()),
+                        l.C, alpha, beta);
+    affine<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), l, alpha, beta, int(act), slope);
+  });
+  return y;
+}
+
+// Training backward of BN: (dx, dgamma, dbeta) from dy, x and the forward's mean and invstd.
+//   dx = γ·invstd·(dy − Σdy/m − x̂·Σ(dy·x̂)/m) = dy·k1 + x·k2 + k3
+std::vector<at::Tensor> backward_train(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& mean_t,
+                                       const at::Tensor& invstd_t, const c10::optional<at::Tensor>& weight) {
+  const Layout l = layout_of(x);
+  const at::Tensor dy = dy_in.scalar_type() == x.scalar_type() && dy_in.strides() == x.strides()
+                            ? dy_in : dy_in.to(x.scalar_type()).contiguous(x.suggest_memory_format());
+  const at::Tensor md = mean_t.to(at::kDouble).contiguous(), id = invstd_t.to(at::kDouble).contiguous();
+  const double* mean = md.data_ptr<double>();
+  const double* invstd = id.data_ptr<double>();
+  std::vector<double> s1(l.C), s2(l.C);
+  at::Tensor dx = empty_out(x, x.scalar_type());
+  at::Tensor w = weight.has_value() && weight->defined() ? weight->to(at::kDouble).contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bnlab_backward_train", [&] {
+    const scalar_t* dyp = dy.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    if (l.rows) grad_sums_rows<scalar_t>(dyp, xp, mean, l, s1.data(), s2.data());
+    else grad_sums_ncl<scalar_t>(dyp, xp, mean, l, s1.data(), s2.data());
+    using acc_t = typename Acc<scalar_t>::type;
+    std::vector<acc_t> k1(l.C), k2(l.C), k3(l.C);
+    const double m = double(l.M);
+    const double* wp = w.defined() ? w.data_ptr<double>() : nullptr;
+    for (int64_t c = 0; c < l.C; ++c) {
+      const double scale = invstd[c] * (wp ? wp[c] : 1.0);                  // γ·invstd
+      const double kk = invstd[c] * invstd[c] * s2[c] / m;                 // mean(dy·x̂)·invstd
+      k1[c] = acc_t(scale);
+      k2[c] = acc_t(-scale * kk);
+      k3[c] = acc_t(-scale * s1[c] / m + scale * kk * mean[c]);
+    }
+    dx_pass<scalar_t>(dyp, xp, dx.data_ptr<scalar_t>(), l, k1, k2, k3);
+  });
+  std::vector<double> dgamma(l.C);
+  for (int64_t c = 0; c < l.C; ++c) dgamma[c] = s2[c] * invstd[c];           // Σ dy·x̂
+  const auto acc = acc_type(x.scalar_type());
+  return {dx, vec(dgamma, acc), vec(s1, acc)};
+}
+
+// Fused BN + activation backward from the *output* a = act(z), z = γ·x̂ + β (In-Place ABN):
+// z is recovered from a (identity; leaky ReLU: a / slope where a < 0), dz = da·act'(z),
+// x̂ = (z − β)/γ; then dx as in BN. For ReLU the input x is needed (z ≤ 0 is lost in a):
+// pass it as x_or_none and the layer recomputes z from it.
+std::vector<at::Tensor> bn_act_backward(const at::Tensor& da_in, const at::Tensor& a, const c10::optional<at::Tensor>& x_opt,
+                                        const at::Tensor& mean_t, const at::Tensor& invstd_t, const at::Tensor& weight,
+                                        const at::Tensor& bias, int64_t act, double slope) {
+  // dz and x̂ are materialized into two scratch buffers of the output's size: the memory saving
+  // of the layer is in what the *forward* keeps alive; backward scratch is transient.
+  const at::Tensor da = da_in.to(a.scalar_type()).contiguous(a.suggest_memory_format());
+  const auto acc = acc_type(a.scalar_type());
+  const at::Tensor inv = invstd_t.to(acc), w = weight.to(acc), b = bias.to(acc), mu = mean_t.to(acc);
+  std::vector<int64_t> shape(a.dim(), 1);
+  shape[1] = a.size(1);
+  at::Tensor z, dz;
+  if (act == kRelu) {
+    TORCH_CHECK(x_opt.has_value(), "ReLU is not invertible: bn_act_backward needs the input x");
+    const at::Tensor& x = *x_opt;
+    const at::Tensor x_hat = (x.to(acc) - mu.view(shape)) * inv.view(shape);
+    z = x_hat * w.view(shape) + b.view(shape);
+    dz = da.to(acc) * (z > 0).to(acc);
+    at::Tensor xh = x_hat.to(a.scalar_type()).contiguous(a.suggest_memory_format());
+    auto res = backward_train(dz.to(a.scalar_type()).contiguous(a.suggest_memory_format()), xh,
+                              at::zeros_like(mu), at::ones_like(inv), c10::optional<at::Tensor>(inv * w));
+    return res;
+  }
+  at::Tensor af = a.to(acc);
+  if (act == kLeakyRelu) {
+    z = at::where(af >= 0, af, af / slope);
+    dz = da.to(acc) * at::where(af >= 0, at::ones_like(af), at::full_like(af, slope));
+  } else {
+    z = af;
+    dz = da.to(acc);
+  }
+  const at::Tensor x_hat = ((z - b.view(shape)) / w.view(shape)).to(a.scalar_type()).contiguous(a.suggest_memory_format());
+  // with x = x̂ (mean 0, invstd 1 in x̂ units) BN's backward gives dx̂-space terms; scale by γ·invstd
+  return backward_train(dz.to(a.scalar_type()).contiguous(a.suggest_memory_format()), x_hat,
+                        at::zeros_like(mu), at::ones_like(inv), c10::optional<at::Tensor>(inv * w));
+}
+
+// Release every cached region (returns the bytes released); report the cache's size.
+int64_t empty_cache() {
+  std::lock_guard<std::mutex> lock(pool_mutex);
+  int64_t freed = pool_bytes;
+  for (auto& r : pool) munmap(r.ptr, r.len);
+  pool.clear();
+  pool_bytes = 0;
+  return freed;
+}
+
+std::vector<int64_t> cache_info() {
+  std::lock_guard<std::mutex> lock(pool_mutex);
+  return {int64_t(pool.size()), pool_bytes, pool_cap()};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "bnlab CPU batch-norm kernels";
+  m.def("forward_train", &forward_train, "training forward: (y, mean, var, invstd); updates running stats if given",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("act") = 0, py::arg("slope") = 0.0,
+        py::arg("running_mean") = py::none(), py::arg("running_var") = py::none(), py::arg("momentum") = 0.0,
+        py::arg("unbiased") = true);
+  m.def("forward_eval", &forward_eval, "eval forward with given statistics");
+  m.def("backward_train", &backward_train, "training backward: (dx, dgamma, dbeta)");
+  m.def("bn_act_backward", &bn_act_backward, "fused BN+activation backward from the output");
+  m.def("empty_cache", &empty_cache, "release the pooled output regions; returns bytes released");
+  m.def("cache_info", &cache_info, "(regions, bytes, cap) of the output pool");
+}
