@@ -15,6 +15,7 @@ from .fold import fold
 from . import ema
 from . import probes
 from .sync import SyncBatchNorm
+from .fused import BatchNormAct2d
 from .variants import (BatchRenorm1d, BatchRenorm2d, DecorrelatedBatchNorm, DetachedNorm,
                        DetachedNorm2d, FrozenBatchNorm, GhostBatchNorm1d, GhostBatchNorm2d, IterNorm,
                        LpNorm1d, LpNorm2d, NoisyBatchNorm1d, NoisyBatchNorm2d)
@@ -27,7 +28,7 @@ __all__ = [
     "population_statistics", "train_eval_gap", "fold", "ema", "probes",
     "DetachedNorm", "DetachedNorm2d", "NoisyBatchNorm1d", "NoisyBatchNorm2d", "LpNorm1d", "LpNorm2d",
     "BatchRenorm1d", "BatchRenorm2d", "GhostBatchNorm1d", "GhostBatchNorm2d", "DecorrelatedBatchNorm",
-    "IterNorm", "FrozenBatchNorm", "SyncBatchNorm",
+    "IterNorm", "FrozenBatchNorm", "SyncBatchNorm", "BatchNormAct2d",
     "BnlabError", "ShapeError", "BatchSizeError", "DTypeError", "ModeError", "NonFiniteError",
     "DataError",
 ]

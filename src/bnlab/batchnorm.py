@@ -127,12 +127,27 @@ class _BatchNorm(_TorchBatchNorm):
         return self.training or (self.running_mean is None and self.running_var is None)
 
     def forward(self, input: Tensor) -> Tensor:
+        return self._forward_with(input, self.weight, self.bias)
+
+    def _momentum_step(self) -> float:
+        """Count a training step (num_batches_tracked) and return its EMA momentum (0 if none)."""
+        if not (self.training and self.track_running_stats and not self.frozen) or self.num_batches_tracked is None:
+            return 0.0 if self.momentum is None else self.momentum
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None or self.ema != "pytorch":               # cumulative or debiased EMA
+            return BF.effective_momentum("cumulative" if self.momentum is None else self.ema, self.momentum,
+                                         int(self.num_batches_tracked))
+        return self.momentum
+
+    def _forward_with(self, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+        """BN of ``input`` with this layer's statistics and modes, scaled and shifted by (weight,
+        bias) — the layer's own γ, β, or a reparameterization of them (BatchNormAct2d)."""
         self._check_input_dim(input)
         use_batch_stats = self._uses_batch_stats()
         if use_batch_stats and BF.values_per_channel(input) == 1:
             if self.batch_of_one == "use_running_stats" and self.running_mean is not None:
-                return BF.batch_norm(input, self.running_mean, self.running_var, self.weight,
-                                     self.bias, training=False, eps=self.eps)
+                return BF.batch_norm(input, self.running_mean, self.running_var, weight, bias,
+                                     training=False, eps=self.eps)
             BF.check_batch_size(input)
         if self.check_finite and not torch.isfinite(input).all():
             bad = (~torch.isfinite(input)).transpose(0, 1).reshape(input.shape[1], -1).any(1)
@@ -141,19 +156,12 @@ class _BatchNorm(_TorchBatchNorm):
                 f"{bad.nonzero().flatten().tolist()[:20]}; no statistics were updated")
 
         update = (self.training and self.track_running_stats and not self.frozen)
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if update and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None or self.ema != "pytorch":   # cumulative or debiased EMA
-                momentum = BF.effective_momentum(
-                    "cumulative" if self.momentum is None else self.ema, self.momentum,
-                    int(self.num_batches_tracked))
-
+        momentum = self._momentum_step()
         return BF.batch_norm(
             input,
             self.running_mean if (update or not use_batch_stats) else None,
             self.running_var if (update or not use_batch_stats) else None,
-            self.weight, self.bias, use_batch_stats, momentum, self.eps,
+            weight, bias, use_batch_stats, momentum, self.eps,
             running_var_correction=self.running_var_correction)
 
     def extra_repr(self) -> str:

@@ -61,11 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     rec.set_defaults(func=_recalibrate)
 
     bench = sub.add_parser("bench", help="benchmarks: BatchNorm vs torch.nn (default), probe overhead, E1 loops")
-    bench.add_argument("what", nargs="?", default="batchnorm", choices=["batchnorm", "probes", "e1", "variants", "ddp"],
+    bench.add_argument("what", nargs="?", default="batchnorm", choices=["batchnorm", "probes", "e1", "variants", "ddp", "memory"],
                        help="batchnorm: bnlab vs torch.nn BN; probes: probe overhead on the E1 MLP; "
                             "e1: E1's training loop vs plain PyTorch vs NumPy; variants: each "
                             "normalization variant vs bnlab BatchNorm; ddp: E1 step time in 1 and "
-                            "2 processes")
+                            "2 processes; memory: BatchNormAct2d vs torch BN + activation")
     bench.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     bench.add_argument("--modes", default="fwd,fwdbwd,eval")
     bench.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke run)")
@@ -81,6 +81,10 @@ def _bench(args) -> int:
         rows = bench_probes.run(steps=100 if args.quick else 300)
         if args.markdown:
             print(bench_probes.markdown(rows))
+        return 0
+    if args.what == "memory":
+        from . import bench_memory
+        bench_memory.run(steps=3 if args.quick else 10, threads=int(args.threads.split(",")[-1]))
         return 0
     if args.what == "ddp":
         from .lab import bench_ddp

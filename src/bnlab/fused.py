@@ -1,0 +1,127 @@
+r"""BatchNormAct2d: batch norm fused with its activation, memory-efficient in the style of In-Place
+Activated BatchNorm (Rota Bulò, Porzi & Kontschieder 2018, arXiv:1712.02616).
+
+A conv → BN → activation block normally keeps, for backward, the BN input x (for BN's gradient),
+the BN output z (for a leaky ReLU's or an identity-free activation's gradient) and the block's
+output a (which the next conv keeps anyway). Since BN's backward only needs x̂ = (x − μ)·invstd,
+and x̂ can be recovered from a when the activation is invertible, only a needs to be kept::
+
+    identity, leaky ReLU:  z = act⁻¹(a),  x̂ = (z − β)/γ,  dz = da·act'(z)
+    dx = γ·invstd·(dz − mean(dz) − x̂·mean(dz·x̂)),  dγ = Σ dz·x̂,  dβ = Σ dz
+
+so the block keeps one tensor (a, shared with the next layer) instead of three. Recovering x̂
+divides by γ, so — as In-Place ABN does — the scale is used as |γ| + ε for these activations.
+
+ReLU is not invertible (a = 0 erases z ≤ 0, and x̂ at those positions enters dx through the
+x̂·mean(dz·x̂) term), so ``activation="relu"`` keeps the *input* x instead and recomputes x̂, z
+and the mask in backward: one tensor besides the output, like torch's BN + ReLU — the fused
+kernel still saves the intermediate z and a pass over memory.
+
+Forward and backward run in bnlab's compiled CPU kernel (one pass for statistics, one for
+normalize + activation; two passes backward). ``memory_efficient=False`` is BN followed by the
+activation with the usual autograd bookkeeping (and γ as is). Eval mode: the inference transform
+with the activation fused. The state_dict is BatchNorm2d's: torch checkpoints load.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from . import functional as BF
+from .batchnorm import BatchNorm2d
+
+__all__ = ["BatchNormAct2d", "ACTIVATIONS"]
+
+ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2}
+GAMMA_EPS = 1e-5
+
+
+def _activation(z: Tensor, name: str, slope: float) -> Tensor:
+    if name == "relu":
+        return F.relu(z)
+    if name == "leaky_relu":
+        return F.leaky_relu(z, slope)
+    return z
+
+
+class _BNActFn(torch.autograd.Function):
+    """Training forward/backward of BN + activation keeping only one full-size tensor."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float, act: int, slope: float,
+                running: Optional[tuple], kernels):
+        rm, rv, momentum, unbiased = running if running is not None else (None, None, 0.0, True)
+        a, mean, var, invstd = kernels.forward_train(x, weight.detach(), bias.detach(), eps, act, slope,
+                                                     rm, rv, momentum, unbiased)
+        kept = x if act == ACTIVATIONS["relu"] else a           # ReLU cannot be inverted
+        ctx.save_for_backward(kept, weight, bias, mean, invstd)
+        ctx.act, ctx.slope, ctx.kernels = act, slope, kernels
+        return a
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, da: Tensor):
+        kept, weight, bias, mean, invstd = ctx.saved_tensors
+        dx, dweight, dbias = ctx.kernels.bn_act_backward(da, kept, mean, invstd, weight.detach(),
+                                                         bias.detach(), ctx.act, ctx.slope)
+        return dx, dweight.to(weight.dtype), dbias.to(bias.dtype), None, None, None, None, None
+
+
+class BatchNormAct2d(BatchNorm2d):
+    r"""BatchNorm2d followed by an activation, fused; optionally memory-efficient (In-Place ABN).
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats: as BatchNorm2d.
+        activation: "relu", "leaky_relu" or "identity".
+        negative_slope: the leaky ReLU's slope (0.01).
+        memory_efficient: keep only the output (identity, leaky ReLU) or only the input (ReLU)
+            for backward, recomputing the rest; uses |γ| + ε as the scale for the invertible
+            activations. Falls back to BN + activation when the compiled kernel cannot run
+            (non-CPU tensors, unusual layouts, a graph of the backward requested).
+
+    Shape: (N, C, H, W) → (N, C, H, W).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
+                 activation: str = "relu", negative_slope: float = 0.01, memory_efficient: bool = True,
+                 **kwargs) -> None:
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
+        self.activation, self.negative_slope, self.memory_efficient = activation, negative_slope, memory_efficient
+
+    def _scale_shift(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        acc = BF.accumulation_dtype(x.dtype)
+        w = self.weight if self.weight is not None else torch.ones(self.num_features, dtype=acc)
+        b = self.bias if self.bias is not None else torch.zeros(self.num_features, dtype=acc)
+        if self.memory_efficient and self.activation != "relu":
+            w = w.abs() + GAMMA_EPS                                   # invertible: x̂ = (z − β)/γ
+        return w, b
+
+    def forward(self, input: Tensor) -> Tensor:
+        w, b = self._scale_shift(input)
+        kernels = BF.fast_kernels(input) if self.memory_efficient else None
+        if kernels is None:                                            # BN, then the activation
+            return _activation(self._forward_with(input, w, b), self.activation, self.negative_slope)
+        self._check_input_dim(input)
+        act = ACTIVATIONS[self.activation]
+        if not self._uses_batch_stats():                               # eval / frozen: fused transform
+            return kernels.forward_eval(input, self.running_mean, self.running_var, w.detach(), b.detach(),
+                                        self.eps, act, self.negative_slope)
+        BF.check_batch_size(input)
+        running = None
+        if self.training and self.track_running_stats and not self.frozen:
+            running = (self.running_mean, self.running_var, self._momentum_step(),
+                       self.running_var_correction == "unbiased")
+        return _BNActFn.apply(input, w, b, self.eps, act, self.negative_slope, running, kernels)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr() + f", activation={self.activation!r}"
+        if self.activation == "leaky_relu":
+            s += f", negative_slope={self.negative_slope}"
+        return s + f", memory_efficient={self.memory_efficient}"

@@ -1,0 +1,180 @@
+"""The compiled CPU fast path equals the readable definition, is really taken when it should be,
+and BatchNormAct2d's memory-efficient backward equals BN + activation."""
+
+import itertools
+import platform
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import bnlab
+from bnlab import functional as BF
+from bnlab import kernels
+
+pytestmark = pytest.mark.skipif(platform.system() != "Linux", reason="the CPU kernels are built for Linux")
+
+
+def test_kernels_are_available_here():
+    """A missing compiler must not silently turn the fast path off on the machines we support."""
+    assert kernels.available(), f"CPU kernels failed to build: {kernels.failure()}"
+
+
+SHAPES = [((7, 5), None), ((13, 3, 17), None), ((5, 6, 7, 9), None), ((5, 6, 7, 9), torch.channels_last),
+          ((3, 4, 5, 6, 7), None), ((3, 4, 5, 6, 7), torch.channels_last_3d), ((33, 129), None),
+          ((2, 70, 3, 3), torch.channels_last)]
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+
+def _both(fn):
+    """fn() with the fast path and with the readable path; asserts the fast path ran."""
+    before = sum(kernels.calls.values())
+    fast = fn()
+    assert sum(kernels.calls.values()) > before, "the fast path was not taken"
+    with kernels.disabled():
+        ref = fn()
+    return fast, ref
+
+
+@pytest.mark.parametrize("shape,fmt", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_fast_path_equals_the_definition(shape, fmt, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(*shape, generator=g, dtype=torch.float64) * 3 + 1.5).to(dtype)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    C = shape[1]
+    w = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).to(torch.float32 if dtype == torch.bfloat16 else dtype)
+    b = torch.randn(C, generator=g, dtype=torch.float64).to(w.dtype)
+    dy = torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+    if fmt is not None:
+        dy = dy.contiguous(memory_format=fmt)
+    tol = TOL[dtype]
+
+    def train():
+        rm, rv = torch.zeros(C, dtype=w.dtype), torch.ones(C, dtype=w.dtype)
+        xx = x.clone().requires_grad_()
+        y = BF.batch_norm(xx, rm, rv, w.clone().requires_grad_(), b.clone().requires_grad_(), True, 0.3, 1e-3)
+        y.backward(dy)
+        return y.detach(), xx.grad, rm, rv
+
+    (y, dx, rm, rv), (y_r, dx_r, rm_r, rv_r) = _both(train)
+    for a, r in ((y, y_r), (dx, dx_r), (rm, rm_r), (rv, rv_r)):
+        torch.testing.assert_close(a.double(), r.double(), atol=tol, rtol=tol)
+    if fmt is not None:
+        assert y.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)
+
+    def evaluate():
+        with torch.no_grad():
+            return BF.batch_norm(x, torch.randn(C, generator=torch.Generator().manual_seed(1)).to(w.dtype),
+                                 torch.rand(C, generator=torch.Generator().manual_seed(2)).to(w.dtype) + 0.5,
+                                 w, b, False, 0.1, 1e-5)
+    e, e_r = _both(evaluate)
+    torch.testing.assert_close(e.double(), e_r.double(), atol=tol, rtol=tol)
+
+
+def test_non_contiguous_input_falls_back_and_is_still_correct():
+    x = torch.randn(8, 5, 6, 7, dtype=torch.float64).transpose(2, 3)           # neither layout
+    before = sum(kernels.calls.values())
+    y = BF.batch_norm(x, None, None, training=True)
+    assert sum(kernels.calls.values()) == before
+    torch.testing.assert_close(y, BF.reference_batch_norm(x, None, None, training=True))
+
+
+def test_modules_take_the_fast_path():
+    bn = bnlab.BatchNorm2d(4)
+    x = torch.randn(6, 4, 5, 5, requires_grad=True)
+    before = dict(kernels.calls)
+    bn(x).sum().backward()
+    bn.eval()(x)
+    for key in ("forward_train", "backward_train", "forward_eval"):
+        assert kernels.calls[key] > before.get(key, 0), key
+
+
+def test_large_outputs_reuse_pooled_memory():
+    x = torch.randn(1 << 19, 4)                                                 # 8 MiB: pooled
+    with torch.no_grad():
+        first = BF.batch_norm(x, None, None, training=True)
+        ptr = first.data_ptr()
+        del first
+        again = BF.batch_norm(x, None, None, training=True)
+    assert again.data_ptr() == ptr                                              # same region, no new faults
+    assert kernels.cache_info()["cap"] > 0
+    del again
+    assert kernels.empty_cache() > 0 and kernels.cache_info()["bytes"] == 0
+
+
+def test_double_backward_uses_the_differentiable_definition():
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x, w: BF.batch_norm(x, None, None, w, None, True), (x, w))
+
+
+# -- BatchNormAct2d -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("act,fmt", list(itertools.product(["identity", "leaky_relu", "relu"],
+                                                      [torch.contiguous_format, torch.channels_last])))
+def test_bn_act_equals_bn_then_activation(act, fmt):
+    torch.manual_seed(0)
+    fused = bnlab.BatchNormAct2d(3, activation=act, negative_slope=0.1).double()
+    with torch.no_grad():
+        fused.weight.uniform_(-1.5, 1.5)                       # negative γ too: |γ| + ε for invertibility
+        fused.bias.uniform_(-1, 1)
+    ref = nn.BatchNorm2d(3).double()
+    ref.load_state_dict(fused.state_dict())
+    if act != "relu":
+        with torch.no_grad():
+            ref.weight.copy_(fused.weight.abs() + bnlab.fused.GAMMA_EPS)
+    x = torch.randn(5, 3, 6, 7, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    act_fn = {"identity": lambda z: z, "relu": F.relu, "leaky_relu": lambda z: F.leaky_relu(z, 0.1)}[act]
+    y, y_ref = fused(x), act_fn(ref(x2))
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-11, rtol=1e-11)
+    torch.testing.assert_close(fused.bias.grad, ref.bias.grad, atol=1e-11, rtol=1e-11)
+    torch.testing.assert_close(fused.running_var, ref.running_var, atol=1e-12, rtol=1e-12)
+    fused.eval(), ref.eval()
+    torch.testing.assert_close(fused(x), act_fn(ref(x2)), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("act", ["identity", "leaky_relu", "relu"])
+def test_bn_act_gradcheck(act):
+    layer = bnlab.BatchNormAct2d(3, activation=act, negative_slope=0.2).double()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(4, 3, 3, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: layer(x), (x,))
+
+
+@pytest.mark.parametrize("act,kept", [("leaky_relu", "output"), ("identity", "output"), ("relu", "input")])
+def test_bn_act_keeps_one_full_size_tensor(act, kept):
+    layer = bnlab.BatchNormAct2d(4, activation=act)
+    x = torch.randn(8, 4, 16, 16, requires_grad=True)
+    big = []
+
+    def pack(t):
+        if t.numel() == x.numel():
+            big.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    assert len(big) == 1
+    assert (big[0] is y) if kept == "output" else torch.equal(big[0], x)
+
+
+def test_bn_act_memory_efficient_false_is_plain_bn_then_activation():
+    layer = bnlab.BatchNormAct2d(3, activation="leaky_relu", memory_efficient=False)
+    with torch.no_grad():
+        layer.weight.fill_(-2.0)                                # γ used as is
+    ref = nn.BatchNorm2d(3)
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(layer(x), F.leaky_relu(ref(x), 0.01))
+    with pytest.raises(ValueError):
+        bnlab.BatchNormAct2d(3, activation="gelu")
