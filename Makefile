@@ -34,7 +34,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_batchnorm.py
+	$(VENV)/bin/bnlab bench batchnorm --threads 1,2
 
 paper: $(STAMP)
 	$(VENV)/bin/bnlab reproduce --profile paper --out runs/paper

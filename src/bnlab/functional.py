@@ -214,21 +214,32 @@ def effective_momentum(convention: str, momentum: Optional[float], step: int) ->
 # these do what torch.nn's kernel does — allocate y in forward and dx in backward, nothing else.
 
 _FAST_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+_GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _dense(x: Tensor) -> bool:
+    return (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+            or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)))
 
 
 def fast_kernels(x: Tensor):
-    """bnlab's compiled CPU kernels if they can compute this call exactly, else None.
+    """bnlab's compiled kernels if they can compute this call exactly, else None.
 
-    Taken for CPU tensors of float32/float64/bfloat16 that are contiguous (or channels_last),
-    non-empty, and not requiring a graph of the backward (double backward uses the definition).
+    CPU tensors of float32/float64/bfloat16 go to the C++ module, CUDA tensors of
+    float16/bfloat16/float32/float64 to the Triton module (bnlab.kernels.triton_bn) — when they
+    are contiguous (or channels_last) and non-empty. Graphs of the backward (double backward)
+    always use the definition. ``BNLAB_KERNELS=triton`` routes CPU tensors to the Triton module
+    too, which runs them under Triton's interpreter (TRITON_INTERPRET=1): how CI tests it.
     """
-    if x.device.type != "cpu" or x.dtype not in _FAST_DTYPES or x.numel() == 0:
-        return None
-    if not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
-            or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d))):
+    if x.numel() == 0 or not _dense(x):
         return None
     from . import kernels
     if not kernels.enabled():
+        return None
+    if x.device.type == "cuda" or (x.device.type == "cpu" and kernels.backend() == "triton"):
+        # the Triton kernels index in int32
+        return kernels.load_triton() if x.dtype in _GPU_DTYPES and x.numel() < 2**31 else None
+    if x.device.type != "cpu" or x.dtype not in _FAST_DTYPES:
         return None
     return kernels.load()
 

@@ -106,6 +106,8 @@ class BatchNormAct2d(BatchNorm2d):
     def forward(self, input: Tensor) -> Tensor:
         w, b = self._scale_shift(input)
         kernels = BF.fast_kernels(input) if self.memory_efficient else None
+        if kernels is not None and not hasattr(kernels, "bn_act_backward"):
+            kernels = None                                             # the GPU kernels fuse no activation
         if kernels is None:                                            # BN, then the activation
             return _activation(self._forward_with(input, w, b), self.activation, self.negative_slope)
         self._check_input_dim(input)

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["load", "available", "enabled", "disabled", "calls", "build_dir", "build", "empty_cache",
+__all__ = ["load", "load_triton", "backend", "available", "enabled", "disabled", "calls", "build_dir", "build", "empty_cache",
            "cache_info"]
 
 SOURCE = Path(__file__).with_name("batchnorm_cpu.cpp")
@@ -40,6 +40,8 @@ calls: Counter = Counter()
 _module = None
 _failed: Optional[str] = None
 _enabled = os.environ.get("BNLAB_KERNELS", "1") not in ("0", "false", "off")
+_triton = None
+_triton_failed: Optional[str] = None
 
 
 def _cpu_key() -> str:
@@ -90,6 +92,26 @@ def load():
         _failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         warnings.warn(f"bnlab: CPU kernels unavailable ({_failed}); using the torch-ops path", stacklevel=3)
     return _module
+
+
+def backend() -> str:
+    """"triton" when BNLAB_KERNELS=triton (CPU tensors run the Triton kernels, interpreted), else "cpu"."""
+    return "triton" if os.environ.get("BNLAB_KERNELS", "") == "triton" else "cpu"
+
+
+def load_triton():
+    """bnlab.kernels.triton_bn, or None when Triton cannot be imported (the torch-ops path runs)."""
+    global _triton, _triton_failed
+    if _triton is not None or _triton_failed is not None:
+        return _triton
+    try:
+        from . import triton_bn
+        _triton = triton_bn
+    except Exception as e:                      # no triton installed, or no GPU driver for it
+        _triton_failed = f"{type(e).__name__}: {e}"
+        warnings.warn(f"bnlab: Triton kernels unavailable ({_triton_failed}); using the torch-ops path",
+                      stacklevel=3)
+    return _triton
 
 
 def available() -> bool:
