@@ -222,6 +222,17 @@ def _dense(x: Tensor) -> bool:
             or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)))
 
 
+_KERNELS = None
+
+
+def _kernels_package():
+    global _KERNELS                 # imported on first use: bnlab.kernels imports nothing heavy,
+    if _KERNELS is None:            # but a function-level import costs microseconds on every call
+        from . import kernels
+        _KERNELS = kernels
+    return _KERNELS
+
+
 def fast_kernels(x: Tensor):
     """bnlab's compiled kernels if they can compute this call exactly, else None.
 
@@ -233,7 +244,7 @@ def fast_kernels(x: Tensor):
     """
     if x.numel() == 0 or not _dense(x):
         return None
-    from . import kernels
+    kernels = _kernels_package()
     if not kernels.enabled():
         return None
     if x.device.type == "cuda" or (x.device.type == "cpu" and kernels.backend() == "triton"):
@@ -258,8 +269,7 @@ def train_forward_(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     """
     k = fast_kernels(x)
     if k is not None:
-        from .kernels import calls
-        calls["forward_train"] += 1
+        _KERNELS.calls["forward_train"] += 1
         if running is None:
             return tuple(k.forward_train(x, _param(weight), _param(bias), eps))
         rm, rv, momentum, correction = running
@@ -293,8 +303,7 @@ def eval_forward_(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     """Algorithm 2's transform with one allocation (the output), in mean's dtype."""
     k = fast_kernels(x)
     if k is not None:
-        from .kernels import calls
-        calls["forward_eval"] += 1
+        _KERNELS.calls["forward_eval"] += 1
         # the kernel takes the variance: invstd = 1/√(var + 0) with var = 1/invstd²
         return k.forward_eval(x, mean, invstd.reciprocal().square(), _param(weight), _param(bias), 0.0, 0, 0.0)
     x = x.to(mean.dtype)
@@ -333,8 +342,7 @@ def train_backward_(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
     """
     k = fast_kernels(x)
     if k is not None:
-        from .kernels import calls
-        calls["backward_train"] += 1
+        _KERNELS.calls["backward_train"] += 1
         dx, dgamma, dbeta = k.backward_train(dy, x, mean, invstd, _param(weight))
         return dx, dgamma, dbeta
     acc = mean.dtype

@@ -94,9 +94,13 @@ def load():
     return _module
 
 
+_backend = "triton" if os.environ.get("BNLAB_KERNELS", "") == "triton" else "cpu"
+
+
 def backend() -> str:
-    """"triton" when BNLAB_KERNELS=triton (CPU tensors run the Triton kernels, interpreted), else "cpu"."""
-    return "triton" if os.environ.get("BNLAB_KERNELS", "") == "triton" else "cpu"
+    """"triton" when BNLAB_KERNELS=triton was set at import (CPU tensors then run the Triton
+    kernels, interpreted), else "cpu"."""
+    return _backend
 
 
 def load_triton():

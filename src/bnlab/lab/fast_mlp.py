@@ -25,6 +25,7 @@ backward, from da::
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import numpy as np
 import torch
@@ -74,13 +75,26 @@ def _act(name: str, y: Tensor) -> Tensor:
 
 
 def _act_backward(name: str, da: Tensor, a: Tensor, y: Tensor) -> Tensor:
+    """dy = da ⊙ act'(y), in one ATen op each (sigmoid: a(1 − a), tanh: 1 − a², relu: [y > 0])."""
     if name == "sigmoid":
-        return da * a * (1 - a)
+        return torch.ops.aten.sigmoid_backward(da, a)
     if name == "tanh":
-        return da * (1 - a * a)
+        return torch.ops.aten.tanh_backward(da, a)
     if name == "relu":
-        return da * (y > 0)
+        return torch.ops.aten.threshold_backward(da, y, 0)
     return da
+
+
+class _Block:
+    """One block's tensors, looked up once (module attribute access costs µs per step).
+    The parameters are the model's own tensors, updated in place — load_state_dict copies into
+    them, so the references stay valid across checkpoint restores."""
+
+    def __init__(self, block):
+        self.weight, self.bias = block.linear.weight, block.linear.bias
+        self.bn = block.norm.layer if block.norm is not None else None
+        if self.bn is not None:
+            self.gamma, self.beta, self.eps = self.bn.weight, self.bn.bias, self.bn.eps
 
 
 class FastMLPTrainer(ClassifierTrainer):
@@ -92,31 +106,31 @@ class FastMLPTrainer(ClassifierTrainer):
         idx = self.sampler.next()                                          # S, B
         S, B = idx.shape
         flat = idx.reshape(-1)
-        h = self.data.train_x.index_select(0, flat).view(S, B, -1)         # S,B,D
+        h = torch.index_select(self.data.train_x, 0, flat, out=self._batch_buffer(S * B))
+        h = h.view(S, B, -1)                                               # S,B,D
         y = self.data.train_y.index_select(0, flat).view(S, B)             # S,B
         lr = self.lr_at(step) if self.lr_at is not None else self.opt.param_groups[0]["lr"]
         for group in self.opt.param_groups:
             group["lr"] = lr
         act = model.spec.get("activation", "sigmoid")
+        plan = self._plan()
         caches = []
-        for block in model.blocks:
-            lin = block.linear
-            z = bmm(h, lin.weight)                                         # S,B,C
-            if lin.bias is not None:
-                z += lin.bias
+        for blk in plan:
+            z = bmm(h, blk.weight)                                         # S,B,C
+            if blk.bias is not None:
+                z += blk.bias
             C = z.shape[2]
-            if block.norm is not None:
-                bn = block.norm.layer
+            if blk.bn is not None:
                 zt = z.transpose(0, 1).reshape(B, S * C)                   # B, S·C
-                yt, mean, var, invstd = BF.train_forward_(zt, bn.weight, bn.bias, bn.eps)
-                self._update_running(bn, mean, var, B)
+                yt, mean, var, invstd = BF.train_forward_(zt, blk.gamma, blk.beta, blk.eps,
+                                                           self._running(blk.bn))
                 pre = yt.view(B, S, C).transpose(0, 1)                     # S,B,C
-                caches.append((h, zt, mean, invstd, pre))
+                a = _act(act, pre)
+                caches.append((h, zt, mean, invstd, pre, a))
             else:
-                pre = z
-                caches.append((h, None, None, None, pre))
-            h = _act(act, pre)
-            caches[-1] = caches[-1] + (h,)
+                a = _act(act, z)
+                caches.append((h, None, None, None, z, a))
+            h = a
         ro = model.readout
         logits = bmm(h, ro.weight).add_(ro.bias)                           # S,B,K
         logp = torch.log_softmax(logits, dim=2)
@@ -129,26 +143,24 @@ class FastMLPTrainer(ClassifierTrainer):
         dh = bmm(dlogits, ro.weight.transpose(1, 2))
         ro.weight.sub_(bmm(h.transpose(1, 2), dlogits), alpha=lr)
         ro.bias.sub_(dlogits.sum(1, keepdim=True), alpha=lr)
-        for i in range(len(model.blocks) - 1, -1, -1):
-            block = model.blocks[i]
+        for i in range(len(plan) - 1, -1, -1):
+            blk = plan[i]
             h_in, zt, mean, invstd, pre, a = caches[i]
             dpre = _act_backward(act, dh, a, pre)                          # S,B,C
-            if block.norm is not None:
-                bn = block.norm.layer
+            if blk.bn is not None:
                 C = dpre.shape[2]
                 dyt = dpre.transpose(0, 1).reshape(B, S * C)
-                dzt, dgamma, dbeta = BF.train_backward_(dyt, zt, mean, invstd, bn.weight)
+                dzt, dgamma, dbeta = BF.train_backward_(dyt, zt, mean, invstd, blk.gamma)
                 dz = dzt.view(B, S, C).transpose(0, 1)
-                bn.weight.sub_(dgamma, alpha=lr)
-                bn.bias.sub_(dbeta, alpha=lr)
+                blk.gamma.sub_(dgamma, alpha=lr)
+                blk.beta.sub_(dbeta, alpha=lr)
             else:
                 dz = dpre
-            lin = block.linear
             if i > 0:
-                dh = bmm(dz, lin.weight.transpose(1, 2))
-            lin.weight.sub_(bmm(h_in.transpose(1, 2), dz), alpha=lr)
-            if lin.bias is not None:
-                lin.bias.sub_(dz.sum(1, keepdim=True), alpha=lr)
+                dh = bmm(dz, blk.weight.transpose(1, 2))
+            blk.weight.sub_(bmm(h_in.transpose(1, 2), dz), alpha=lr)
+            if blk.bias is not None:
+                blk.bias.sub_(dz.sum(1, keepdim=True), alpha=lr)
         self.last_loss = loss
         self.loss_sum += loss.double()
         self.loss_count += 1
@@ -159,12 +171,26 @@ class FastMLPTrainer(ClassifierTrainer):
             self._m1 = cached = torch.full((S, B, 1), -1.0)
         return cached
 
+    def _batch_buffer(self, rows: int) -> Tensor:
+        """The step's input rows, gathered into one reused buffer (nothing keeps the last step's)."""
+        buf = getattr(self, "_xbuf", None)
+        if buf is None or buf.shape[0] != rows:
+            buf = self._xbuf = self.data.train_x.new_empty(rows, *self.data.train_x.shape[1:])
+        return buf
+
+    def _plan(self) -> list:
+        plan = getattr(self, "_blocks", None)
+        if plan is None:
+            plan = self._blocks = [_Block(b) for b in self.model.blocks]
+        return plan
+
     @staticmethod
-    def _update_running(bn, mean: Tensor, var: Tensor, count: int) -> None:
+    def _running(bn) -> Optional[tuple]:
+        """The running-statistics update of this step, as train_forward_ takes it (applied inside
+        the statistics kernel), or None when the layer keeps none or is frozen."""
         if bn.running_mean is None or getattr(bn, "frozen", False):
-            return
+            return None
         bn.num_batches_tracked.add_(1)
         momentum = BF.effective_momentum("cumulative" if bn.momentum is None else bn.ema, bn.momentum,
                                          int(bn.num_batches_tracked))
-        BF.update_running_stats(bn.running_mean, bn.running_var, mean, var, count, momentum,
-                                bn.running_var_correction)
+        return bn.running_mean, bn.running_var, momentum, bn.running_var_correction
