@@ -20,6 +20,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
+	$(VENV)/bin/bnlab kernels --build
 	touch $(STAMP)
 
 install: $(STAMP)

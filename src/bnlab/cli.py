@@ -72,7 +72,43 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     bench.add_argument("--json", default=None, help="write the rows to this JSON file")
     bench.set_defaults(func=_bench)
+
+    kern = sub.add_parser("kernels", help="the compiled CPU kernels and the Triton GPU kernels: status, build")
+    kern.add_argument("--build", action="store_true",
+                      help="compile the CPU kernels now (~1 minute, once per machine) instead of on first use")
+    kern.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    kern.set_defaults(func=_kernels)
     return parser
+
+
+def _kernels(args) -> int:
+    import importlib.util
+    import time
+    from . import kernels
+    print(f"CPU kernels: source {kernels.SOURCE}")
+    print(f"  build directory {kernels.build_dir()}")
+    if not kernels.enabled():
+        print("  disabled by BNLAB_KERNELS=0")
+    if args.build:
+        t0 = time.perf_counter()
+        try:
+            kernels.build(verbose=args.verbose)
+        except Exception as e:
+            print(f"  build failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
+        print(f"  built (or loaded from the cache) in {time.perf_counter() - t0:.1f} s")
+    mod = kernels.load()
+    print(f"  status: {'available' if mod is not None else 'unavailable: ' + str(kernels.failure())}")
+    info = kernels.cache_info()
+    print(f"  pooled output memory: {info['regions']} regions, {info['bytes'] / 2**20:.1f} MiB "
+          f"(cap {info['cap'] / 2**20:.0f} MiB, env BNLAB_KERNEL_CACHE_MB)")
+    has_triton = importlib.util.find_spec("triton") is not None
+    import torch
+    gpu = torch.cuda.is_available()
+    print(f"Triton kernels (CUDA tensors): triton {'installed' if has_triton else 'not installed'}, "
+          f"CUDA {'available: ' + torch.cuda.get_device_name() if gpu else 'not available'}"
+          + ("" if gpu else " — tested on CPU through TRITON_INTERPRET=1 (tests/test_triton.py)"))
+    return 0 if mod is not None or not kernels.enabled() else 1
 
 
 def _bench(args) -> int:
