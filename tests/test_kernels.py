@@ -37,9 +37,19 @@ def _both(fn):
     return fast, ref
 
 
+@pytest.fixture(params=["cached", "streamed"])
+def store_mode(request):
+    """Run float32 outputs through the normal stores and through the non-temporal (streaming)
+    stores that large outputs use (threshold forced to 0 bytes)."""
+    module = kernels.load()
+    old = module.set_stream_threshold(0 if request.param == "streamed" else -1)
+    yield request.param
+    module.set_stream_threshold(old)
+
+
 @pytest.mark.parametrize("shape,fmt", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_fast_path_equals_the_definition(shape, fmt, dtype):
+def test_fast_path_equals_the_definition(shape, fmt, dtype, store_mode):
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(*shape, generator=g, dtype=torch.float64) * 3 + 1.5).to(dtype)
     if fmt is not None:
@@ -115,7 +125,7 @@ def test_double_backward_uses_the_differentiable_definition():
 
 @pytest.mark.parametrize("act,fmt", list(itertools.product(["identity", "leaky_relu", "relu"],
                                                       [torch.contiguous_format, torch.channels_last])))
-def test_bn_act_equals_bn_then_activation(act, fmt):
+def test_bn_act_equals_bn_then_activation(act, fmt, store_mode):
     torch.manual_seed(0)
     fused = bnlab.BatchNormAct2d(3, activation=act, negative_slope=0.1).double()
     with torch.no_grad():

@@ -1,11 +1,17 @@
 """Benchmark bnlab's BatchNorm against torch.nn.functional.batch_norm, in the same process.
 
-For each shape, thread count and mode the two implementations are called *alternately* (so
-load on a shared machine hits both alike) and timed after warm-up. Reported: each median time,
-the ratio bnlab/torch as the median of the *paired* per-repetition ratios (each bnlab call
-against the torch call just before it — robust to the slow drifts of a shared machine), and the
-effective bandwidth — the bytes a perfect kernel must move divided by the time — as a fraction
-of a copy measured in the same run.
+For each shape, thread count and mode the two implementations take turns (so load on a shared
+machine hits both alike), each turn a block of 5 consecutive calls of one implementation, timed
+after warm-up. Blocks rather than single calls: a training loop calls one implementation over
+and over, and the allocator and cache state it then runs in — for torch, glibc returning a
+freed large output to the OS and page-faulting the next one; for bnlab, its pool of mapped
+output regions — is part of its cost. Call-by-call alternation measures each in the other's
+state instead, which for tensors near the L3 size moved either ratio by up to 2×
+(``--block 1`` reproduces it). Reported: each median time, the ratio bnlab/torch as the median
+of the *paired* per-turn ratios (each bnlab block against the torch block just before it —
+robust to the slow drifts of a shared machine), and the effective bandwidth — the bytes a
+perfect kernel must move divided by the time — as a fraction of a copy measured in the same
+run.
 
 Modes and their minimal traffic (S = bytes of the tensor):
   fwd     training-mode forward, autograd recording as in training   read x, write y   = 2S
@@ -61,18 +67,24 @@ class Row:
 
 
 def _median_alternating(fns: list[Callable[[], object]], min_repeats: int, max_repeats: int,
-                        budget_s: float, paired: Optional[list] = None) -> tuple[list[float], int]:
+                        budget_s: float, paired: Optional[list] = None, block: int = 1) -> tuple[list[float], int]:
+    """Median time per call of each fn. Each repetition runs every fn in turn, ``block``
+    consecutive calls each; a repetition's sample is the median of its block. ``paired`` gets
+    the per-repetition ratios fns[1]/fns[0]."""
     for fn in fns:                 # warm-up: allocator, thread pool, caches
-        fn()
-        fn()
+        for _ in range(max(2, block)):
+            fn()
     times: list[list[float]] = [[] for _ in fns]
     start = time.perf_counter()
     repeats = 0
     while repeats < max_repeats and (repeats < min_repeats or time.perf_counter() - start < budget_s):
         for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - t0)
+            calls = []
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fn()
+                calls.append(time.perf_counter() - t0)
+            times[i].append(statistics.median(calls))
         repeats += 1
     if paired is not None and len(fns) == 2:
         paired.extend(b / a for a, b in zip(times[0], times[1]))
@@ -104,8 +116,11 @@ def _case(impl: BatchNormFn, x: torch.Tensor, mode: str) -> Callable[[], object]
 def run(shapes: Iterable[tuple[tuple[int, ...], bool]] = DEFAULT_SHAPES,
         threads: Iterable[int] = (1, 2), modes: Iterable[str] = MODES,
         impl: BatchNormFn = BF.batch_norm, min_repeats: int = 15, max_repeats: int = 101,
-        budget_s: float = 2.5, log: Optional[Callable[[str], None]] = print) -> list[Row]:
-    """Time ``impl`` against torch's native BN; returns one Row per (shape, threads, mode)."""
+        budget_s: float = 2.5, log: Optional[Callable[[str], None]] = print, block: int = 5) -> list[Row]:
+    """Time ``impl`` against torch's native BN; returns one Row per (shape, threads, mode).
+
+    ``block`` consecutive calls of one implementation per turn (see the module docstring);
+    ``block=1`` alternates call by call."""
     rows: list[Row] = []
     previous_threads = torch.get_num_threads()
     try:
@@ -123,7 +138,7 @@ def run(shapes: Iterable[tuple[tuple[int, ...], bool]] = DEFAULT_SHAPES,
                     ratios: list[float] = []
                     (t_torch, t_ours), reps = _median_alternating(
                         [_case(F.batch_norm, x, mode), _case(impl, x, mode)],
-                        min_repeats, max_repeats, budget_s, paired=ratios)
+                        min_repeats, max_repeats, budget_s, paired=ratios, block=block)
                     need = PASSES[mode] * nbytes
                     row = Row(shape="x".join(map(str, shape)),
                               layout="channels_last" if channels_last else "contiguous",

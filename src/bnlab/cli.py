@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     bench.add_argument("--modes", default="fwd,fwdbwd,eval")
     bench.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke run)")
+    bench.add_argument("--block", type=int, default=5,
+                       help="batchnorm: consecutive calls per implementation per turn (1: call-by-call alternation)")
     bench.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     bench.add_argument("--json", default=None, help="write the rows to this JSON file")
     bench.set_defaults(func=_bench)
@@ -146,7 +148,7 @@ def _bench(args) -> int:
         raise SystemExit(f"bnlab bench: unknown modes {sorted(unknown)}; choose from {bench.MODES}")
     shapes = bench.QUICK_SHAPES if args.quick else bench.DEFAULT_SHAPES
     kwargs = dict(min_repeats=3, max_repeats=5, budget_s=0.2) if args.quick else {}
-    rows = bench.run(shapes, threads, modes, **kwargs)
+    rows = bench.run(shapes, threads, modes, block=args.block, **kwargs)
     if args.markdown:
         print(bench.markdown(rows))
     if args.json:

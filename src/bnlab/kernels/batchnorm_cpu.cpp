@@ -21,18 +21,25 @@
 #include <c10/util/BFloat16.h>
 
 #include <sys/mman.h>
+#include <unistd.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define BNLAB_STREAM 1
+#endif
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
 constexpr int64_t kHugePage = 2 << 20;
-constexpr int64_t kChunkElems = 16384;  // values per cached chunk in the (M, C) layout
+constexpr int64_t kChunkElems = 8192;   // values per cached chunk in the (M, C) layout
 
 inline int64_t row_chunk(int64_t C) { return std::max<int64_t>(8, kChunkElems / std::max<int64_t>(1, C)); }
 
@@ -164,6 +171,52 @@ struct Moments {
 // Statistics
 // ---------------------------------------------------------------------------------------------
 
+// Rows layout: a chunk of R rows is reduced one block of kCB channels at a time, the block's
+// accumulators held in registers (fixed trip count → the compiler keeps acc[kCB] in vector
+// registers); the chunk is cache-resident, so its second pass costs no memory traffic. All
+// channels of a chunk share the count, so the merge's weights are computed once per chunk.
+constexpr int64_t kCB = 32;
+
+template <typename acc_t, typename scalar_t, int64_t W>
+inline void chunk_moments_block(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, acc_t inv,
+                                acc_t* mean, acc_t* dsum, acc_t* dev) {
+  acc_t s[W] = {};
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* row = x + r * C;
+    for (int64_t j = 0; j < W; ++j) s[j] += acc_t(row[j]);
+  }
+  acc_t m[W], d1[W] = {}, d2[W] = {};
+  for (int64_t j = 0; j < W; ++j) m[j] = s[j] * inv;                       // chunk mean m̃
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* row = x + r * C;
+    for (int64_t j = 0; j < W; ++j) {
+      const acc_t d = acc_t(row[j]) - m[j];
+      d1[j] += d;
+      d2[j] += d * d;
+    }
+  }
+  for (int64_t j = 0; j < W; ++j) {
+    mean[j] = m[j];
+    dsum[j] = d1[j];
+    dev[j] = d2[j];
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+inline void chunk_moments_tail(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, acc_t inv, int64_t w,
+                               acc_t* mean, acc_t* dsum, acc_t* dev) {
+  for (int64_t j = 0; j < w; ++j) mean[j] = dsum[j] = dev[j] = acc_t(0);
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t j = 0; j < w; ++j) mean[j] += acc_t(x[r * C + j]);
+  for (int64_t j = 0; j < w; ++j) mean[j] *= inv;
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t j = 0; j < w; ++j) {
+      const acc_t d = acc_t(x[r * C + j]) - mean[j];
+      dsum[j] += d;
+      dev[j] += d * d;
+    }
+}
+
 template <typename scalar_t>
 void stats_rows(const scalar_t* x, const Layout& l, double* mean_out, double* m2_out) {
   using acc_t = typename Acc<scalar_t>::type;
@@ -174,34 +227,31 @@ void stats_rows(const scalar_t* x, const Layout& l, double* mean_out, double* m2
   const int64_t R = row_chunk(C);
   at::parallel_for(0, (M + R - 1) / R, 1, [&](int64_t b0, int64_t b1) {
     Moments& acc = per[at::get_thread_num()];
-    thread_local std::vector<acc_t> sum, dev, dsum;
-    sum.resize(C);
-    dev.resize(C);
+    thread_local std::vector<acc_t> mean, dsum, dev;
+    mean.resize(C);
     dsum.resize(C);
+    dev.resize(C);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * R, r1 = std::min(M, r0 + R);
       const acc_t inv = acc_t(1) / acc_t(r1 - r0);
-      std::fill(sum.begin(), sum.end(), acc_t(0));
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* row = x + r * C;
-        for (int64_t c = 0; c < C; ++c) sum[c] += acc_t(row[c]);
-      }
-      for (int64_t c = 0; c < C; ++c) sum[c] *= inv;                      // chunk mean m̃
-      std::fill(dev.begin(), dev.end(), acc_t(0));
-      std::fill(dsum.begin(), dsum.end(), acc_t(0));
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* row = x + r * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t d = acc_t(row[c]) - sum[c];
-          dsum[c] += d;
-          dev[c] += d * d;
-        }
-      }
-      const double nb = double(r1 - r0);
-      for (int64_t c = 0; c < C; ++c) {                                    // corrected two-pass
+      int64_t c0 = 0;
+      for (; c0 + kCB <= C; c0 += kCB)
+        chunk_moments_block<acc_t, scalar_t, kCB>(x + c0, C, r0, r1, inv, &mean[c0], &dsum[c0], &dev[c0]);
+      if (c0 < C) chunk_moments_tail<acc_t, scalar_t>(x + c0, C, r0, r1, inv, C - c0, &mean[c0], &dsum[c0], &dev[c0]);
+      // corrected two-pass (mean = m̃ + Σd/n, M2 = Σd² − (Σd)²/n), then Chan's merge with the
+      // weights every channel of the chunk shares
+      const double nb = double(r1 - r0), na = acc.n[0], tot = na + nb;
+      const double wb = nb / tot, wab = na * nb / tot;
+      double* am = acc.mean.data();
+      double* a2 = acc.m2.data();
+      for (int64_t c = 0; c < C; ++c) {
         const double ds = double(dsum[c]);
-        chan(acc.n[c], acc.mean[c], acc.m2[c], nb, double(sum[c]) + ds / nb, double(dev[c]) - ds * ds / nb);
+        const double mb = double(mean[c]) + ds / nb, m2b = double(dev[c]) - ds * ds / nb;
+        const double delta = mb - am[c];
+        am[c] += delta * wb;
+        a2[c] += m2b + delta * delta * wab;
       }
+      std::fill(acc.n.begin(), acc.n.end(), tot);
     }
   });
   for (int64_t c = 0; c < C; ++c) {
@@ -270,11 +320,135 @@ inline acc_t activate(acc_t z, acc_t slope) {
   return z;
 }
 
+// Non-temporal stores for large float32 outputs. A normal store first reads the line it writes
+// (read-for-ownership): writing y costs two passes of memory traffic, not one. An output too large
+// to stay in cache for its consumer gains nothing from being cached, so from a threshold on
+// (the last-level cache size, at least 8 MiB; env BNLAB_STREAM_MB, set_stream_threshold) y and
+// dx are written with streaming stores that skip the read. Below it, normal stores leave the
+// output in cache for the next layer (streaming a 16 MB output here made eval 1.4× slower).
+// Each run: scalar head up to 32-byte alignment, AVX body, scalar tail.
+int64_t stream_threshold_bytes = []() -> int64_t {
+  const char* env = std::getenv("BNLAB_STREAM_MB");
+  if (env) return int64_t(std::atoll(env)) << 20;
+  // the L3 this CPU sees (sysfs; sysconf's figure can be the whole package's under a VM)
+  int64_t l3 = 32LL << 20;
+  if (FILE* f = std::fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r")) {
+    long long v = 0;
+    char unit = 0;
+    if (std::fscanf(f, "%lld%c", &v, &unit) >= 1 && v > 0)
+      l3 = int64_t(v) << (unit == 'K' ? 10 : unit == 'M' ? 20 : 0);
+    std::fclose(f);
+  }
+  return std::max<int64_t>(8LL << 20, l3);
+}();
+
+inline bool use_stream(int64_t numel, int64_t elem_size) {
+#ifdef BNLAB_STREAM
+  return stream_threshold_bytes >= 0 && numel * elem_size >= stream_threshold_bytes;
+#else
+  return false;
+#endif
+}
+
+#ifdef BNLAB_STREAM
+template <int ACT>
+inline __m256 activate8(__m256 z, __m256 slope) {
+  if (ACT == kRelu) return _mm256_max_ps(z, _mm256_setzero_ps());
+  if (ACT == kLeakyRelu) {
+    const __m256 neg = _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_LT_OQ);
+    return _mm256_blendv_ps(z, _mm256_mul_ps(z, slope), neg);
+  }
+  return z;
+}
+
+// y[k] = act(x[k]·a[k] + b[k]) (PER_ELEM) or act(x[k]·a[0] + b[0]), k < n, streamed.
+template <int ACT, bool PER_ELEM>
+inline void affine_run_stream(const float* x, float* y, int64_t n, const float* a, const float* b, float slope) {
+  int64_t k = 0;
+  for (; k < n && (reinterpret_cast<uintptr_t>(y + k) & 31); ++k)
+    y[k] = activate<float, ACT>(x[k] * a[PER_ELEM ? k : 0] + b[PER_ELEM ? k : 0], slope);
+  const __m256 va = _mm256_set1_ps(a[0]), vb = _mm256_set1_ps(b[0]), vs = _mm256_set1_ps(slope);
+  for (; k + 8 <= n; k += 8) {
+    const __m256 av = PER_ELEM ? _mm256_loadu_ps(a + k) : va;
+    const __m256 bv = PER_ELEM ? _mm256_loadu_ps(b + k) : vb;
+    _mm256_stream_ps(y + k, activate8<ACT>(_mm256_fmadd_ps(_mm256_loadu_ps(x + k), av, bv), vs));
+  }
+  for (; k < n; ++k) y[k] = activate<float, ACT>(x[k] * a[PER_ELEM ? k : 0] + b[PER_ELEM ? k : 0], slope);
+}
+
+// o[k] = g[k]·k1 + x[k]·k2 + k3, coefficients per element (PER_ELEM) or scalar, streamed.
+template <bool PER_ELEM>
+inline void dx_run_stream(const float* g, const float* x, float* o, int64_t n, const float* k1, const float* k2,
+                          const float* k3) {
+  int64_t k = 0;
+  auto one = [&](int64_t i) {
+    const int64_t j = PER_ELEM ? i : 0;
+    o[i] = g[i] * k1[j] + x[i] * k2[j] + k3[j];
+  };
+  for (; k < n && (reinterpret_cast<uintptr_t>(o + k) & 31); ++k) one(k);
+  const __m256 a = _mm256_set1_ps(k1[0]), b = _mm256_set1_ps(k2[0]), c = _mm256_set1_ps(k3[0]);
+  for (; k + 8 <= n; k += 8) {
+    const __m256 av = PER_ELEM ? _mm256_loadu_ps(k1 + k) : a;
+    const __m256 bv = PER_ELEM ? _mm256_loadu_ps(k2 + k) : b;
+    const __m256 cv = PER_ELEM ? _mm256_loadu_ps(k3 + k) : c;
+    const __m256 t = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), bv, cv);
+    _mm256_stream_ps(o + k, _mm256_fmadd_ps(_mm256_loadu_ps(g + k), av, t));
+  }
+  for (; k < n; ++k) one(k);
+}
+
+template <int ACT>
+void affine_stream(const float* x, float* y, const Layout& l, const std::vector<float>& alpha,
+                   const std::vector<float>& beta, float slope) {
+  if (l.rows) {
+    const int64_t C = l.C;
+    at::parallel_for(0, l.M, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C)), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        affine_run_stream<ACT, true>(x + r * C, y + r * C, C, alpha.data(), beta.data(), slope);
+      _mm_sfence();
+    });
+  } else {
+    const int64_t C = l.C, L = l.L;
+    at::parallel_for(0, l.N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, L)), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        affine_run_stream<ACT, false>(x + b * L, y + b * L, L, &alpha[b % C], &beta[b % C], slope);
+      _mm_sfence();
+    });
+  }
+}
+
+void dx_stream(const float* dy, const float* x, float* dx, const Layout& l, const std::vector<float>& k1,
+               const std::vector<float>& k2, const std::vector<float>& k3) {
+  if (l.rows) {
+    const int64_t C = l.C;
+    at::parallel_for(0, l.M, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C)), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        dx_run_stream<true>(dy + r * C, x + r * C, dx + r * C, C, k1.data(), k2.data(), k3.data());
+      _mm_sfence();
+    });
+  } else {
+    const int64_t C = l.C, L = l.L;
+    at::parallel_for(0, l.N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, L)), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t c = b % C;
+        dx_run_stream<false>(dy + b * L, x + b * L, dx + b * L, L, &k1[c], &k2[c], &k3[c]);
+      }
+      _mm_sfence();
+    });
+  }
+}
+#endif
+
 template <typename scalar_t, int ACT>
 void affine_act(const scalar_t* x, scalar_t* y, const Layout& l, const std::vector<typename Acc<scalar_t>::type>& alpha,
                 const std::vector<typename Acc<scalar_t>::type>& beta, double slope) {
   using acc_t = typename Acc<scalar_t>::type;
   const acc_t sl = acc_t(slope);
+#ifdef BNLAB_STREAM
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    if (use_stream(l.N * l.C * l.L, sizeof(float))) return affine_stream<ACT>(x, y, l, alpha, beta, sl);
+  }
+#endif
   if (l.rows) {
     const int64_t C = l.C;
     at::parallel_for(0, l.M, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C)), [&](int64_t r0, int64_t r1) {
@@ -327,6 +501,26 @@ void coefficients(const double* mean, const double* invstd, const at::Tensor& we
 // fused activation, dz = dy·act'(z) with z recovered from y (see bn_act_backward).
 // ---------------------------------------------------------------------------------------------
 
+template <typename acc_t, typename scalar_t, int64_t W>
+inline void chunk_grad_block(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t r0, int64_t r1,
+                             const acc_t* mu_in, double* s1, double* s2) {
+  acc_t mu[W], a1[W] = {}, a2[W] = {};
+  for (int64_t j = 0; j < W; ++j) mu[j] = mu_in[j];
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* g = dy + r * C;
+    const scalar_t* xr = x + r * C;
+    for (int64_t j = 0; j < W; ++j) {
+      const acc_t gv = acc_t(g[j]);
+      a1[j] += gv;
+      a2[j] += gv * (acc_t(xr[j]) - mu[j]);
+    }
+  }
+  for (int64_t j = 0; j < W; ++j) {
+    s1[j] += double(a1[j]);
+    s2[j] += double(a2[j]);
+  }
+}
+
 template <typename scalar_t>
 void grad_sums_rows(const scalar_t* dy, const scalar_t* x, const double* mean, const Layout& l,
                     double* sum_dy, double* sum_dy_xmu) {
@@ -339,25 +533,22 @@ void grad_sums_rows(const scalar_t* dy, const scalar_t* x, const double* mean, c
   const int64_t R = row_chunk(C);
   at::parallel_for(0, (M + R - 1) / R, 1, [&](int64_t b0, int64_t b1) {
     const int tid = at::get_thread_num();
-    thread_local std::vector<acc_t> a1, a2;
-    a1.resize(C);
-    a2.resize(C);
+    double* t1 = s1[tid].data();
+    double* t2 = s2[tid].data();
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * R, r1 = std::min(M, r0 + R);
-      std::fill(a1.begin(), a1.end(), acc_t(0));
-      std::fill(a2.begin(), a2.end(), acc_t(0));
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* g = dy + r * C;
-        const scalar_t* xr = x + r * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t gv = acc_t(g[c]);
-          a1[c] += gv;
-          a2[c] += gv * (acc_t(xr[c]) - mu[c]);
+      int64_t c0 = 0;
+      for (; c0 + kCB <= C; c0 += kCB)
+        chunk_grad_block<acc_t, scalar_t, kCB>(dy + c0, x + c0, C, r0, r1, &mu[c0], t1 + c0, t2 + c0);
+      for (int64_t c = c0; c < C; ++c) {                                  // tail channels
+        acc_t a1 = 0, a2 = 0;
+        for (int64_t r = r0; r < r1; ++r) {
+          const acc_t gv = acc_t(dy[r * C + c]);
+          a1 += gv;
+          a2 += gv * (acc_t(x[r * C + c]) - mu[c]);
         }
-      }
-      for (int64_t c = 0; c < C; ++c) {
-        s1[tid][c] += a1[c];
-        s2[tid][c] += a2[c];
+        t1[c] += double(a1);
+        t2[c] += double(a2);
       }
     }
   });
@@ -417,6 +608,11 @@ void dx_pass(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Layout& 
              const std::vector<typename Acc<scalar_t>::type>& k1, const std::vector<typename Acc<scalar_t>::type>& k2,
              const std::vector<typename Acc<scalar_t>::type>& k3) {
   using acc_t = typename Acc<scalar_t>::type;
+#ifdef BNLAB_STREAM
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    if (use_stream(l.N * l.C * l.L, sizeof(float))) return dx_stream(dy, x, dx, l, k1, k2, k3);
+  }
+#endif
   if (l.rows) {
     const int64_t C = l.C;
     at::parallel_for(0, l.M, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C)), [&](int64_t r0, int64_t r1) {
@@ -757,6 +953,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("unbiased") = true);
   m.def("forward_eval", &forward_eval, "eval forward with given statistics");
   m.def("backward_train", &backward_train, "training backward: (dx, dgamma, dbeta)");
+  m.def("set_stream_threshold", [](int64_t bytes) {
+    const int64_t before = stream_threshold_bytes;
+    stream_threshold_bytes = bytes;
+    return before;
+  }, "outputs of at least this many bytes are written with non-temporal stores (-1: never); returns the old value");
   m.def("bn_act_backward", &bn_act_backward, "fused BN+activation backward from the output");
   m.def("empty_cache", &empty_cache, "release the pooled output regions; returns bytes released");
   m.def("cache_info", &cache_info, "(regions, bytes, cap) of the output pool");
