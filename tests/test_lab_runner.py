@@ -177,3 +177,16 @@ def test_report_renders_with_sections_and_embedded_images(tmp_path):
     assert p.images and all(src.startswith("data:image/png;base64,") for src in p.images)
     md = md_path.read_text()
     assert "| E1 |" in md and "**error**" in md
+
+
+def test_e3_growth_criterion_both_ways():
+    """E3's 'b grows without bound': linear drift passes at any measurement schedule; a bias that
+    converges, or barely moves, fails."""
+    from bnlab.lab.experiments.e03_outside_gradient import _keeps_growing
+    for t0 in (300, 1000, 5000):                                   # first measurement's step
+        b = lambda t: 0.02 + 0.0002 * t                             # linear drift
+        assert _keeps_growing(b(t0), b(10_000), b(20_000), t0, 10_000, 20_000)
+    sat = lambda t: 3.0 * (1 - math.exp(-t / 2000))                 # converges to 3
+    assert not _keeps_growing(sat(1000), sat(10_000), sat(20_000), 1000, 10_000, 20_000)
+    assert not _keeps_growing(1.0, 1.1, 1.2, 1000, 10_000, 20_000)  # grows, but not 3×
+    assert not _keeps_growing(1.0, 4.0, 3.5, 1000, 10_000, 20_000)  # shrinks at the end
