@@ -501,6 +501,20 @@ void coefficients(const double* mean, const double* invstd, const at::Tensor& we
 // fused activation, dz = dy·act'(z) with z recovered from y (see bn_act_backward).
 // ---------------------------------------------------------------------------------------------
 
+// Sum the per-thread partial sums (in thread order: deterministic for a given thread count).
+inline void reduce_threads(const std::vector<std::vector<double>>& s1, const std::vector<std::vector<double>>& s2,
+                           int64_t C, double* sum_dy, double* sum_dy_xmu) {
+  for (int64_t c = 0; c < C; ++c) {
+    double t1 = 0, t2 = 0;
+    for (size_t t = 0; t < s1.size(); ++t) {
+      t1 += s1[t][c];
+      t2 += s2[t][c];
+    }
+    sum_dy[c] = t1;
+    sum_dy_xmu[c] = t2;
+  }
+}
+
 template <typename acc_t, typename scalar_t, int64_t W>
 inline void chunk_grad_block(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t r0, int64_t r1,
                              const acc_t* mu_in, double* s1, double* s2) {
@@ -552,15 +566,7 @@ void grad_sums_rows(const scalar_t* dy, const scalar_t* x, const double* mean, c
       }
     }
   });
-  for (int64_t c = 0; c < C; ++c) {
-    double t1 = 0, t2 = 0;
-    for (int t = 0; t < nt; ++t) {
-      t1 += s1[t][c];
-      t2 += s2[t][c];
-    }
-    sum_dy[c] = t1;
-    sum_dy_xmu[c] = t2;
-  }
+  reduce_threads(s1, s2, C, sum_dy, sum_dy_xmu);
 }
 
 template <typename scalar_t>
@@ -591,15 +597,7 @@ void grad_sums_ncl(const scalar_t* dy, const scalar_t* x, const double* mean, co
       }
     }
   });
-  for (int64_t c = 0; c < C; ++c) {
-    double t1 = 0, t2 = 0;
-    for (int t = 0; t < nt; ++t) {
-      t1 += s1[t][c];
-      t2 += s2[t][c];
-    }
-    sum_dy[c] = t1;
-    sum_dy_xmu[c] = t2;
-  }
+  reduce_threads(s1, s2, C, sum_dy, sum_dy_xmu);
 }
 
 // dx = dy·k1 + x·k2 + k3 per channel
