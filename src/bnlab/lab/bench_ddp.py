@@ -48,6 +48,8 @@ def _worker(steps: int, fast: bool, out: str, batch: int = 60) -> None:
         with open(out, "w") as f:
             json.dump(dict(ms_per_step=statistics.median(times) * 1e3, processes=lab_dist.world(),
                            trainer=type(trainer).__name__), f)
+    lab_dist.barrier()
+    lab_dist.shutdown()
 
 
 def run(steps: int = 500, log=print) -> list[dict]:
@@ -64,8 +66,11 @@ def run(steps: int = 500, log=print) -> list[dict]:
                      "-m", "bnlab.lab.bench_ddp"], [])]
         for name, cmd, extra in configs:
             out = os.path.join(d, "r.json")
-            subprocess.run(cmd + ["--steps", str(steps), "--out", out] + extra, env=env, check=True,
-                           capture_output=True, text=True)
+            proc = subprocess.run(cmd + ["--steps", str(steps), "--out", out] + extra, env=env,
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"bench ddp: {name!r} exited with {proc.returncode}:\n"
+                                   f"{(proc.stdout + proc.stderr)[-3000:]}")
             with open(out) as f:
                 r = json.load(f)
             r["config"] = name

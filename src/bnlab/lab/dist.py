@@ -9,7 +9,7 @@ import os
 
 import torch.distributed as dist
 
-__all__ = ["init_from_env", "rank", "world", "is_main", "barrier"]
+__all__ = ["init_from_env", "shutdown", "rank", "world", "is_main", "barrier"]
 
 
 def init_from_env(timeout_s: float = 300.0) -> bool:
@@ -36,3 +36,11 @@ def is_main() -> bool:
 def barrier() -> None:
     if world() > 1:
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group (after the last collective). A gloo group still alive at interpreter
+    exit can abort the process (SIGABRT from its background threads) — intermittently, after all
+    the work is done — so every entry point that joined one leaves it explicitly."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

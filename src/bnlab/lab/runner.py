@@ -207,6 +207,15 @@ def run_experiment(eid: str, profile: str = "quick", out: str | Path = "runs", s
     """Run one experiment end to end and write its directory; returns result.json's content."""
     from . import dist as lab_dist
     distributed = lab_dist.init_from_env()
+    try:
+        return _run_experiment(eid, profile, out, seeds, overrides, resume, data_dir, progress, hooks, log)
+    finally:
+        if distributed:
+            lab_dist.shutdown()
+
+
+def _run_experiment(eid, profile, out, seeds, overrides, resume, data_dir, progress, hooks, log) -> dict:
+    from . import dist as lab_dist
     main = lab_dist.is_main()
     experiment = get(eid)
     ov = parse_overrides(overrides) if not isinstance(overrides, dict) else dict(overrides)
