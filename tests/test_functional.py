@@ -1,12 +1,10 @@
 """bnlab.functional: the three oracles — float64 gradcheck, autograd of the plain forward, and
 the memory-planned evaluation against the readable definition."""
 
-import itertools
 
 import pytest
 import torch
 
-import bnlab
 from bnlab import functional as BF
 
 SHAPES = [(6, 4), (5, 3, 7), (4, 3, 5, 2), (3, 2, 3, 4, 2)]

@@ -7,12 +7,10 @@ import json
 import math
 
 import pytest
-import torch
 
-import bnlab
 from bnlab.lab import io as lab_io
 from bnlab.lab import verdict as V
-from bnlab.lab.config import apply_overrides, parse_overrides
+from bnlab.lab.config import parse_overrides
 from bnlab.lab.registry import all_experiments, get
 from bnlab.lab.report import write_report
 from bnlab.lab.runner import run_experiment

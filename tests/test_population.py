@@ -1,8 +1,6 @@
 """population_statistics: exact Algorithm 2 statistics, re-split invariance, restoration on
 error, torch.nn and bnlab layers, both upstream modes, and the train/eval gap diagnostic."""
 
-import itertools
-import math
 
 import pytest
 import torch

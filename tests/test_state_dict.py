@@ -70,7 +70,7 @@ def test_whole_model_checkpoint_loads_across_implementations():
                                 nn.Linear(4 * 6 * 6, 8), nn.BatchNorm1d(8))
     for _ in range(2):
         torch_model(torch.randn(5, 1, 8, 8))
-    ours = bnlab.convert(torch_model_copy := nn.Sequential(
+    ours = bnlab.convert(nn.Sequential(
         nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
         nn.Linear(4 * 6 * 6, 8), nn.BatchNorm1d(8)), to="bnlab")
     ours.load_state_dict(torch_model.state_dict())

@@ -8,7 +8,7 @@ from torch import nn
 
 import bnlab
 from bnlab.variants import detached_norm
-from bnlab.variants.lp import lp_norm, lp_scale
+from bnlab.variants.lp import lp_norm
 
 
 # -- DetachedNorm ---------------------------------------------------------------------------------

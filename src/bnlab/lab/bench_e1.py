@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..batchnorm import BatchNorm1d  # noqa: F401  (the lab's models use it)
 from . import data as data_mod
 from .models import build_mlp
 from .train import make_trainer

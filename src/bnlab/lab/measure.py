@@ -3,7 +3,7 @@ they move), and a trainer that runs bnlab.probes on a seed's model during traini
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Sequence
 
 import matplotlib
 

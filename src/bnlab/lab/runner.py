@@ -17,10 +17,10 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
 
@@ -30,7 +30,7 @@ import torch
 from .._progress import Progress
 from .._version import __version__
 from . import data as data_mod
-from .config import apply_overrides, config_to_dict, parse_overrides
+from .config import config_to_dict, parse_overrides
 from .io import (atomic_torch_save, atomic_write_json, read_json, remove_tree,
                  write_metrics_csv)
 from .registry import Experiment, get
@@ -116,6 +116,10 @@ class RunContext:
     def series(self, metric: str, arm: str, seed: int) -> tuple[list[int], list[float]]:
         rows = sorted(self.select(metric, arm, seed), key=lambda r: r["step"])
         return [r["step"] for r in rows], [r["value"] for r in rows]
+
+    def seed_means(self, metric: str, arm: str) -> list[float]:
+        """The metric averaged over its recorded steps, one value per seed."""
+        return [statistics.fmean(self.series(metric, arm, seed)[1]) for seed in self.seeds]
 
     def final(self, metric: str, arm: str) -> list[float]:
         """The metric's value at its last recorded step, one per seed."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import torch
 
 from .base import Evaluator, Probe, execution_order, simulate_optimizer_step, weight_layers
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-import torch
 
 from .base import Evaluator, Probe
 

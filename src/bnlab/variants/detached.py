@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as BF
-from ..batchnorm import BatchNorm1d, BatchNorm2d, _BatchNorm
+from ..batchnorm import BatchNorm1d, BatchNorm2d
 
 __all__ = ["DetachedNorm", "DetachedNorm2d", "detached_norm"]
 

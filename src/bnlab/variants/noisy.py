@@ -24,7 +24,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import functional as BF
 from ..batchnorm import BatchNorm1d, BatchNorm2d
 
 __all__ = ["NoisyBatchNorm1d", "NoisyBatchNorm2d", "add_nonstationary_noise"]

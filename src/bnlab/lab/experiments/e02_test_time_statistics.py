@@ -16,7 +16,7 @@ from ..config import BaseConfig
 from ..models import build_mlp, to_plain
 from ..plots import COLORS, plt, save
 from ..registry import Experiment, register
-from ..train import ClassifierTrainer, make_trainer
+from ..train import make_trainer
 from ..verdict import Verdict, all_seeds, combine, fmt
 
 METHODS = ("ema", "algorithm2", "population", "batch1", "batch4", "batch60")
@@ -121,7 +121,6 @@ class E2(Experiment):
                 population_statistics(model, list(train_x.split(m)), estimator="algorithm2",
                                       progress=False)
                 ctx.record(cfg.steps, seed, arm, "acc_algorithm2", _accuracy(model, test_x, test_y))
-                t0 = time.perf_counter()
                 stats = population_statistics(model, list(train_x.split(1000)), upstream="population",
                                               progress=False)
                 ctx.record(cfg.steps, seed, arm, "acc_population", _accuracy(model, test_x, test_y))

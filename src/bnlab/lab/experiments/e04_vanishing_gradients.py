@@ -113,7 +113,7 @@ class E4(Experiment):
         for a in arms:
             layers = self._layers(ctx, a, "saturated")
             if layers:
-                sat[a] = [statistics.fmean(ctx.series(f"saturated@{layers[-1]}", a, s)[1]) for s in ctx.seeds]
+                sat[a] = ctx.seed_means(f"saturated@{layers[-1]}", a)
         std_init = "standard" if "standard" in cfg.inits else cfg.inits[0]
         vanish_arms = [f"{act}-{std_init}-plain" for act in ("sigmoid", "tanh") if act in cfg.activations]
         relu_arm = "relu-he-plain" if "he" in cfg.inits else None

@@ -4,7 +4,6 @@ BN hurts training. E1's network and schedule."""
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 
 from ..config import BaseConfig
@@ -65,9 +64,9 @@ class E6(Experiment):
 
     def analyze(self, cfg: Config, ctx) -> Verdict:
         acc = {a: ctx.final("test_acc", a) for a in ARMS}
-        drift = {a: [statistics.fmean(ctx.series("drift", a, s)[1]) for s in ctx.seeds] for a in ARMS}
-        mean_part = {a: [statistics.fmean(ctx.series("drift_mean", a, s)[1]) for s in ctx.seeds] for a in ARMS}
-        logvar = {a: [statistics.fmean(ctx.series("drift_logvar", a, s)[1]) for s in ctx.seeds] for a in ARMS}
+        drift = {a: ctx.seed_means("drift", a) for a in ARMS}
+        mean_part = {a: ctx.seed_means("drift_mean", a) for a in ARMS}
+        logvar = {a: ctx.seed_means("drift_logvar", a) for a in ARMS}
         like_bn = all_seeds(n >= b - cfg.comparable for n, b in zip(acc["noisy_bn"], acc["bn"]))
         beats_standard = all_seeds(n > s for n, s in zip(acc["noisy_bn"], acc["none"]))
         noise_hurts = all_seeds(n < s for n, s in zip(acc["noise_only"], acc["none"]))

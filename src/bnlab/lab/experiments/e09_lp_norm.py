@@ -5,7 +5,6 @@ more, and the landscape stays smooth. Same network as E8 (the CPU analog of thei
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass
 
 from ...probes import Landscape
@@ -75,8 +74,8 @@ class E9(Experiment):
         acc = {a: ctx.final("test_acc", a) for a in ARMS}
         # the whole shift: ℓp centers each feature exactly as BN does, so location alone could not
         # tell them apart — the scale (|Δ log σ²|) is what ℓp leaves free
-        drift = {a: [statistics.fmean(ctx.series("drift", a, s)[1]) for s in ctx.seeds] for a in ARMS}
-        logvar = {a: [statistics.fmean(ctx.series("drift_logvar", a, s)[1]) for s in ctx.seeds] for a in ARMS}
+        drift = {a: ctx.seed_means("drift", a) for a in ARMS}
+        logvar = {a: ctx.seed_means("drift_logvar", a) for a in ARMS}
         band = {a: [_max([h - l for l, h in zip(ctx.series("loss_min@*", a, s)[1], ctx.series("loss_max@*", a, s)[1])])
                     for s in ctx.seeds] for a in ARMS}
         pred = {a: [_max(ctx.series("grad_pred@*", a, s)[1]) for s in ctx.seeds] for a in ARMS}
