@@ -241,12 +241,12 @@ void stats_rows(const scalar_t* x, const Layout& l, double* mean_out, double* m2
       // corrected two-pass (mean = m̃ + Σd/n, M2 = Σd² − (Σd)²/n), then Chan's merge with the
       // weights every channel of the chunk shares
       const double nb = double(r1 - r0), na = acc.n[0], tot = na + nb;
-      const double wb = nb / tot, wab = na * nb / tot;
+      const double wb = nb / tot, wab = na * nb / tot, inv_nb = 1.0 / nb;
       double* am = acc.mean.data();
       double* a2 = acc.m2.data();
       for (int64_t c = 0; c < C; ++c) {
         const double ds = double(dsum[c]);
-        const double mb = double(mean[c]) + ds / nb, m2b = double(dev[c]) - ds * ds / nb;
+        const double mb = double(mean[c]) + ds * inv_nb, m2b = double(dev[c]) - ds * ds * inv_nb;
         const double delta = mb - am[c];
         am[c] += delta * wb;
         a2[c] += m2b + delta * delta * wab;
