@@ -24,16 +24,22 @@ from .train import make_trainer
 WIDTHS = (784, 100, 100, 100, 10)
 
 
+def _seconds_per_step(step, steps: int, warmup: int = 5) -> float:
+    """Mean wall time of ``step()`` over ``steps`` calls, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - t0) / steps
+
+
 def _bnlab(ds, bn: bool, steps: int, seeds: int) -> float:
     spec = dict(kind="mlp", widths=list(WIDTHS), activation="sigmoid", norm="bn" if bn else "none",
                 init="normal", init_std=0.1)
     trainer = make_trainer(build_mlp(spec, seeds), ds, list(range(seeds)), "x", 60, 0.1)
-    for s in range(5):
-        trainer.train_step(s)
-    t0 = time.perf_counter()
-    for s in range(steps):
-        trainer.train_step(s)
-    return (time.perf_counter() - t0) / steps / seeds
+    counter = iter(range(steps + 5))
+    return _seconds_per_step(lambda: trainer.train_step(next(counter)), steps) / seeds
 
 
 def _torch(ds, bn: bool, steps: int) -> float:
@@ -59,12 +65,7 @@ def _torch(ds, bn: bool, steps: int) -> float:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    for _ in range(5):
-        step()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - t0) / steps
+    return _seconds_per_step(step, steps)
 
 
 def _numpy(ds, bn: bool, steps: int) -> float:
@@ -121,12 +122,7 @@ def _numpy(ds, bn: bool, steps: int) -> float:
             W[l] -= lr * dW
             if l > 0:
                 dz = dz_prev
-    for _ in range(5):
-        step()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - t0) / steps
+    return _seconds_per_step(step, steps)
 
 
 def _time_one(impl: str, bn: bool, steps: int, seeds: int) -> float:
