@@ -23,7 +23,9 @@ def test_kernels_are_available_here():
 
 SHAPES = [((7, 5), None), ((13, 3, 17), None), ((5, 6, 7, 9), None), ((5, 6, 7, 9), torch.channels_last),
           ((3, 4, 5, 6, 7), None), ((3, 4, 5, 6, 7), torch.channels_last_3d), ((33, 129), None),
-          ((2, 70, 3, 3), torch.channels_last)]
+          ((2, 70, 3, 3), torch.channels_last),
+          # several row chunks per thread: the rows layout's shifted one-pass chunks run
+          ((1003, 37), None), ((9, 16, 11, 13), torch.channels_last)]
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
 
@@ -82,6 +84,40 @@ def test_fast_path_equals_the_definition(shape, fmt, dtype, store_mode):
                                  w, b, False, 0.1, 1e-5)
     e, e_r = _both(evaluate)
     torch.testing.assert_close(e.double(), e_r.double(), atol=tol, rtol=tol)
+
+
+def _hard_columns(M: int) -> dict[str, torch.Tensor]:
+    """(M, 4) float64 columns that break naive or badly shifted one-pass variance algorithms."""
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(M, 4, generator=g, dtype=torch.float64)
+    outlier = noise.clone()
+    outlier[:40] += 1e5                                                       # the first chunk far away
+    late = noise.clone()
+    late[-40:] -= 1e4                                                         # the last chunk far away
+    return {"sorted": noise.sort(0).values, "sorted descending": noise.sort(0, descending=True).values,
+            "mean 1e4, sd 1e-2": 1e4 + 1e-2 * noise, "first rows outliers": outlier, "last rows outliers": late,
+            "two levels": torch.where(torch.arange(M)[:, None] < M // 2, noise, noise + 1e3),
+            "ramp": torch.arange(M, dtype=torch.float64)[:, None].repeat(1, 4)}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rows_statistics_stay_accurate_on_hard_data(threads):
+    """The rows layout reduces chunks after the first in one pass, shifted by the running mean;
+    the variance must stay within a few float32 roundings of the float64 truth on data where
+    the shift is far from the chunk (sorted, outliers first or last, large offset)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for name, x64 in _hard_columns(6007).items():
+            x = x64.float()
+            ref_mean = x.double().mean(0)
+            ref_var = x.double().var(0, unbiased=False)
+            _, mean, var, _ = kernels.load().forward_train(x, None, None, 0.0)
+            torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=0, msg=name)
+            torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=1e-6 * ref_var.sqrt().max().item(),
+                                       msg=name)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_non_contiguous_input_falls_back_and_is_still_correct():

@@ -39,9 +39,6 @@
 namespace {
 
 constexpr int64_t kHugePage = 2 << 20;
-constexpr int64_t kChunkElems = 8192;   // values per cached chunk in the (M, C) layout
-
-inline int64_t row_chunk(int64_t C) { return std::max<int64_t>(8, kChunkElems / std::max<int64_t>(1, C)); }
 
 enum Act { kIdentity = 0, kRelu = 1, kLeakyRelu = 2 };
 // Outputs at least this large come from bnlab's pool of huge-page regions. A training step
@@ -171,50 +168,58 @@ struct Moments {
 // Statistics
 // ---------------------------------------------------------------------------------------------
 
-// Rows layout: a chunk of R rows is reduced one block of kCB channels at a time, the block's
-// accumulators held in registers (fixed trip count → the compiler keeps acc[kCB] in vector
-// registers); the chunk is cache-resident, so its second pass costs no memory traffic. All
-// channels of a chunk share the count, so the merge's weights are computed once per chunk.
-constexpr int64_t kCB = 32;
+// Rows layout, (M, C) with channels contiguous. Every pass reads rows in memory order (four rows
+// at a time, so the hardware prefetcher follows four sequential streams), the per-channel
+// accumulators of a chunk held in L1-resident arrays. Statistics per thread:
+//  * the thread's first chunk of R rows by the corrected two-pass algorithm (in cache);
+//  * every later chunk in ONE pass, shifted by the thread's running mean K (from the double
+//    accumulators): d = x − K, mean_b = K + Σd/n_b, M2_b = Σd² − (Σd)²/n_b, then Chan's merge.
+//    The rounding error of M2_b is ≈ ε·Σd² = ε·(M2_b + n_b·(mean_b − K)²), and the second term
+//    is (up to the factor (n_a + n_b)/n_a ≤ 2 for n_a ≥ n_b) exactly the between-chunk term Chan's
+//    merge adds to the total M2 — so the shift costs at most a few ε relative to the result, for
+//    any data, sorted or not (never E[x²] − E[x]²).
+constexpr int64_t kRowChunkElems = 32768;
+inline int64_t rows_per_chunk(int64_t C) {
+  return std::min<int64_t>(256, std::max<int64_t>(16, kRowChunkElems / std::max<int64_t>(1, C)));
+}
 
-template <typename acc_t, typename scalar_t, int64_t W>
-inline void chunk_moments_block(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, acc_t inv,
-                                acc_t* mean, acc_t* dsum, acc_t* dev) {
-  acc_t s[W] = {};
-  for (int64_t r = r0; r < r1; ++r) {
-    const scalar_t* row = x + r * C;
-    for (int64_t j = 0; j < W; ++j) s[j] += acc_t(row[j]);
-  }
-  acc_t m[W], d1[W] = {}, d2[W] = {};
-  for (int64_t j = 0; j < W; ++j) m[j] = s[j] * inv;                       // chunk mean m̃
-  for (int64_t r = r0; r < r1; ++r) {
-    const scalar_t* row = x + r * C;
-    for (int64_t j = 0; j < W; ++j) {
-      const acc_t d = acc_t(row[j]) - m[j];
-      d1[j] += d;
-      d2[j] += d * d;
+// s[c] += Σ_r (x[r][c] − K[c]) and q[c] += Σ_r (x[r][c] − K[c])² over rows [r0, r1)
+template <typename acc_t, typename scalar_t>
+inline void shifted_sums_rows(const scalar_t* __restrict x, int64_t C, int64_t r0, int64_t r1,
+                              const acc_t* __restrict K, acc_t* __restrict s, acc_t* __restrict q) {
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {
+    const scalar_t* __restrict x0 = x + r * C;
+    const scalar_t* __restrict x1 = x0 + C;
+    const scalar_t* __restrict x2 = x1 + C;
+    const scalar_t* __restrict x3 = x2 + C;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t k = K[c];
+      const acc_t d0 = acc_t(x0[c]) - k, d1 = acc_t(x1[c]) - k, d2 = acc_t(x2[c]) - k, d3 = acc_t(x3[c]) - k;
+      s[c] += (d0 + d1) + (d2 + d3);
+      q[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
     }
   }
-  for (int64_t j = 0; j < W; ++j) {
-    mean[j] = m[j];
-    dsum[j] = d1[j];
-    dev[j] = d2[j];
+  for (; r < r1; ++r) {
+    const scalar_t* __restrict xr = x + r * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t d = acc_t(xr[c]) - K[c];
+      s[c] += d;
+      q[c] += d * d;
+    }
   }
 }
 
 template <typename acc_t, typename scalar_t>
-inline void chunk_moments_tail(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, acc_t inv, int64_t w,
-                               acc_t* mean, acc_t* dsum, acc_t* dev) {
-  for (int64_t j = 0; j < w; ++j) mean[j] = dsum[j] = dev[j] = acc_t(0);
-  for (int64_t r = r0; r < r1; ++r)
-    for (int64_t j = 0; j < w; ++j) mean[j] += acc_t(x[r * C + j]);
-  for (int64_t j = 0; j < w; ++j) mean[j] *= inv;
-  for (int64_t r = r0; r < r1; ++r)
-    for (int64_t j = 0; j < w; ++j) {
-      const acc_t d = acc_t(x[r * C + j]) - mean[j];
-      dsum[j] += d;
-      dev[j] += d * d;
-    }
+inline void column_sums_rows(const scalar_t* __restrict x, int64_t C, int64_t r0, int64_t r1, acc_t* __restrict s) {
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {
+    const scalar_t* __restrict x0 = x + r * C;
+    for (int64_t c = 0; c < C; ++c)
+      s[c] += (acc_t(x0[c]) + acc_t(x0[C + c])) + (acc_t(x0[2 * C + c]) + acc_t(x0[3 * C + c]));
+  }
+  for (; r < r1; ++r)
+    for (int64_t c = 0; c < C; ++c) s[c] += acc_t(x[r * C + c]);
 }
 
 template <typename scalar_t>
@@ -224,32 +229,36 @@ void stats_rows(const scalar_t* x, const Layout& l, double* mean_out, double* m2
   const int nt = at::get_num_threads();
   std::vector<Moments> per(nt);
   for (auto& p : per) p.reset(C);
-  const int64_t R = row_chunk(C);
+  const int64_t R = rows_per_chunk(C);
   at::parallel_for(0, (M + R - 1) / R, 1, [&](int64_t b0, int64_t b1) {
     Moments& acc = per[at::get_thread_num()];
-    thread_local std::vector<acc_t> mean, dsum, dev;
-    mean.resize(C);
-    dsum.resize(C);
-    dev.resize(C);
+    thread_local std::vector<acc_t> K, s, q;
+    K.resize(C);
+    s.resize(C);
+    q.resize(C);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * R, r1 = std::min(M, r0 + R);
-      const acc_t inv = acc_t(1) / acc_t(r1 - r0);
-      int64_t c0 = 0;
-      for (; c0 + kCB <= C; c0 += kCB)
-        chunk_moments_block<acc_t, scalar_t, kCB>(x + c0, C, r0, r1, inv, &mean[c0], &dsum[c0], &dev[c0]);
-      if (c0 < C) chunk_moments_tail<acc_t, scalar_t>(x + c0, C, r0, r1, inv, C - c0, &mean[c0], &dsum[c0], &dev[c0]);
-      // corrected two-pass (mean = m̃ + Σd/n, M2 = Σd² − (Σd)²/n), then Chan's merge with the
-      // weights every channel of the chunk shares
       const double nb = double(r1 - r0), na = acc.n[0], tot = na + nb;
+      if (na == 0) {                                                        // first chunk: m̃ by a pass of its own
+        std::fill(K.begin(), K.end(), acc_t(0));
+        column_sums_rows<acc_t, scalar_t>(x, C, r0, r1, K.data());
+        const acc_t inv = acc_t(1) / acc_t(r1 - r0);
+        for (int64_t c = 0; c < C; ++c) K[c] *= inv;
+      }
+      std::fill(s.begin(), s.end(), acc_t(0));
+      std::fill(q.begin(), q.end(), acc_t(0));
+      shifted_sums_rows<acc_t, scalar_t>(x, C, r0, r1, K.data(), s.data(), q.data());
+      // mean_b = K + Σd/n_b, M2_b = Σd² − (Σd)²/n_b; Chan's merge with weights shared by all channels
       const double wb = nb / tot, wab = na * nb / tot, inv_nb = 1.0 / nb;
-      double* am = acc.mean.data();
-      double* a2 = acc.m2.data();
+      double* __restrict am = acc.mean.data();
+      double* __restrict a2 = acc.m2.data();
       for (int64_t c = 0; c < C; ++c) {
-        const double ds = double(dsum[c]);
-        const double mb = double(mean[c]) + ds * inv_nb, m2b = double(dev[c]) - ds * ds * inv_nb;
+        const double ds = double(s[c]);
+        const double mb = double(K[c]) + ds * inv_nb, m2b = double(q[c]) - ds * ds * inv_nb;
         const double delta = mb - am[c];
         am[c] += delta * wb;
         a2[c] += m2b + delta * delta * wab;
+        K[c] = acc_t(am[c]);                                                // the next chunk's shift
       }
       std::fill(acc.n.begin(), acc.n.end(), tot);
     }
@@ -515,24 +524,29 @@ inline void reduce_threads(const std::vector<std::vector<double>>& s1, const std
   }
 }
 
-template <typename acc_t, typename scalar_t, int64_t W>
-inline void chunk_grad_block(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t r0, int64_t r1,
-                             const acc_t* mu_in, double* s1, double* s2) {
-  acc_t mu[W], a1[W] = {}, a2[W] = {};
-  for (int64_t j = 0; j < W; ++j) mu[j] = mu_in[j];
-  for (int64_t r = r0; r < r1; ++r) {
-    const scalar_t* g = dy + r * C;
-    const scalar_t* xr = x + r * C;
-    for (int64_t j = 0; j < W; ++j) {
-      const acc_t gv = acc_t(g[j]);
-      a1[j] += gv;
-      a2[j] += gv * (acc_t(xr[j]) - mu[j]);
+// Rows layout: rows in memory order, four at a time; a chunk's sums in float (L1-resident arrays),
+// added into the thread's double sums once per chunk.
+template <typename acc_t, typename scalar_t>
+inline void grad_sums_chunk(const scalar_t* __restrict dy, const scalar_t* __restrict x, int64_t C, int64_t r0,
+                            int64_t r1, const acc_t* __restrict mu, acc_t* __restrict a1, acc_t* __restrict a2) {
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {
+    const scalar_t* __restrict g = dy + r * C;
+    const scalar_t* __restrict xr = x + r * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t m = mu[c];
+      const acc_t g0 = acc_t(g[c]), g1 = acc_t(g[C + c]), g2 = acc_t(g[2 * C + c]), g3 = acc_t(g[3 * C + c]);
+      a1[c] += (g0 + g1) + (g2 + g3);
+      a2[c] += (g0 * (acc_t(xr[c]) - m) + g1 * (acc_t(xr[C + c]) - m)) +
+               (g2 * (acc_t(xr[2 * C + c]) - m) + g3 * (acc_t(xr[3 * C + c]) - m));
     }
   }
-  for (int64_t j = 0; j < W; ++j) {
-    s1[j] += double(a1[j]);
-    s2[j] += double(a2[j]);
-  }
+  for (; r < r1; ++r)
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t gv = acc_t(dy[r * C + c]);
+      a1[c] += gv;
+      a2[c] += gv * (acc_t(x[r * C + c]) - mu[c]);
+    }
 }
 
 template <typename scalar_t>
@@ -544,25 +558,22 @@ void grad_sums_rows(const scalar_t* dy, const scalar_t* x, const double* mean, c
   std::vector<std::vector<double>> s1(nt, std::vector<double>(C, 0.0)), s2(nt, std::vector<double>(C, 0.0));
   std::vector<acc_t> mu(C);
   for (int64_t c = 0; c < C; ++c) mu[c] = acc_t(mean[c]);
-  const int64_t R = row_chunk(C);
+  const int64_t R = rows_per_chunk(C);
   at::parallel_for(0, (M + R - 1) / R, 1, [&](int64_t b0, int64_t b1) {
     const int tid = at::get_thread_num();
-    double* t1 = s1[tid].data();
-    double* t2 = s2[tid].data();
+    double* __restrict t1 = s1[tid].data();
+    double* __restrict t2 = s2[tid].data();
+    thread_local std::vector<acc_t> a1, a2;
+    a1.resize(C);
+    a2.resize(C);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * R, r1 = std::min(M, r0 + R);
-      int64_t c0 = 0;
-      for (; c0 + kCB <= C; c0 += kCB)
-        chunk_grad_block<acc_t, scalar_t, kCB>(dy + c0, x + c0, C, r0, r1, &mu[c0], t1 + c0, t2 + c0);
-      for (int64_t c = c0; c < C; ++c) {                                  // tail channels
-        acc_t a1 = 0, a2 = 0;
-        for (int64_t r = r0; r < r1; ++r) {
-          const acc_t gv = acc_t(dy[r * C + c]);
-          a1 += gv;
-          a2 += gv * (acc_t(x[r * C + c]) - mu[c]);
-        }
-        t1[c] += double(a1);
-        t2[c] += double(a2);
+      std::fill(a1.begin(), a1.end(), acc_t(0));
+      std::fill(a2.begin(), a2.end(), acc_t(0));
+      grad_sums_chunk<acc_t, scalar_t>(dy, x, C, r0, r1, mu.data(), a1.data(), a2.data());
+      for (int64_t c = 0; c < C; ++c) {
+        t1[c] += double(a1[c]);
+        t2[c] += double(a2[c]);
       }
     }
   });
@@ -822,7 +833,7 @@ std::vector<at::Tensor> bn_act_backward_impl(const at::Tensor& da, const at::Ten
   std::vector<std::vector<double>> s1(nt, std::vector<double>(C, 0.0)), s2(nt, std::vector<double>(C, 0.0));
   // pass 1: Σdz, Σdz·x̂
   if (l.rows) {
-    const int64_t R = row_chunk(C);
+    const int64_t R = rows_per_chunk(C);
     at::parallel_for(0, (l.M + R - 1) / R, 1, [&](int64_t b0, int64_t b1) {
       const int tid = at::get_thread_num();
       thread_local std::vector<acc_t> a1, a2;
