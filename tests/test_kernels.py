@@ -25,7 +25,7 @@ SHAPES = [((7, 5), None), ((13, 3, 17), None), ((5, 6, 7, 9), None), ((5, 6, 7, 
           ((3, 4, 5, 6, 7), None), ((3, 4, 5, 6, 7), torch.channels_last_3d), ((33, 129), None),
           ((2, 70, 3, 3), torch.channels_last),
           # several row chunks per thread: the rows layout's shifted one-pass chunks run
-          ((1003, 37), None), ((9, 16, 11, 13), torch.channels_last)]
+          ((3001, 37), None), ((9, 16, 11, 13), torch.channels_last)]
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
 
@@ -108,7 +108,7 @@ def test_rows_statistics_stay_accurate_on_hard_data(threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for name, x64 in _hard_columns(6007).items():
+        for name, x64 in _hard_columns(60007).items():          # 8 chunks of 8192 rows at C = 4
             x = x64.float()
             ref_mean = x.double().mean(0)
             ref_var = x.double().var(0, unbiased=False)
@@ -161,7 +161,8 @@ def test_double_backward_uses_the_differentiable_definition():
 
 @pytest.mark.parametrize("act,fmt", list(itertools.product(["identity", "leaky_relu", "relu"],
                                                       [torch.contiguous_format, torch.channels_last])))
-def test_bn_act_equals_bn_then_activation(act, fmt, store_mode):
+@pytest.mark.parametrize("shape", [(5, 3, 6, 7), (40, 3, 20, 30)])   # 1 chunk; several, with rows left over
+def test_bn_act_equals_bn_then_activation(act, fmt, shape, store_mode):
     torch.manual_seed(0)
     fused = bnlab.BatchNormAct2d(3, activation=act, negative_slope=0.1).double()
     with torch.no_grad():
@@ -172,7 +173,7 @@ def test_bn_act_equals_bn_then_activation(act, fmt, store_mode):
     if act != "relu":
         with torch.no_grad():
             ref.weight.copy_(fused.weight.abs() + bnlab.fused.GAMMA_EPS)
-    x = torch.randn(5, 3, 6, 7, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+    x = torch.randn(*shape, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
     x2 = x.detach().clone().requires_grad_()
     act_fn = {"identity": lambda z: z, "relu": F.relu, "leaky_relu": lambda z: F.leaky_relu(z, 0.1)}[act]
     y, y_ref = fused(x), act_fn(ref(x2))

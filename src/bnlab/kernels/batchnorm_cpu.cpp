@@ -178,9 +178,31 @@ struct Moments {
 //    is (up to the factor (n_a + n_b)/n_a ≤ 2 for n_a ≥ n_b) exactly the between-chunk term Chan's
 //    merge adds to the total M2 — so the shift costs at most a few ε relative to the result, for
 //    any data, sorted or not (never E[x²] − E[x]²).
-constexpr int64_t kRowChunkElems = 32768;
-inline int64_t rows_per_chunk(int64_t C) {
-  return std::min<int64_t>(256, std::max<int64_t>(16, kRowChunkElems / std::max<int64_t>(1, C)));
+//  * narrow rows (small C) are taken k at a time as one "wide row" of W = k·C values, the
+//    accumulators tiled k times and folded per chunk — the inner loops then run W long, not C.
+constexpr int64_t kWideElems = 512;       // a wide row holds at least this many values (if C allows)
+constexpr int64_t kChunkRows = 64;        // wide rows per chunk: each float accumulator sums ≤ 64 terms
+
+struct Wide {
+  int64_t k, W, R;                        // rows per wide row, its width k·C, rows per chunk (k·kChunkRows)
+};
+
+inline Wide wide_rows(int64_t C) {
+  const int64_t k = std::max<int64_t>(1, kWideElems / std::max<int64_t>(1, C));
+  return {k, k * C, k * kChunkRows};
+}
+
+// a[0, C) copied to a[j·C, (j + 1)·C) for j = 1 … k − 1 (a tiled accumulator's shift or mean)
+template <typename T>
+inline void tile(T* a, int64_t C, int64_t k) {
+  for (int64_t j = 1; j < k; ++j) std::copy(a, a + C, a + j * C);
+}
+
+// a[c] += Σ_{j ≥ 1} a[j·C + c]: the k copies of a tiled accumulator folded into the first
+template <typename T>
+inline void fold(T* a, int64_t C, int64_t k) {
+  for (int64_t j = 1; j < k; ++j)
+    for (int64_t c = 0; c < C; ++c) a[c] += a[j * C + c];
 }
 
 // s[c] += Σ_r (x[r][c] − K[c]) and q[c] += Σ_r (x[r][c] − K[c])² over rows [r0, r1)
@@ -222,32 +244,51 @@ inline void column_sums_rows(const scalar_t* __restrict x, int64_t C, int64_t r0
     for (int64_t c = 0; c < C; ++c) s[c] += acc_t(x[r * C + c]);
 }
 
+// The rows [r0, r1) of a chunk as full wide rows of width W (accumulators tiled k times), then the
+// remaining < k rows with width C into the first copy; fold() afterwards.
+template <typename F>
+inline void wide_chunk(const Wide& w, int64_t C, int64_t r0, int64_t r1, F&& rows) {
+  const int64_t full = (r1 - r0) / w.k;
+  rows(r0, full, w.W);                                  // full wide rows starting at row r0
+  if (r0 + full * w.k < r1) rows(r0 + full * w.k, r1 - r0 - full * w.k, C);
+}
+
 template <typename scalar_t>
 void stats_rows(const scalar_t* x, const Layout& l, double* mean_out, double* m2_out) {
   using acc_t = typename Acc<scalar_t>::type;
   const int64_t C = l.C, M = l.M;
+  const Wide w = wide_rows(C);
   const int nt = at::get_num_threads();
   std::vector<Moments> per(nt);
   for (auto& p : per) p.reset(C);
-  const int64_t R = rows_per_chunk(C);
+  const int64_t R = w.R;
   at::parallel_for(0, (M + R - 1) / R, 1, [&](int64_t b0, int64_t b1) {
     Moments& acc = per[at::get_thread_num()];
     thread_local std::vector<acc_t> K, s, q;
-    K.resize(C);
-    s.resize(C);
-    q.resize(C);
+    K.resize(w.W);
+    s.resize(w.W);
+    q.resize(w.W);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * R, r1 = std::min(M, r0 + R);
       const double nb = double(r1 - r0), na = acc.n[0], tot = na + nb;
+      // a wide row starting at row r: W = k·C values, row r·C onwards (the same memory as k rows)
       if (na == 0) {                                                        // first chunk: m̃ by a pass of its own
-        std::fill(K.begin(), K.end(), acc_t(0));
-        column_sums_rows<acc_t, scalar_t>(x, C, r0, r1, K.data());
+        std::fill(s.begin(), s.end(), acc_t(0));
+        wide_chunk(w, C, r0, r1, [&](int64_t r, int64_t n, int64_t width) {
+          column_sums_rows<acc_t, scalar_t>(x + r * C, width, 0, n, s.data());
+        });
+        fold(s.data(), C, w.k);
         const acc_t inv = acc_t(1) / acc_t(r1 - r0);
-        for (int64_t c = 0; c < C; ++c) K[c] *= inv;
+        for (int64_t c = 0; c < C; ++c) K[c] = s[c] * inv;
       }
+      tile(K.data(), C, w.k);
       std::fill(s.begin(), s.end(), acc_t(0));
       std::fill(q.begin(), q.end(), acc_t(0));
-      shifted_sums_rows<acc_t, scalar_t>(x, C, r0, r1, K.data(), s.data(), q.data());
+      wide_chunk(w, C, r0, r1, [&](int64_t r, int64_t n, int64_t width) {
+        shifted_sums_rows<acc_t, scalar_t>(x + r * C, width, 0, n, K.data(), s.data(), q.data());
+      });
+      fold(s.data(), C, w.k);
+      fold(q.data(), C, w.k);
       // mean_b = K + Σd/n_b, M2_b = Σd² − (Σd)²/n_b; Chan's merge with weights shared by all channels
       const double wb = nb / tot, wab = na * nb / tot, inv_nb = 1.0 / nb;
       double* __restrict am = acc.mean.data();
@@ -321,6 +362,34 @@ void stats_ncl(const scalar_t* x, const Layout& l, double* mean_out, double* m2_
 // ---------------------------------------------------------------------------------------------
 // Elementwise: y = act(x·alpha + beta)
 // ---------------------------------------------------------------------------------------------
+
+// The rows layout's elementwise passes: body(first_row, width) over the wide rows (k rows at a
+// time, width W, per-channel coefficients tiled k times) in parallel, then over the < k rows left
+// (width C); done() closes each thread's share (a store fence after streaming stores).
+template <typename F, typename G>
+void parallel_wide_rows(const Layout& l, const Wide& w, F&& body, G&& done) {
+  const int64_t units = l.M / w.k;
+  at::parallel_for(0, units, std::max<int64_t>(1, 16384 / w.W), [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) body(u * w.k, w.W);
+    done();
+  });
+  for (int64_t r = units * w.k; r < l.M; ++r) body(r, l.C);
+  done();
+}
+
+template <typename F>
+void parallel_wide_rows(const Layout& l, const Wide& w, F&& body) {
+  parallel_wide_rows(l, w, body, [] {});
+}
+
+// v (length C) tiled k times
+template <typename T>
+std::vector<T> tiled(const std::vector<T>& v, int64_t k) {
+  std::vector<T> t(v.size() * k);
+  std::copy(v.begin(), v.end(), t.begin());
+  tile(t.data(), int64_t(v.size()), k);
+  return t;
+}
 
 template <typename acc_t, int ACT>
 inline acc_t activate(acc_t z, acc_t slope) {
@@ -411,11 +480,11 @@ void affine_stream(const float* x, float* y, const Layout& l, const std::vector<
                    const std::vector<float>& beta, float slope) {
   if (l.rows) {
     const int64_t C = l.C;
-    at::parallel_for(0, l.M, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C)), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)
-        affine_run_stream<ACT, true>(x + r * C, y + r * C, C, alpha.data(), beta.data(), slope);
-      _mm_sfence();
-    });
+    const Wide w = wide_rows(C);
+    const std::vector<float> a = tiled(alpha, w.k), b = tiled(beta, w.k);
+    parallel_wide_rows(l, w, [&](int64_t r, int64_t n) {
+      affine_run_stream<ACT, true>(x + r * C, y + r * C, n, a.data(), b.data(), slope);
+    }, [] { _mm_sfence(); });
   } else {
     const int64_t C = l.C, L = l.L;
     at::parallel_for(0, l.N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, L)), [&](int64_t b0, int64_t b1) {
@@ -430,11 +499,11 @@ void dx_stream(const float* dy, const float* x, float* dx, const Layout& l, cons
                const std::vector<float>& k2, const std::vector<float>& k3) {
   if (l.rows) {
     const int64_t C = l.C;
-    at::parallel_for(0, l.M, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C)), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)
-        dx_run_stream<true>(dy + r * C, x + r * C, dx + r * C, C, k1.data(), k2.data(), k3.data());
-      _mm_sfence();
-    });
+    const Wide w = wide_rows(C);
+    const std::vector<float> a = tiled(k1, w.k), b = tiled(k2, w.k), c = tiled(k3, w.k);
+    parallel_wide_rows(l, w, [&](int64_t r, int64_t n) {
+      dx_run_stream<true>(dy + r * C, x + r * C, dx + r * C, n, a.data(), b.data(), c.data());
+    }, [] { _mm_sfence(); });
   } else {
     const int64_t C = l.C, L = l.L;
     at::parallel_for(0, l.N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, L)), [&](int64_t b0, int64_t b1) {
@@ -460,12 +529,12 @@ void affine_act(const scalar_t* x, scalar_t* y, const Layout& l, const std::vect
 #endif
   if (l.rows) {
     const int64_t C = l.C;
-    at::parallel_for(0, l.M, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C)), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* xr = x + r * C;
-        scalar_t* yr = y + r * C;
-        for (int64_t c = 0; c < C; ++c) yr[c] = scalar_t(activate<acc_t, ACT>(acc_t(xr[c]) * alpha[c] + beta[c], sl));
-      }
+    const Wide w = wide_rows(C);
+    const std::vector<acc_t> a = tiled(alpha, w.k), b = tiled(beta, w.k);
+    parallel_wide_rows(l, w, [&](int64_t r, int64_t n) {
+      const scalar_t* __restrict xr = x + r * C;
+      scalar_t* __restrict yr = y + r * C;
+      for (int64_t c = 0; c < n; ++c) yr[c] = scalar_t(activate<acc_t, ACT>(acc_t(xr[c]) * a[c] + b[c], sl));
     });
   } else {
     const int64_t C = l.C, L = l.L;
@@ -554,23 +623,29 @@ void grad_sums_rows(const scalar_t* dy, const scalar_t* x, const double* mean, c
                     double* sum_dy, double* sum_dy_xmu) {
   using acc_t = typename Acc<scalar_t>::type;
   const int64_t C = l.C, M = l.M;
+  const Wide w = wide_rows(C);
   const int nt = at::get_num_threads();
   std::vector<std::vector<double>> s1(nt, std::vector<double>(C, 0.0)), s2(nt, std::vector<double>(C, 0.0));
-  std::vector<acc_t> mu(C);
+  std::vector<acc_t> mu(w.W);
   for (int64_t c = 0; c < C; ++c) mu[c] = acc_t(mean[c]);
-  const int64_t R = rows_per_chunk(C);
+  tile(mu.data(), C, w.k);
+  const int64_t R = w.R;
   at::parallel_for(0, (M + R - 1) / R, 1, [&](int64_t b0, int64_t b1) {
     const int tid = at::get_thread_num();
     double* __restrict t1 = s1[tid].data();
     double* __restrict t2 = s2[tid].data();
     thread_local std::vector<acc_t> a1, a2;
-    a1.resize(C);
-    a2.resize(C);
+    a1.resize(w.W);
+    a2.resize(w.W);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * R, r1 = std::min(M, r0 + R);
       std::fill(a1.begin(), a1.end(), acc_t(0));
       std::fill(a2.begin(), a2.end(), acc_t(0));
-      grad_sums_chunk<acc_t, scalar_t>(dy, x, C, r0, r1, mu.data(), a1.data(), a2.data());
+      wide_chunk(w, C, r0, r1, [&](int64_t r, int64_t n, int64_t width) {
+        grad_sums_chunk<acc_t, scalar_t>(dy + r * C, x + r * C, width, 0, n, mu.data(), a1.data(), a2.data());
+      });
+      fold(a1.data(), C, w.k);
+      fold(a2.data(), C, w.k);
       for (int64_t c = 0; c < C; ++c) {
         t1[c] += double(a1[c]);
         t2[c] += double(a2[c]);
@@ -624,13 +699,13 @@ void dx_pass(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Layout& 
 #endif
   if (l.rows) {
     const int64_t C = l.C;
-    at::parallel_for(0, l.M, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C)), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* g = dy + r * C;
-        const scalar_t* xr = x + r * C;
-        scalar_t* o = dx + r * C;
-        for (int64_t c = 0; c < C; ++c) o[c] = scalar_t(acc_t(g[c]) * k1[c] + acc_t(xr[c]) * k2[c] + k3[c]);
-      }
+    const Wide w = wide_rows(C);
+    const std::vector<acc_t> a = tiled(k1, w.k), b = tiled(k2, w.k), c3 = tiled(k3, w.k);
+    parallel_wide_rows(l, w, [&](int64_t r, int64_t n) {
+      const scalar_t* __restrict g = dy + r * C;
+      const scalar_t* __restrict xr = x + r * C;
+      scalar_t* __restrict o = dx + r * C;
+      for (int64_t c = 0; c < n; ++c) o[c] = scalar_t(acc_t(g[c]) * a[c] + acc_t(xr[c]) * b[c] + c3[c]);
     });
   } else {
     const int64_t C = l.C, L = l.L;
@@ -831,28 +906,38 @@ std::vector<at::Tensor> bn_act_backward_impl(const at::Tensor& da, const at::Ten
   const scalar_t* vp = v.data_ptr<scalar_t>();
   const int nt = at::get_num_threads();
   std::vector<std::vector<double>> s1(nt, std::vector<double>(C, 0.0)), s2(nt, std::vector<double>(C, 0.0));
-  // pass 1: Σdz, Σdz·x̂
+  // pass 1: Σdz, Σdz·x̂ (rows layout: wide rows, per-channel constants tiled, float sums per chunk)
+  const Wide w = wide_rows(C);
   if (l.rows) {
-    const int64_t R = rows_per_chunk(C);
+    const std::vector<acc_t> gt = tiled(g, w.k), igt = tiled(ig, w.k), bt = tiled(b, w.k), mt = tiled(m, w.k),
+                             invt = tiled(inv, w.k);
+    const int64_t R = w.R;
     at::parallel_for(0, (l.M + R - 1) / R, 1, [&](int64_t b0, int64_t b1) {
       const int tid = at::get_thread_num();
       thread_local std::vector<acc_t> a1, a2;
-      a1.assign(C, acc_t(0));
-      a2.assign(C, acc_t(0));
+      a1.resize(w.W);
+      a2.resize(w.W);
       for (int64_t bi = b0; bi < b1; ++bi) {
         const int64_t r0 = bi * R, r1 = std::min(l.M, r0 + R);
-        for (int64_t r = r0; r < r1; ++r) {
-          for (int64_t c = 0; c < C; ++c) {
-            acc_t dz, xh;
-            rec(acc_t(dap[r * C + c]), acc_t(vp[r * C + c]), g[c], ig[c], b[c], m[c], inv[c], dz, xh);
-            a1[c] += dz;
-            a2[c] += dz * xh;
+        std::fill(a1.begin(), a1.end(), acc_t(0));
+        std::fill(a2.begin(), a2.end(), acc_t(0));
+        wide_chunk(w, C, r0, r1, [&](int64_t r, int64_t n, int64_t width) {
+          for (int64_t i = 0; i < n; ++i) {
+            const scalar_t* __restrict dar = dap + r * C + i * width;
+            const scalar_t* __restrict vr = vp + r * C + i * width;
+            for (int64_t c = 0; c < width; ++c) {
+              acc_t dz, xh;
+              rec(acc_t(dar[c]), acc_t(vr[c]), gt[c], igt[c], bt[c], mt[c], invt[c], dz, xh);
+              a1[c] += dz;
+              a2[c] += dz * xh;
+            }
           }
-        }
+        });
+        fold(a1.data(), C, w.k);
+        fold(a2.data(), C, w.k);
         for (int64_t c = 0; c < C; ++c) {
           s1[tid][c] += a1[c];
           s2[tid][c] += a2[c];
-          a1[c] = a2[c] = acc_t(0);
         }
       }
     });
@@ -889,13 +974,18 @@ std::vector<at::Tensor> bn_act_backward_impl(const at::Tensor& da, const at::Ten
   at::Tensor dx = empty_out(v, v.scalar_type());
   scalar_t* dxp = dx.data_ptr<scalar_t>();
   if (l.rows) {
-    at::parallel_for(0, l.M, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C)), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t c = 0; c < C; ++c) {
-          acc_t dz, xh;
-          rec(acc_t(dap[r * C + c]), acc_t(vp[r * C + c]), g[c], ig[c], b[c], m[c], inv[c], dz, xh);
-          dxp[r * C + c] = scalar_t(scale[c] * (dz - k1[c] - xh * k2[c]));
-        }
+    const std::vector<acc_t> gt = tiled(g, w.k), igt = tiled(ig, w.k), bt = tiled(b, w.k), mt = tiled(m, w.k),
+                             invt = tiled(inv, w.k), st = tiled(scale, w.k), k1t = tiled(k1, w.k),
+                             k2t = tiled(k2, w.k);
+    parallel_wide_rows(l, w, [&](int64_t r, int64_t n) {
+      const scalar_t* __restrict dar = dap + r * C;
+      const scalar_t* __restrict vr = vp + r * C;
+      scalar_t* __restrict o = dxp + r * C;
+      for (int64_t c = 0; c < n; ++c) {
+        acc_t dz, xh;
+        rec(acc_t(dar[c]), acc_t(vr[c]), gt[c], igt[c], bt[c], mt[c], invt[c], dz, xh);
+        o[c] = scalar_t(st[c] * (dz - k1t[c] - xh * k2t[c]));
+      }
     });
   } else {
     const int64_t L = l.L;
