@@ -18,10 +18,18 @@ Modes and their minimal traffic (S = bytes of the tensor):
   fwdbwd  training forward + backward                                + read x, dy, write dx = 5S
   eval    inference forward under no_grad                              read x, write y   = 2S
 The copy is ``dst.copy_(src)`` into a preallocated buffer (2S): the memory system's ceiling.
+
+torch.nn's time depends on glibc's allocator: a freed output above the (dynamic) mmap threshold
+goes back to the OS, and the next one page-faults every 4 KiB page on first touch — on this
+kind of machine often most of torch's time on large tensors. ``keep_freed_memory()`` (CLI
+``--malloc keep``) tells glibc never to do that (no mmap'd chunks, no heap trimming), as a caching
+allocator such as jemalloc or tcmalloc would: torch.nn at its best. Report both.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import statistics
 import time
@@ -64,6 +72,19 @@ class Row:
     torch_copy_fraction: float
     copy_gbs: float
     repeats: int
+
+
+def keep_freed_memory() -> None:
+    """glibc ``mallopt``: serve every allocation from the heap (M_MMAP_MAX = 0) and never trim it
+    (M_TRIM_THRESHOLD = 2 GiB), so freed outputs stay mapped and the next ones reuse faulted-in
+    pages. Process-wide and for the rest of the process (a benchmark process)."""
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4                   # <malloc.h>
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is None or not hasattr(libc, "mallopt"):
+        raise RuntimeError("--malloc keep needs glibc's mallopt (Linux with glibc)")
+    if not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
+        raise RuntimeError("glibc mallopt refused M_MMAP_MAX/M_TRIM_THRESHOLD")
 
 
 def _median_alternating(fns: list[Callable[[], object]], min_repeats: int, max_repeats: int,

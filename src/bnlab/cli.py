@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke run)")
     bench.add_argument("--block", type=int, default=5,
                        help="batchnorm: consecutive calls per implementation per turn (1: call-by-call alternation)")
+    bench.add_argument("--malloc", choices=["default", "keep"], default="default",
+                       help="batchnorm: keep = glibc never returns freed memory to the OS, so torch's fresh "
+                            "outputs do not page-fault (torch.nn at its best, as with jemalloc/tcmalloc)")
     bench.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     bench.add_argument("--json", default=None, help="write the rows to this JSON file")
     bench.set_defaults(func=_bench)
@@ -146,6 +149,8 @@ def _bench(args) -> int:
     unknown = set(modes) - set(bench.MODES)
     if unknown:
         raise SystemExit(f"bnlab bench: unknown modes {sorted(unknown)}; choose from {bench.MODES}")
+    if args.malloc == "keep":
+        bench.keep_freed_memory()
     shapes = bench.QUICK_SHAPES if args.quick else bench.DEFAULT_SHAPES
     kwargs = dict(min_repeats=3, max_repeats=5, budget_s=0.2) if args.quick else {}
     rows = bench.run(shapes, threads, modes, block=args.block, **kwargs)
