@@ -402,13 +402,15 @@ inline acc_t activate(acc_t z, acc_t slope) {
 
 // Non-temporal stores for large float32 outputs. A normal store first reads the line it writes
 // (read-for-ownership): writing y costs two passes of memory traffic, not one, and the written
-// lines evict what the pass still has to read. The test is the bytes the pass touches — x and y
-// for the normalize (2S), dy, x and dx for dx (3S) — against the last-level cache (at least
-// 8 MiB; env BNLAB_STREAM_MB, set_stream_threshold): when they cannot all stay cached, the output
-// is written with streaming stores that skip the read and leave the inputs in cache. Below it,
-// normal stores leave the output cached for the next layer. Measured (bench --malloc keep, 2
-// threads, fwd+bwd/torch): (4096,1024) 0.84-0.85 with this rule vs 0.95-0.97 when only outputs
-// ≥ L3 were streamed; (64,64,28,28) channels_last 0.88-0.91 vs 1.02-1.03.
+// lines evict what is still to be read. The test is the bytes that should stay cached across the
+// pass — training normalize: x (saved for the backward) and y (2S); dx: dy, x and dx (3S);
+// inference normalize: y only, x being dead after it (S) — against the last-level cache (at
+// least 8 MiB; env BNLAB_STREAM_MB, set_stream_threshold): when they cannot all stay, the output
+// is written with streaming stores that skip the read. Below it, normal stores leave the output
+// cached for the next layer. Measured (bench --malloc keep, 2 threads, fwd+bwd/torch, two runs
+// each): (4096,1024) 0.83-0.85 with this rule vs 0.95-0.97 when only outputs ≥ L3 were
+// streamed; (64,64,28,28) channels_last 0.88-0.94 vs 1.02-1.03; streaming inference outputs of
+// 2S ≥ L3 as well made eval of (4096,1024) 1.3× slower, hence S there.
 // Each run: scalar head up to 32-byte alignment, AVX body, scalar tail.
 int64_t stream_threshold_bytes = []() -> int64_t {
   const char* env = std::getenv("BNLAB_STREAM_MB");
@@ -524,12 +526,16 @@ void dx_stream(const float* dy, const float* x, float* dx, const Layout& l, cons
 
 template <typename scalar_t, int ACT>
 void affine_act(const scalar_t* x, scalar_t* y, const Layout& l, const std::vector<typename Acc<scalar_t>::type>& alpha,
-                const std::vector<typename Acc<scalar_t>::type>& beta, double slope) {
+                const std::vector<typename Acc<scalar_t>::type>& beta, double slope,
+                bool training) {
   using acc_t = typename Acc<scalar_t>::type;
   const acc_t sl = acc_t(slope);
 #ifdef BNLAB_STREAM
   if constexpr (std::is_same<scalar_t, float>::value) {
-    if (use_stream(2 * l.N * l.C * l.L * int64_t(sizeof(float)))) return affine_stream<ACT>(x, y, l, alpha, beta, sl);
+    // training: x stays saved for the backward, so the pass touches x and y (2S); inference: x is
+    // dead after this pass and y is what the next layer reads (S)
+    const int64_t S = l.N * l.C * l.L * int64_t(sizeof(float));
+    if (use_stream(training ? 2 * S : S)) return affine_stream<ACT>(x, y, l, alpha, beta, sl);
   }
 #endif
   if (l.rows) {
@@ -557,10 +563,11 @@ void affine_act(const scalar_t* x, scalar_t* y, const Layout& l, const std::vect
 
 template <typename scalar_t>
 void affine(const scalar_t* x, scalar_t* y, const Layout& l, const std::vector<typename Acc<scalar_t>::type>& alpha,
-            const std::vector<typename Acc<scalar_t>::type>& beta, int act, double slope) {
-  if (act == kRelu) affine_act<scalar_t, kRelu>(x, y, l, alpha, beta, slope);
-  else if (act == kLeakyRelu) affine_act<scalar_t, kLeakyRelu>(x, y, l, alpha, beta, slope);
-  else affine_act<scalar_t, kIdentity>(x, y, l, alpha, beta, slope);
+            const std::vector<typename Acc<scalar_t>::type>& beta, int act, double slope,
+            bool training) {
+  if (act == kRelu) affine_act<scalar_t, kRelu>(x, y, l, alpha, beta, slope, training);
+  else if (act == kLeakyRelu) affine_act<scalar_t, kLeakyRelu>(x, y, l, alpha, beta, slope, training);
+  else affine_act<scalar_t, kIdentity>(x, y, l, alpha, beta, slope, training);
 }
 
 template <typename acc_t>
@@ -794,7 +801,7 @@ std::vector<at::Tensor> forward_train(const at::Tensor& x, const c10::optional<a
     std::vector<acc_t> alpha, beta;
     coefficients<acc_t>(mean.data(), invstd.data(), weight.value_or(at::Tensor()), bias.value_or(at::Tensor()),
                         l.C, alpha, beta);
-    affine<scalar_t>(xp, y.data_ptr<scalar_t>(), l, alpha, beta, int(act), slope);
+    affine<scalar_t>(xp, y.data_ptr<scalar_t>(), l, alpha, beta, int(act), slope, /*training=*/true);
   });
   update_running(running_mean, running_var, mean, var, double(l.M), momentum, unbiased);
   const auto acc = acc_type(x.scalar_type());
@@ -816,7 +823,8 @@ at::Tensor forward_eval(const at::Tensor& x, const at::Tensor& running_mean, con
     std::vector<acc_t> alpha, beta;
     coefficients<acc_t>(mean.data(), invstd.data(), weight.value_or(at::Tensor()), bias.value_or(at::Tensor()),
                         l.C, alpha, beta);
-    affine<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), l, alpha, beta, int(act), slope);
+    affine<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), l, alpha, beta, int(act), slope,
+                     /*training=*/false);
   });
   return y;
 }
