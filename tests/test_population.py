@@ -227,7 +227,8 @@ def test_frozen_and_untracked_layers_are_left_alone():
                           nn.BatchNorm1d(4, track_running_stats=False)).double()
     model[1].freeze()
     before = model[1].running_mean.clone()
-    assert bnlab.population_statistics(model, [_data(8)], progress=False) == {}
+    with pytest.warns(UserWarning, match="nothing to do"):        # said, not silently skipped
+        assert bnlab.population_statistics(model, [_data(8)], progress=False) == {}
     assert torch.equal(model[1].running_mean, before)
 
 

@@ -3,15 +3,17 @@
 //
 // Memory is the cost: training forward must read x and write y, backward read x, dy and write
 // dx. So:
-//  * statistics in one pass over memory: rows are taken in chunks that stay in cache, each chunk
-//    reduced by the corrected two-pass algorithm (Chan, Golub & LeVeque 1983: a first pass for the
-//    chunk mean m̃, then d = x − m̃ with M2 = Σd² − (Σd)²/n and mean = m̃ + Σd/n, which cancels the
-//    rounding error of m̃) and merged into per-thread accumulators with Chan's update in double
-//    precision; threads merged at the end (never E[x²] − E[x]²);
+//  * statistics in one pass over memory, never E[x²] − E[x]²: NCHW runs of L values (in cache)
+//    by the corrected two-pass algorithm (Chan, Golub & LeVeque 1983: a first pass for the run's
+//    mean m̃, then d = x − m̃ with M2 = Σd² − (Σd)²/n and mean = m̃ + Σd/n, which cancels the
+//    rounding error of m̃); rows-layout chunks in one pass shifted by the running mean (see
+//    stats_rows for why that is as accurate); partial (n, mean, M2) merged per thread with Chan's
+//    update in double precision, threads merged at the end;
 //  * normalize in one pass: y = x·α + b per channel (α = γ·invstd, b = β − μ·α);
 //  * backward: one pass for Σdy and Σdy·(x − μ), one pass for dx = dy·k1 + x·k2 + k3;
 //  * fresh large outputs are allocated 2 MiB-aligned and madvised for transparent huge pages —
-//    otherwise first touch page-faults every 4 KiB page (~13 ms per 64 MB on this machine);
+//    otherwise first touch page-faults every 4 KiB page (~13 ms per 64 MB on this machine) —
+//    and pooled; outputs too large to stay cached with the pass's inputs are streamed;
 //  * per-thread scratch is thread_local and reused across calls.
 // Two layouts: (N, C, L) contiguous (NCHW, NCL) and (M, C) rows (2-D input, channels_last).
 // Threads come from ATen's pool (at::parallel_for), so torch.set_num_threads applies.
