@@ -25,7 +25,8 @@ SHAPES = [((7, 5), None), ((13, 3, 17), None), ((5, 6, 7, 9), None), ((5, 6, 7, 
           ((3, 4, 5, 6, 7), None), ((3, 4, 5, 6, 7), torch.channels_last_3d), ((33, 129), None),
           ((2, 70, 3, 3), torch.channels_last),
           # several row chunks per thread: the rows layout's shifted one-pass chunks run
-          ((3001, 37), None), ((9, 16, 11, 13), torch.channels_last)]
+          ((3001, 37), None), ((9, 16, 11, 13), torch.channels_last),
+          ((1500, 1), None), ((41, 600), None)]                      # one channel; C above the wide-row width
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
 
