@@ -209,17 +209,18 @@ inline void fold(T* a, int64_t C, int64_t k) {
     for (int64_t c = 0; c < C; ++c) a[c] += a[j * C + c];
 }
 
-// s[c] += Σ_r (x[r][c] − K[c]) and q[c] += Σ_r (x[r][c] − K[c])² over rows [r0, r1)
+// s[c] += Σ_r (x[r][c] − K[c]) and q[c] += Σ_r (x[r][c] − K[c])² over rows [r0, r1) of width W
+// (a wide row, or one row of C values)
 template <typename acc_t, typename scalar_t>
-inline void shifted_sums_rows(const scalar_t* __restrict x, int64_t C, int64_t r0, int64_t r1,
+inline void shifted_sums_rows(const scalar_t* __restrict x, int64_t W, int64_t r0, int64_t r1,
                               const acc_t* __restrict K, acc_t* __restrict s, acc_t* __restrict q) {
   int64_t r = r0;
   for (; r + 4 <= r1; r += 4) {
-    const scalar_t* __restrict x0 = x + r * C;
-    const scalar_t* __restrict x1 = x0 + C;
-    const scalar_t* __restrict x2 = x1 + C;
-    const scalar_t* __restrict x3 = x2 + C;
-    for (int64_t c = 0; c < C; ++c) {
+    const scalar_t* __restrict x0 = x + r * W;
+    const scalar_t* __restrict x1 = x0 + W;
+    const scalar_t* __restrict x2 = x1 + W;
+    const scalar_t* __restrict x3 = x2 + W;
+    for (int64_t c = 0; c < W; ++c) {
       const acc_t k = K[c];
       const acc_t d0 = acc_t(x0[c]) - k, d1 = acc_t(x1[c]) - k, d2 = acc_t(x2[c]) - k, d3 = acc_t(x3[c]) - k;
       s[c] += (d0 + d1) + (d2 + d3);
@@ -227,8 +228,8 @@ inline void shifted_sums_rows(const scalar_t* __restrict x, int64_t C, int64_t r
     }
   }
   for (; r < r1; ++r) {
-    const scalar_t* __restrict xr = x + r * C;
-    for (int64_t c = 0; c < C; ++c) {
+    const scalar_t* __restrict xr = x + r * W;
+    for (int64_t c = 0; c < W; ++c) {
       const acc_t d = acc_t(xr[c]) - K[c];
       s[c] += d;
       q[c] += d * d;
@@ -237,15 +238,15 @@ inline void shifted_sums_rows(const scalar_t* __restrict x, int64_t C, int64_t r
 }
 
 template <typename acc_t, typename scalar_t>
-inline void column_sums_rows(const scalar_t* __restrict x, int64_t C, int64_t r0, int64_t r1, acc_t* __restrict s) {
+inline void column_sums_rows(const scalar_t* __restrict x, int64_t W, int64_t r0, int64_t r1, acc_t* __restrict s) {
   int64_t r = r0;
   for (; r + 4 <= r1; r += 4) {
-    const scalar_t* __restrict x0 = x + r * C;
-    for (int64_t c = 0; c < C; ++c)
-      s[c] += (acc_t(x0[c]) + acc_t(x0[C + c])) + (acc_t(x0[2 * C + c]) + acc_t(x0[3 * C + c]));
+    const scalar_t* __restrict x0 = x + r * W;
+    for (int64_t c = 0; c < W; ++c)
+      s[c] += (acc_t(x0[c]) + acc_t(x0[W + c])) + (acc_t(x0[2 * W + c]) + acc_t(x0[3 * W + c]));
   }
   for (; r < r1; ++r)
-    for (int64_t c = 0; c < C; ++c) s[c] += acc_t(x[r * C + c]);
+    for (int64_t c = 0; c < W; ++c) s[c] += acc_t(x[r * W + c]);
 }
 
 // The rows [r0, r1) of a chunk as full wide rows of width W (accumulators tiled k times), then the
@@ -610,25 +611,25 @@ inline void reduce_threads(const std::vector<std::vector<double>>& s1, const std
 // Rows layout: rows in memory order, four at a time; a chunk's sums in float (L1-resident arrays),
 // added into the thread's double sums once per chunk.
 template <typename acc_t, typename scalar_t>
-inline void grad_sums_chunk(const scalar_t* __restrict dy, const scalar_t* __restrict x, int64_t C, int64_t r0,
+inline void grad_sums_chunk(const scalar_t* __restrict dy, const scalar_t* __restrict x, int64_t W, int64_t r0,
                             int64_t r1, const acc_t* __restrict mu, acc_t* __restrict a1, acc_t* __restrict a2) {
   int64_t r = r0;
   for (; r + 4 <= r1; r += 4) {
-    const scalar_t* __restrict g = dy + r * C;
-    const scalar_t* __restrict xr = x + r * C;
-    for (int64_t c = 0; c < C; ++c) {
+    const scalar_t* __restrict g = dy + r * W;
+    const scalar_t* __restrict xr = x + r * W;
+    for (int64_t c = 0; c < W; ++c) {
       const acc_t m = mu[c];
-      const acc_t g0 = acc_t(g[c]), g1 = acc_t(g[C + c]), g2 = acc_t(g[2 * C + c]), g3 = acc_t(g[3 * C + c]);
+      const acc_t g0 = acc_t(g[c]), g1 = acc_t(g[W + c]), g2 = acc_t(g[2 * W + c]), g3 = acc_t(g[3 * W + c]);
       a1[c] += (g0 + g1) + (g2 + g3);
-      a2[c] += (g0 * (acc_t(xr[c]) - m) + g1 * (acc_t(xr[C + c]) - m)) +
-               (g2 * (acc_t(xr[2 * C + c]) - m) + g3 * (acc_t(xr[3 * C + c]) - m));
+      a2[c] += (g0 * (acc_t(xr[c]) - m) + g1 * (acc_t(xr[W + c]) - m)) +
+               (g2 * (acc_t(xr[2 * W + c]) - m) + g3 * (acc_t(xr[3 * W + c]) - m));
     }
   }
   for (; r < r1; ++r)
-    for (int64_t c = 0; c < C; ++c) {
-      const acc_t gv = acc_t(dy[r * C + c]);
+    for (int64_t c = 0; c < W; ++c) {
+      const acc_t gv = acc_t(dy[r * W + c]);
       a1[c] += gv;
-      a2[c] += gv * (acc_t(x[r * C + c]) - mu[c]);
+      a2[c] += gv * (acc_t(x[r * W + c]) - mu[c]);
     }
 }
 
