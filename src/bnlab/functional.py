@@ -499,6 +499,10 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     NaN/Inf in the input propagate to that channel's output and, in training, its running
     statistics (as in torch.nn); modules can check for them with ``check_finite=True``.
     """
+    if isinstance(input, Tensor) and input.dim() < 2 and input.numel() == 0 and input.dtype.is_floating_point:
+        # torch.nn.functional.batch_norm returns an empty 1-D input as it is (PyTorch's own OpInfo
+        # samples include it); a non-empty one has no channel dimension and is refused below
+        return _empty_output(input, weight, bias)
     check_input(input)
     channels = input.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
@@ -540,8 +544,14 @@ def _needs_graph(*tensors: Optional[Tensor]) -> bool:
 
 
 def _empty_output(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
-    """An empty batch has nothing to normalize; keep the graph so backward still runs."""
+    """An empty batch has nothing to normalize; keep the graph so backward still runs (the
+    parameters' gradients are then zeros)."""
     y = x * 1.0
+    if x.dim() < 2:                              # no channel dimension to broadcast along
+        for t in (weight, bias):
+            if t is not None:
+                y = y + t.sum() * 0
+        return y.to(x.dtype)
     if weight is not None:
         y = y * channel_view(weight, x)
     if bias is not None:
