@@ -43,3 +43,35 @@ def test_bench_command_runs_with_both_allocators(tmp_path):
                        check=True, capture_output=True, timeout=600)
         rows = json.loads(path.read_text())
         assert rows and all(r["mode"] == "fwdbwd" and r["torch_ms"] > 0 and r["bnlab_ms"] > 0 for r in rows)
+
+
+def test_single_passes_run_the_kernels_code():
+    """bench_pass runs the real passes: with its fixed coefficients the normalize pass is
+    y = x·1 + 0 and the dx pass dx = dy·1 + x·1 + 0, in both layouts (and streamed or not)."""
+    import torch
+    from bnlab import kernels
+    k = kernels.load()
+    if k is None:
+        pytest.skip(f"no CPU kernels: {kernels.failure()}")
+    for x in (torch.randn(300, 37), torch.randn(4, 5, 6, 7), torch.randn(4, 5, 6, 7).to(memory_format=torch.channels_last)):
+        dy = torch.randn_like(x)
+        out = torch.full_like(x, float("nan"))
+        k.bench_pass(1, x, dy, out)
+        assert torch.equal(out, x)
+        k.bench_pass(3, x, dy, out)
+        assert torch.allclose(out, dy + x, atol=1e-6)
+        k.bench_pass(0, x, dy, out)            # reductions: run without error, leave out alone
+        k.bench_pass(2, x, dy, out)
+        assert torch.allclose(out, dy + x, atol=1e-6)
+    with pytest.raises(RuntimeError, match="share dtype and strides"):
+        k.bench_pass(1, x, dy.contiguous(), out)
+
+
+def test_passes_command_reports_every_pass():
+    out = subprocess.run([sys.executable, "-m", "bnlab", "bench", "passes", "--quick", "--threads", "1", "--markdown"],
+                         check=True, capture_output=True, text=True, timeout=600).stdout
+    table = [line for line in out.splitlines() if line.startswith("| ")]
+    for name in ("statistics", "normalize", "grad sums", "dx", "**bnlab total**", "torch total"):
+        assert sum(f"| {name} |" in line for line in table) == 2, name          # both quick shapes
+    totals = [line.split("|") for line in table if "**bnlab total**" in line]
+    assert all(float(cells[4]) > 0 for cells in totals)

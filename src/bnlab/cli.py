@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.set_defaults(func=_recalibrate)
 
     bench = sub.add_parser("bench", help="benchmarks: BatchNorm vs torch.nn (default), probe overhead, E1 loops")
-    bench.add_argument("what", nargs="?", default="batchnorm", choices=["batchnorm", "probes", "e1", "variants", "ddp", "memory"],
-                       help="batchnorm: bnlab vs torch.nn BN; probes: probe overhead on the E1 MLP; "
+    bench.add_argument("what", nargs="?", default="batchnorm", choices=["batchnorm", "passes", "probes", "e1", "variants", "ddp", "memory"],
+                       help="batchnorm: bnlab vs torch.nn BN; passes: each pass of the CPU kernels vs a torch "
+                            "op moving the same bytes, and torch's native forward/backward; probes: probe overhead on the E1 MLP; "
                             "e1: E1's training loop vs plain PyTorch vs NumPy; variants: each "
                             "normalization variant vs bnlab BatchNorm; ddp: E1 step time in 1 and "
                             "2 processes; memory: BatchNormAct2d vs torch BN + activation")
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--block", type=int, default=5,
                        help="batchnorm: consecutive calls per implementation per turn (1: call-by-call alternation)")
     bench.add_argument("--malloc", choices=["default", "keep"], default="default",
-                       help="batchnorm: keep = glibc never returns freed memory to the OS, so torch's fresh "
+                       help="batchnorm, passes: keep = glibc never returns freed memory to the OS, so torch's fresh "
                             "outputs do not page-fault (torch.nn at its best, as with jemalloc/tcmalloc)")
     bench.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     bench.add_argument("--json", default=None, help="write the rows to this JSON file")
@@ -122,6 +123,15 @@ def _bench(args) -> int:
         rows = bench_probes.run(steps=100 if args.quick else 300)
         if args.markdown:
             print(bench_probes.markdown(rows))
+        return 0
+    if args.what == "passes":
+        from . import bench, bench_passes
+        if args.malloc == "keep":
+            bench.keep_freed_memory()
+        rows = bench_passes.run(bench_passes.QUICK_SHAPES if args.quick else bench_passes.SHAPES,
+                                threads=int(args.threads.split(",")[-1]), repeats=5 if args.quick else 60)
+        if args.markdown:
+            print(bench_passes.markdown(rows))
         return 0
     if args.what == "memory":
         from . import bench_memory
