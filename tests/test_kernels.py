@@ -189,6 +189,36 @@ def test_bn_act_equals_bn_then_activation(act, fmt, shape, store_mode):
     torch.testing.assert_close(fused(x), act_fn(ref(x2)), atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("act,fmt", list(itertools.product(["identity", "leaky_relu", "relu"],
+                                                      [torch.contiguous_format, torch.channels_last])))
+def test_bn_act_float32_outputs_in_both_store_modes(act, fmt, store_mode):
+    """float32 is where outputs may be streamed (vector stores of the activation, with scalar head
+    and tail around them): the fused layer's output and input gradient against float64 BN +
+    activation, for a shape whose rows and planes are not multiples of the vector width."""
+    torch.manual_seed(1)
+    fused = bnlab.BatchNormAct2d(5, activation=act, negative_slope=0.1)
+    with torch.no_grad():
+        fused.weight.uniform_(-1.5, 1.5)
+        fused.bias.uniform_(-1, 1)
+    ref = nn.BatchNorm2d(5).double()
+    ref.load_state_dict(fused.state_dict())
+    if act != "relu":
+        with torch.no_grad():
+            ref.weight.copy_(fused.weight.double().abs() + bnlab.fused.GAMMA_EPS)
+    x = torch.randn(9, 5, 13, 11).contiguous(memory_format=fmt).requires_grad_()
+    x2 = x.detach().double().requires_grad_()
+    act_fn = {"identity": lambda z: z, "relu": F.relu, "leaky_relu": lambda z: F.leaky_relu(z, 0.1)}[act]
+    y, y_ref = fused(x), act_fn(ref(x2))
+    assert y.dtype == torch.float32 and y.is_contiguous(memory_format=fmt)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy.double())
+    torch.testing.assert_close(y.double(), y_ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(x.grad.double(), x2.grad, atol=5e-5, rtol=5e-5)
+    fused.eval(), ref.eval()
+    torch.testing.assert_close(fused(x).double(), act_fn(ref(x2)), atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("act", ["identity", "leaky_relu", "relu"])
 def test_bn_act_gradcheck(act):
     layer = bnlab.BatchNormAct2d(3, activation=act, negative_slope=0.2).double()

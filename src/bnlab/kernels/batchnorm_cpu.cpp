@@ -431,7 +431,9 @@ inline acc_t activate(acc_t z, acc_t slope) {
 // each): (4096,1024) 0.83-0.85 with this rule vs 0.95-0.97 when only outputs ≥ L3 were
 // streamed; (64,64,28,28) channels_last 0.88-0.94 vs 1.02-1.03; streaming inference outputs of
 // 2S ≥ L3 as well made eval of (4096,1024) 1.3× slower, hence S there.
-// Each run: scalar head up to 32-byte alignment, AVX body, scalar tail.
+// Each run: scalar head up to the vector's alignment, vector body, scalar tail. With AVX-512 one
+// streaming store writes a whole 64-byte line; two 32-byte halves (AVX2) measured 10-18% slower
+// on 64 MB outputs here (normalize and dx passes, `bnlab bench passes`).
 int64_t stream_threshold_bytes = []() -> int64_t {
   const char* env = std::getenv("BNLAB_STREAM_MB");
   if (env) return int64_t(std::atoll(env)) << 20;
@@ -466,18 +468,44 @@ inline __m256 activate8(__m256 z, __m256 slope) {
   return z;
 }
 
+#if defined(__AVX512F__)
+template <int ACT>
+inline __m512 activate16(__m512 z, __m512 slope) {
+  if (ACT == kRelu) return _mm512_max_ps(z, _mm512_setzero_ps());
+  if (ACT == kLeakyRelu) {
+    const __mmask16 neg = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ);
+    return _mm512_mask_mul_ps(z, neg, z, slope);
+  }
+  return z;
+}
+#endif
+
 // y[k] = act(x[k]·a[k] + b[k]) (PER_ELEM) or act(x[k]·a[0] + b[0]), k < n, streamed.
 template <int ACT, bool PER_ELEM>
 inline void affine_run_stream(const float* x, float* y, int64_t n, const float* a, const float* b, float slope) {
   int64_t k = 0;
-  for (; k < n && (reinterpret_cast<uintptr_t>(y + k) & 31); ++k)
+#if defined(__AVX512F__)
+  constexpr int64_t V = 16, A = 63;
+#else
+  constexpr int64_t V = 8, A = 31;
+#endif
+  for (; k < n && (reinterpret_cast<uintptr_t>(y + k) & A); ++k)
     y[k] = activate<float, ACT>(x[k] * a[PER_ELEM ? k : 0] + b[PER_ELEM ? k : 0], slope);
+#if defined(__AVX512F__)
+  const __m512 va = _mm512_set1_ps(a[0]), vb = _mm512_set1_ps(b[0]), vs = _mm512_set1_ps(slope);
+  for (; k + V <= n; k += V) {
+    const __m512 av = PER_ELEM ? _mm512_loadu_ps(a + k) : va;
+    const __m512 bv = PER_ELEM ? _mm512_loadu_ps(b + k) : vb;
+    _mm512_stream_ps(y + k, activate16<ACT>(_mm512_fmadd_ps(_mm512_loadu_ps(x + k), av, bv), vs));
+  }
+#else
   const __m256 va = _mm256_set1_ps(a[0]), vb = _mm256_set1_ps(b[0]), vs = _mm256_set1_ps(slope);
-  for (; k + 8 <= n; k += 8) {
+  for (; k + V <= n; k += V) {
     const __m256 av = PER_ELEM ? _mm256_loadu_ps(a + k) : va;
     const __m256 bv = PER_ELEM ? _mm256_loadu_ps(b + k) : vb;
     _mm256_stream_ps(y + k, activate8<ACT>(_mm256_fmadd_ps(_mm256_loadu_ps(x + k), av, bv), vs));
   }
+#endif
   for (; k < n; ++k) y[k] = activate<float, ACT>(x[k] * a[PER_ELEM ? k : 0] + b[PER_ELEM ? k : 0], slope);
 }
 
@@ -490,6 +518,17 @@ inline void dx_run_stream(const float* g, const float* x, float* o, int64_t n, c
     const int64_t j = PER_ELEM ? i : 0;
     o[i] = g[i] * k1[j] + x[i] * k2[j] + k3[j];
   };
+#if defined(__AVX512F__)
+  for (; k < n && (reinterpret_cast<uintptr_t>(o + k) & 63); ++k) one(k);
+  const __m512 a = _mm512_set1_ps(k1[0]), b = _mm512_set1_ps(k2[0]), c = _mm512_set1_ps(k3[0]);
+  for (; k + 16 <= n; k += 16) {
+    const __m512 av = PER_ELEM ? _mm512_loadu_ps(k1 + k) : a;
+    const __m512 bv = PER_ELEM ? _mm512_loadu_ps(k2 + k) : b;
+    const __m512 cv = PER_ELEM ? _mm512_loadu_ps(k3 + k) : c;
+    const __m512 t = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), bv, cv);
+    _mm512_stream_ps(o + k, _mm512_fmadd_ps(_mm512_loadu_ps(g + k), av, t));
+  }
+#else
   for (; k < n && (reinterpret_cast<uintptr_t>(o + k) & 31); ++k) one(k);
   const __m256 a = _mm256_set1_ps(k1[0]), b = _mm256_set1_ps(k2[0]), c = _mm256_set1_ps(k3[0]);
   for (; k + 8 <= n; k += 8) {
@@ -499,6 +538,7 @@ inline void dx_run_stream(const float* g, const float* x, float* o, int64_t n, c
     const __m256 t = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), bv, cv);
     _mm256_stream_ps(o + k, _mm256_fmadd_ps(_mm256_loadu_ps(g + k), av, t));
   }
+#endif
   for (; k < n; ++k) one(k);
 }
 
