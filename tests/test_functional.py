@@ -111,8 +111,10 @@ def test_functional_parity_with_torch(training):
 def test_low_precision_accumulates_in_float32():
     """A bfloat16 input's statistics are computed in float32 (and returned as float32)."""
     x = (torch.randn(64, 8) * 3 + 100).bfloat16()
-    y, mean, var = BF._BatchNormTrain.apply(x, None, None, 1e-5)
+    y = BF.batch_norm(x, None, None, training=True)
+    _, mean, var, invstd = BF.train_forward_(x, None, None, 1e-5)
     assert y.dtype == torch.bfloat16 and mean.dtype == torch.float32 and var.dtype == torch.float32
+    assert invstd.dtype == torch.float32
     x32 = x.float()
     torch.testing.assert_close(mean, x32.mean(0), atol=1e-4, rtol=1e-6)
     torch.testing.assert_close(var, x32.var(0, unbiased=False), atol=1e-3, rtol=1e-4)

@@ -368,21 +368,22 @@ def train_backward_(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
 # autograd can differentiate it again; otherwise it evaluates the memory-planned form.
 
 class _BatchNormTrain(torch.autograd.Function):
-    """Algorithm 1 with batch statistics. Returns (y, mean, var); mean/var are not differentiable."""
+    """Algorithm 1 with batch statistics; returns y only (one output keeps autograd's per-call
+    bookkeeping small — on a 12.8 MB channels_last batch the Python around the kernels costs
+    ~0.1 ms a step, with caches cold from the kernels' streams)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                 running: Optional[tuple] = None):
-        y, mean, var, invstd = train_forward_(x, weight, bias, eps, running)
+        y, mean, _, invstd = train_forward_(x, weight, bias, eps, running)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.eps = eps
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(mean, var)
         ctx.set_materialize_grads(False)
-        return y.to(x.dtype), mean, var
+        return y.to(x.dtype)
 
     @staticmethod
-    def backward(ctx, dy, _dmean, _dvar):
+    def backward(ctx, dy):
         x, weight, mean, invstd = ctx.saved_tensors
         if dy is None:
             return None, None, None, None, None
@@ -522,8 +523,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         running = None if (running_mean is None and running_var is None) else \
             (running_mean, running_var, momentum, running_var_correction)
         if _needs_graph(input, weight, bias):
-            y, _, _ = _BatchNormTrain.apply(input, weight, bias, eps, running)
-            return y
+            return _BatchNormTrain.apply(input, weight, bias, eps, running)
         # nothing to differentiate: skip the autograd.Function machinery (~25 µs a call)
         return train_forward_(input, weight, bias, eps, running)[0].to(input.dtype)
     if running_mean is None or running_var is None:
