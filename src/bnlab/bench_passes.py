@@ -18,6 +18,10 @@ they see the same phase of the machine, and each timed call is preceded by the s
 the last-level cache allows, as after a backward); the medians are reported. A pass
 close to its memory operation has nothing left to win but bytes.
 
+Three whole training steps run in the same loop: bnlab's two kernel calls made directly, and
+bnlab's and torch's ``batch_norm`` with autograd (forward, ``backward(dy)``, gradients cleared) —
+the difference between the first two is what the Python and autograd around the kernels cost.
+
     bnlab bench passes [--threads 2] [--malloc keep]
 """
 
@@ -29,6 +33,9 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 import torch
+import torch.nn.functional as F
+
+from . import functional as BF
 
 PASSES = [("statistics", 0, "x.sum()", 1), ("normalize", 1, "z.copy_(x)", 2),
           ("grad sums", 2, "x.sum(); dy.sum()", 2), ("dx", 3, "add(x, dy, out=z)", 3)]
@@ -81,10 +88,15 @@ def _one_shape(k, shape, channels_last, repeats, log) -> list[PassRow]:
         _, mean, invstd = saved["fwd"]
         torch.ops.aten.native_batch_norm_backward(dy, x, w, rm, rv, mean, invstd, True, 1e-5, [True, True, True])
 
+    def bnlab_step_kernels():                       # forward_train + backward_train, called directly
+        _, mean, _, invstd = k.forward_train(x, w, b, 1e-5, 0, 0.0, rm, rv, 0.1, True)
+        k.backward_train(dy, x, mean, invstd, w)
+
     memory_ops = [lambda: x.sum(), lambda: z.copy_(x), lambda: (x.sum(), dy.sum()),
                   lambda: torch.add(x, dy, out=z)]
     fns: list[Callable[[], object]] = [(lambda p=p: k.bench_pass(p, x, dy, out)) for _, p, _, _ in PASSES]
-    fns += memory_ops + [torch_forward, torch_backward]
+    fns += memory_ops + [torch_forward, torch_backward, bnlab_step_kernels,
+                         _autograd_step(BF.batch_norm, x, dy), _autograd_step(F.batch_norm, x, dy)]
     times: list[list[float]] = [[] for _ in fns]
     scratch = torch.empty_like(x)
     for it in range(repeats + 5):                   # 5 warm-up rounds
@@ -107,10 +119,25 @@ def _one_shape(k, shape, channels_last, repeats, log) -> list[PassRow]:
     rows.append(PassRow(name, layout, "torch backward", med[9], "", float("nan"), 5 * S / med[9] / 1e6))
     rows.append(PassRow(name, layout, "torch total", med[8] + med[9], "", float("nan"),
                         8 * S / (med[8] + med[9]) / 1e6))
+    for i, step in zip((10, 11, 12), ("bnlab step, kernels", "bnlab step, autograd", "torch step, autograd")):
+        rows.append(PassRow(name, layout, step, med[i], "", float("nan"), 8 * S / med[i] / 1e6))
     if log:
         for r in rows:
             log(format_row(r))
     return rows
+
+
+def _autograd_step(batch_norm: Callable, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], None]:
+    """A training step as a model takes it: forward with autograd, backward(dy), grads cleared."""
+    C = x.shape[1]
+    x_leaf = x.detach().requires_grad_()           # x's memory: warmed like every other call's input
+    weight, bias = torch.ones(C, requires_grad=True), torch.zeros(C, requires_grad=True)
+    rm, rv = torch.zeros(C), torch.ones(C)
+
+    def step():
+        batch_norm(x_leaf, rm, rv, weight, bias, True, 0.1, 1e-5).backward(dy)
+        x_leaf.grad = weight.grad = bias.grad = None
+    return step
 
 
 def format_row(r: PassRow) -> str:
