@@ -367,6 +367,31 @@ def train_backward_(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
 # the backward evaluates the definition above with the statistics recomputed from x, so that
 # autograd can differentiate it again; otherwise it evaluates the memory-planned form.
 
+def _train_backward_graph(dy: Tensor, x: Tensor, weight: Optional[Tensor], eps: float,
+                          need_dx: bool, need_dw: bool, need_db: bool):
+    """The training backward as a differentiable graph (create_graph=True): the definition, with
+    the statistics recomputed from x. _BatchNormTrain and the C++ node (kernels.batch_norm_train)
+    both call it."""
+    mean, var = batch_mean_var(x)
+    invstd = torch.rsqrt(var + eps)
+    return batch_norm_backward(dy, x, mean, invstd, weight, training=True,
+                               need_dx=need_dx, need_dweight=need_dw, need_dbias=need_db)
+
+
+_NODE_READY = False
+
+
+def _cpu_node_module(k):
+    """k if it is the C++ CPU module with the autograd node (registered on first use), else None."""
+    global _NODE_READY
+    if not hasattr(k, "batch_norm_train"):
+        return None
+    if not _NODE_READY:
+        k.set_graph_backward(_train_backward_graph)
+        _NODE_READY = True
+    return k
+
+
 class _BatchNormTrain(torch.autograd.Function):
     """Algorithm 1 with batch statistics; returns y only (one output keeps autograd's per-call
     bookkeeping small — on a 12.8 MB channels_last batch the Python around the kernels costs
@@ -389,11 +414,7 @@ class _BatchNormTrain(torch.autograd.Function):
             return None, None, None, None, None
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():
-            mean, var = batch_mean_var(x)
-            invstd = torch.rsqrt(var + ctx.eps)
-            dx, dweight, dbias = batch_norm_backward(dy, x, mean, invstd, weight, training=True,
-                                                     need_dx=need_dx, need_dweight=need_dw,
-                                                     need_dbias=need_db)
+            dx, dweight, dbias = _train_backward_graph(dy, x, weight, ctx.eps, need_dx, need_dw, need_db)
         else:
             dx, dweight, dbias = train_backward_(dy, x, mean, invstd, weight)
         return (_to(dx, x.dtype) if need_dx else None,
@@ -523,6 +544,12 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         running = None if (running_mean is None and running_var is None) else \
             (running_mean, running_var, momentum, running_var_correction)
         if _needs_graph(input, weight, bias):
+            k = fast_kernels(input)
+            if k is not None and k is _cpu_node_module(k):
+                # the C++ autograd node: same kernels, no Python in the backward
+                _KERNELS.calls["forward_train"] += 1
+                rm, rv, momentum, correction = running if running is not None else (None, None, 0.0, "unbiased")
+                return k.batch_norm_train(input, weight, bias, eps, rm, rv, momentum, correction == "unbiased")
             return _BatchNormTrain.apply(input, weight, bias, eps, running)
         # nothing to differentiate: skip the autograd.Function machinery (~25 µs a call)
         return train_forward_(input, weight, bias, eps, running)[0].to(input.dtype)

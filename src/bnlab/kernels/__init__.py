@@ -20,6 +20,7 @@ import os
 import platform
 import warnings
 from collections import Counter
+from collections.abc import MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -36,7 +37,37 @@ SOURCE = Path(__file__).with_name("batchnorm_cpu.cpp")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
          "-fno-trapping-math", "-std=c++17", "-fopenmp"]
 
-calls: Counter = Counter()
+class _Calls(MutableMapping):
+    """Dispatches to the compiled kernels, by entry point: the Python-side counts, plus the
+    backward passes run inside the C++ autograd node (``batch_norm_train``), which never return
+    to Python."""
+
+    def __init__(self) -> None:
+        self._counts: Counter = Counter()
+
+    def _node(self) -> int:
+        return int(_module.node_backward_calls()) if _module is not None else 0
+
+    def __getitem__(self, key: str) -> int:
+        return self._counts[key] + (self._node() if key == "backward_train" else 0)
+
+    def __setitem__(self, key: str, value: int) -> None:
+        self._counts[key] = value - (self._node() if key == "backward_train" else 0)
+
+    def __delitem__(self, key: str) -> None:
+        del self._counts[key]
+
+    def __iter__(self):
+        keys = set(self._counts)
+        if self._node():
+            keys.add("backward_train")
+        return iter(sorted(keys))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+calls = _Calls()
 _module = None
 _failed: Optional[str] = None
 _enabled = os.environ.get("BNLAB_KERNELS", "1") not in ("0", "false", "off")
