@@ -459,87 +459,76 @@ inline bool use_stream(int64_t touched_bytes) {
 }
 
 #ifdef BNLAB_STREAM
-template <int ACT>
-inline __m256 activate8(__m256 z, __m256 slope) {
-  if (ACT == kRelu) return _mm256_max_ps(z, _mm256_setzero_ps());
-  if (ACT == kLeakyRelu) {
-    const __m256 neg = _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_LT_OQ);
-    return _mm256_blendv_ps(z, _mm256_mul_ps(z, slope), neg);
-  }
-  return z;
-}
-
+// The widest float vector the build has, as the streaming loops need it: with AVX-512 one store
+// is one whole 64-byte line; AVX2 is the fallback.
+struct StreamVec {
 #if defined(__AVX512F__)
-template <int ACT>
-inline __m512 activate16(__m512 z, __m512 slope) {
-  if (ACT == kRelu) return _mm512_max_ps(z, _mm512_setzero_ps());
-  if (ACT == kLeakyRelu) {
-    const __mmask16 neg = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ);
-    return _mm512_mask_mul_ps(z, neg, z, slope);
+  using V = __m512;
+  static constexpr int64_t kWidth = 16;
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V set1(float v) { return _mm512_set1_ps(v); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static void stream(float* p, V v) { _mm512_stream_ps(p, v); }
+  static V relu(V z) { return _mm512_max_ps(z, _mm512_setzero_ps()); }
+  static V leaky(V z, V slope) {                                   // z·slope where z < 0
+    return _mm512_mask_mul_ps(z, _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ), z, slope);
   }
+#else
+  using V = __m256;
+  static constexpr int64_t kWidth = 8;
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V set1(float v) { return _mm256_set1_ps(v); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static void stream(float* p, V v) { _mm256_stream_ps(p, v); }
+  static V relu(V z) { return _mm256_max_ps(z, _mm256_setzero_ps()); }
+  static V leaky(V z, V slope) {
+    return _mm256_blendv_ps(z, _mm256_mul_ps(z, slope), _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_LT_OQ));
+  }
+#endif
+  static bool aligned(const float* p) { return (reinterpret_cast<uintptr_t>(p) & (kWidth * 4 - 1)) == 0; }
+};
+
+template <int ACT>
+inline StreamVec::V activate_vec(StreamVec::V z, StreamVec::V slope) {
+  if (ACT == kRelu) return StreamVec::relu(z);
+  if (ACT == kLeakyRelu) return StreamVec::leaky(z, slope);
   return z;
 }
-#endif
 
 // y[k] = act(x[k]·a[k] + b[k]) (PER_ELEM) or act(x[k]·a[0] + b[0]), k < n, streamed.
 template <int ACT, bool PER_ELEM>
 inline void affine_run_stream(const float* x, float* y, int64_t n, const float* a, const float* b, float slope) {
+  using SV = StreamVec;
+  auto one = [&](int64_t i) { y[i] = activate<float, ACT>(x[i] * a[PER_ELEM ? i : 0] + b[PER_ELEM ? i : 0], slope); };
   int64_t k = 0;
-#if defined(__AVX512F__)
-  constexpr int64_t V = 16, A = 63;
-#else
-  constexpr int64_t V = 8, A = 31;
-#endif
-  for (; k < n && (reinterpret_cast<uintptr_t>(y + k) & A); ++k)
-    y[k] = activate<float, ACT>(x[k] * a[PER_ELEM ? k : 0] + b[PER_ELEM ? k : 0], slope);
-#if defined(__AVX512F__)
-  const __m512 va = _mm512_set1_ps(a[0]), vb = _mm512_set1_ps(b[0]), vs = _mm512_set1_ps(slope);
-  for (; k + V <= n; k += V) {
-    const __m512 av = PER_ELEM ? _mm512_loadu_ps(a + k) : va;
-    const __m512 bv = PER_ELEM ? _mm512_loadu_ps(b + k) : vb;
-    _mm512_stream_ps(y + k, activate16<ACT>(_mm512_fmadd_ps(_mm512_loadu_ps(x + k), av, bv), vs));
+  for (; k < n && !SV::aligned(y + k); ++k) one(k);
+  const SV::V va = SV::set1(a[0]), vb = SV::set1(b[0]), vs = SV::set1(slope);
+  for (; k + SV::kWidth <= n; k += SV::kWidth) {
+    const SV::V av = PER_ELEM ? SV::load(a + k) : va;
+    const SV::V bv = PER_ELEM ? SV::load(b + k) : vb;
+    SV::stream(y + k, activate_vec<ACT>(SV::fmadd(SV::load(x + k), av, bv), vs));
   }
-#else
-  const __m256 va = _mm256_set1_ps(a[0]), vb = _mm256_set1_ps(b[0]), vs = _mm256_set1_ps(slope);
-  for (; k + V <= n; k += V) {
-    const __m256 av = PER_ELEM ? _mm256_loadu_ps(a + k) : va;
-    const __m256 bv = PER_ELEM ? _mm256_loadu_ps(b + k) : vb;
-    _mm256_stream_ps(y + k, activate8<ACT>(_mm256_fmadd_ps(_mm256_loadu_ps(x + k), av, bv), vs));
-  }
-#endif
-  for (; k < n; ++k) y[k] = activate<float, ACT>(x[k] * a[PER_ELEM ? k : 0] + b[PER_ELEM ? k : 0], slope);
+  for (; k < n; ++k) one(k);
 }
 
 // o[k] = g[k]·k1 + x[k]·k2 + k3, coefficients per element (PER_ELEM) or scalar, streamed.
 template <bool PER_ELEM>
 inline void dx_run_stream(const float* g, const float* x, float* o, int64_t n, const float* k1, const float* k2,
                           const float* k3) {
-  int64_t k = 0;
+  using SV = StreamVec;
   auto one = [&](int64_t i) {
     const int64_t j = PER_ELEM ? i : 0;
     o[i] = g[i] * k1[j] + x[i] * k2[j] + k3[j];
   };
-#if defined(__AVX512F__)
-  for (; k < n && (reinterpret_cast<uintptr_t>(o + k) & 63); ++k) one(k);
-  const __m512 a = _mm512_set1_ps(k1[0]), b = _mm512_set1_ps(k2[0]), c = _mm512_set1_ps(k3[0]);
-  for (; k + 16 <= n; k += 16) {
-    const __m512 av = PER_ELEM ? _mm512_loadu_ps(k1 + k) : a;
-    const __m512 bv = PER_ELEM ? _mm512_loadu_ps(k2 + k) : b;
-    const __m512 cv = PER_ELEM ? _mm512_loadu_ps(k3 + k) : c;
-    const __m512 t = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), bv, cv);
-    _mm512_stream_ps(o + k, _mm512_fmadd_ps(_mm512_loadu_ps(g + k), av, t));
+  int64_t k = 0;
+  for (; k < n && !SV::aligned(o + k); ++k) one(k);
+  const SV::V a = SV::set1(k1[0]), b = SV::set1(k2[0]), c = SV::set1(k3[0]);
+  for (; k + SV::kWidth <= n; k += SV::kWidth) {
+    const SV::V av = PER_ELEM ? SV::load(k1 + k) : a;
+    const SV::V bv = PER_ELEM ? SV::load(k2 + k) : b;
+    const SV::V cv = PER_ELEM ? SV::load(k3 + k) : c;
+    SV::stream(o + k, SV::fmadd(SV::load(g + k), av, SV::fmadd(SV::load(x + k), bv, cv)));
   }
-#else
-  for (; k < n && (reinterpret_cast<uintptr_t>(o + k) & 31); ++k) one(k);
-  const __m256 a = _mm256_set1_ps(k1[0]), b = _mm256_set1_ps(k2[0]), c = _mm256_set1_ps(k3[0]);
-  for (; k + 8 <= n; k += 8) {
-    const __m256 av = PER_ELEM ? _mm256_loadu_ps(k1 + k) : a;
-    const __m256 bv = PER_ELEM ? _mm256_loadu_ps(k2 + k) : b;
-    const __m256 cv = PER_ELEM ? _mm256_loadu_ps(k3 + k) : c;
-    const __m256 t = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), bv, cv);
-    _mm256_stream_ps(o + k, _mm256_fmadd_ps(_mm256_loadu_ps(g + k), av, t));
-  }
-#endif
   for (; k < n; ++k) one(k);
 }
 
@@ -1135,6 +1124,8 @@ py::object& graph_backward() {
   return *fn;
 }
 
+inline at::Tensor tensor_or_undefined(py::handle h) { return h.is_none() ? at::Tensor() : h.cast<at::Tensor>(); }
+
 struct TrainBN : public torch::autograd::Function<TrainBN> {
   // optional tensors, not undefined ones: Function::apply needs a device for every tensor argument
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
@@ -1169,8 +1160,7 @@ struct TrainBN : public torch::autograd::Function<TrainBN> {
       py::gil_scoped_acquire gil;
       py::tuple r = graph_backward()(dy, x, weight.defined() ? py::cast(weight) : py::none(),
                                      ctx->saved_data["eps"].toDouble(), need_dx, need_dw, need_db);
-      auto get = [&](int i) { return r[i].is_none() ? at::Tensor() : r[i].cast<at::Tensor>(); };
-      dx = get(0), dw = get(1), db = get(2);
+      dx = tensor_or_undefined(r[0]), dw = tensor_or_undefined(r[1]), db = tensor_or_undefined(r[2]);
     } else {
       node_backward_calls.fetch_add(1);
       std::vector<at::Tensor> g = backward_train(dy, x, mean, invstd,
