@@ -256,3 +256,36 @@ def test_bn_act_memory_efficient_false_is_plain_bn_then_activation():
     torch.testing.assert_close(layer(x), F.leaky_relu(ref(x), 0.01))
     with pytest.raises(ValueError):
         bnlab.BatchNormAct2d(3, activation="gelu")
+
+
+# -- the C++ autograd node ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("affine", ["both", "bias only", "none"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_cpu_training_records_the_cpp_node_and_matches_the_python_function(affine, fmt):
+    """A CPU training call with autograd records the extension's node (no Python backward); its
+    output, running statistics and every gradient equal the Python autograd.Function's (same
+    kernels), and x's gradient obeys x's layout."""
+    torch.manual_seed(0)
+    x = torch.randn(7, 5, 4, 3, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+    w = torch.rand(5, dtype=torch.float64, requires_grad=True) if affine == "both" else None
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True) if affine != "none" else None
+    rm, rv = torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)
+    before = kernels.calls["backward_train"]
+    y = BF.batch_norm(x, rm, rv, w, b, True, 0.2, 1e-5)
+    assert not isinstance(y.grad_fn, torch.autograd.function.BackwardCFunction)    # not a Python Function
+    leaves = [t for t in (x, w, b) if t is not None]
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, dy)
+    assert kernels.calls["backward_train"] == before + 1
+
+    x2 = x.detach().clone().requires_grad_()
+    w2, b2 = (t.detach().clone().requires_grad_() if t is not None else None for t in (w, b))
+    rm2, rv2 = torch.zeros_like(rm), torch.ones_like(rv)
+    y2 = BF._BatchNormTrain.apply(x2, w2, b2, 1e-5, (rm2, rv2, 0.2, "unbiased"))
+    grads2 = torch.autograd.grad(y2, [t for t in (x2, w2, b2) if t is not None], dy)
+    torch.testing.assert_close(y, y2, atol=0, rtol=0)
+    torch.testing.assert_close((rm, rv), (rm2, rv2), atol=0, rtol=0)
+    for g, g2 in zip(grads, grads2):
+        torch.testing.assert_close(g, g2, atol=0, rtol=0)
+    assert grads[0].is_contiguous(memory_format=fmt)

@@ -381,21 +381,22 @@ def _train_backward_graph(dy: Tensor, x: Tensor, weight: Optional[Tensor], eps: 
 _NODE_READY = False
 
 
-def _cpu_node_module(k):
-    """k if it is the C++ CPU module with the autograd node (registered on first use), else None."""
+def _has_autograd_node(k) -> bool:
+    """Whether kernel module k is the C++ CPU module, which records training BN as a C++ autograd
+    node; the node's differentiable backward is registered on first use."""
     global _NODE_READY
     if not hasattr(k, "batch_norm_train"):
-        return None
+        return False
     if not _NODE_READY:
         k.set_graph_backward(_train_backward_graph)
         _NODE_READY = True
-    return k
+    return True
 
 
 class _BatchNormTrain(torch.autograd.Function):
-    """Algorithm 1 with batch statistics; returns y only (one output keeps autograd's per-call
-    bookkeeping small — on a 12.8 MB channels_last batch the Python around the kernels costs
-    ~0.1 ms a step, with caches cold from the kernels' streams)."""
+    """Algorithm 1 with batch statistics; returns y. Records the step for the Triton kernels and
+    the torch-ops path; the C++ CPU kernels record their own node (kernels.batch_norm_train),
+    which keeps Python out of the backward (docs/performance.md, "The autograd node")."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
@@ -545,7 +546,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
             (running_mean, running_var, momentum, running_var_correction)
         if _needs_graph(input, weight, bias):
             k = fast_kernels(input)
-            if k is not None and k is _cpu_node_module(k):
+            if k is not None and _has_autograd_node(k):
                 # the C++ autograd node: same kernels, no Python in the backward
                 _KERNELS.calls["forward_train"] += 1
                 rm, rv, momentum, correction = running if running is not None else (None, None, 0.0, "unbiased")
