@@ -289,3 +289,18 @@ def test_cpu_training_records_the_cpp_node_and_matches_the_python_function(affin
     for g, g2 in zip(grads, grads2):
         torch.testing.assert_close(g, g2, atol=0, rtol=0)
     assert grads[0].is_contiguous(memory_format=fmt)
+
+
+def test_call_counts_include_the_node_and_clear():
+    """kernels.calls reads like a Counter of dispatches, the C++ node's backward passes included,
+    and clear() starts every count (those too) from zero."""
+    bn = bnlab.BatchNorm2d(4)
+    x = torch.randn(6, 4, 5, 5, requires_grad=True)
+    kernels.calls.clear()
+    assert dict(kernels.calls) == {} and kernels.calls["backward_train"] == 0
+    bn(x).sum().backward()
+    bn(x).sum().backward()
+    assert kernels.calls["forward_train"] == 2 and kernels.calls["backward_train"] == 2
+    assert sum(kernels.calls.values()) == 4
+    kernels.calls.clear()
+    assert kernels.calls["backward_train"] == 0

@@ -38,15 +38,16 @@ FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-
          "-fno-trapping-math", "-std=c++17", "-fopenmp"]
 
 class _Calls(MutableMapping):
-    """Dispatches to the compiled kernels, by entry point: the Python-side counts, plus the
-    backward passes run inside the C++ autograd node (``batch_norm_train``), which never return
-    to Python."""
+    """Dispatches to the compiled kernels, by entry point (a Counter: missing keys read 0): the
+    Python-side counts, plus the backward passes run inside the C++ autograd node
+    (``batch_norm_train``), which never return to Python."""
 
     def __init__(self) -> None:
         self._counts: Counter = Counter()
+        self._node_base = 0                     # node calls already cleared away
 
     def _node(self) -> int:
-        return int(_module.node_backward_calls()) if _module is not None else 0
+        return (int(_module.node_backward_calls()) if _module is not None else 0) - self._node_base
 
     def __getitem__(self, key: str) -> int:
         return self._counts[key] + (self._node() if key == "backward_train" else 0)
@@ -55,7 +56,15 @@ class _Calls(MutableMapping):
         self._counts[key] = value - (self._node() if key == "backward_train" else 0)
 
     def __delitem__(self, key: str) -> None:
-        del self._counts[key]
+        if key == "backward_train":
+            self._node_base += self._node()
+            self._counts.pop(key, None)
+        else:
+            del self._counts[key]
+
+    def clear(self) -> None:
+        self._node_base += self._node()
+        self._counts.clear()
 
     def __iter__(self):
         keys = set(self._counts)
