@@ -121,49 +121,6 @@ def test_rows_statistics_stay_accurate_on_hard_data(threads):
         torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("shape,fmt", [((3001, 37), None), ((6, 5, 4099), None), ((40, 24, 9, 11), torch.channels_last),
-                                       ((7, 3, 130, 70), None)])          # several blocks per thread; rows left over
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_elementwise_passes_give_the_same_bits_in_either_direction(shape, fmt, threads, dtype, store_mode):
-    """The normalize and dx passes walk each thread's share in descending blocks (so they start on
-    the lines the reduction before them touched last); every element must still be written once,
-    with the same value as in ascending order and as the definition."""
-    module = kernels.load()
-    g = torch.Generator().manual_seed(4)
-    x = (torch.randn(*shape, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
-    dy = torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
-    if fmt is not None:
-        x, dy = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
-    C = shape[1]
-    w = torch.rand(C, generator=g, dtype=dtype) + 0.5
-    b = torch.randn(C, generator=g, dtype=dtype)
-
-    def step():
-        xx = x.clone().requires_grad_()
-        y = BF.batch_norm(xx, None, None, w, b, True, 0.1, 1e-5)
-        y.backward(dy)
-        with torch.no_grad():
-            e = BF.batch_norm(x, w, w + 1, w, b, False, 0.1, 1e-5)
-        return y.detach(), xx.grad, e
-
-    previous_threads, previous = torch.get_num_threads(), module.set_reverse(False)
-    torch.set_num_threads(threads)
-    try:
-        ascending = step()
-        module.set_reverse(True)
-        descending = step()
-        with kernels.disabled():
-            reference = step()
-    finally:
-        module.set_reverse(previous)
-        torch.set_num_threads(previous_threads)
-    tol = TOL[dtype]
-    for a, d, r in zip(ascending, descending, reference):
-        assert torch.equal(a, d)
-        torch.testing.assert_close(d, r, atol=tol, rtol=tol)
-
-
 def test_non_contiguous_input_falls_back_and_is_still_correct():
     x = torch.randn(8, 5, 6, 7, dtype=torch.float64).transpose(2, 3)           # neither layout
     before = sum(kernels.calls.values())

@@ -389,42 +389,14 @@ void stats_ncl(const scalar_t* x, const Layout& l, double* mean_out, double* m2_
 // The rows layout's elementwise passes: body(first_row, width) over the wide rows (k rows at a
 // time, width W, per-channel coefficients tiled k times) in parallel, then over the < k rows left
 // (width C); done() closes each thread's share (a store fence after streaming stores).
-// Traversal order. Each elementwise pass follows a reduction over the same tensors (normalize
-// after the statistics, dx after the gradient sums), which ends on the last lines of each thread's
-// share — the ones still cached. So the elementwise passes walk each thread's share backwards, in
-// blocks (ascending inside a block, for the hardware prefetcher), and start on those lines; they
-// end on the first lines, where the next reduction begins (the next step's statistics read x
-// from its start again). Every element is still computed once, by the same expression: the bits
-// do not depend on the order (tested). Measured (2 threads, fwd+bwd/torch --malloc keep, same
-// process, 20 paired rounds per point over 7 min): (64,64,28,28) channels_last 0.55–0.60 → 0.51–0.56
-// in fast phases of the machine, 0.82–0.84 → 0.79–0.81 in slow ones; (4096,1024) 0.59–0.60 →
-// 0.54–0.56 (fast), unchanged (slow); a chain of 4 × (BN, ReLU) unchanged within ±1.5%.
-// env BNLAB_REVERSE=0 or set_reverse(false): ascending.
-bool reverse_elementwise = []() {
-  const char* env = std::getenv("BNLAB_REVERSE");
-  return env ? std::atoi(env) != 0 : true;
-}();
-
-// for (u in [u0, u1)) body(u): in descending blocks of `block` units when reverse_elementwise
-template <typename F>
-inline void for_units(int64_t u0, int64_t u1, int64_t block, F&& body) {
-  if (!reverse_elementwise) {
-    for (int64_t u = u0; u < u1; ++u) body(u);
-    return;
-  }
-  for (int64_t e = u1; e > u0; e -= block)
-    for (int64_t u = std::max(u0, e - block); u < e; ++u) body(u);
-}
-
 template <typename F, typename G>
 void parallel_wide_rows(const Layout& l, const Wide& w, F&& body, G&& done) {
   const int64_t units = l.M / w.k;
-  const int64_t block = std::max<int64_t>(1, 16384 / w.W);
-  for (int64_t r = units * w.k; r < l.M; ++r) body(r, l.C);
-  at::parallel_for(0, units, block, [&](int64_t u0, int64_t u1) {
-    for_units(u0, u1, block, [&](int64_t u) { body(u * w.k, w.W); });
+  at::parallel_for(0, units, std::max<int64_t>(1, 16384 / w.W), [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) body(u * w.k, w.W);
     done();
   });
+  for (int64_t r = units * w.k; r < l.M; ++r) body(r, l.C);
   done();
 }
 
@@ -573,9 +545,8 @@ void affine_stream(const float* x, float* y, const Layout& l, const std::vector<
   } else {
     const int64_t C = l.C, L = l.L;
     at::parallel_for(0, l.N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, L)), [&](int64_t b0, int64_t b1) {
-      for_units(b0, b1, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, L)), [&](int64_t b) {
+      for (int64_t b = b0; b < b1; ++b)
         affine_run_stream<ACT, false>(x + b * L, y + b * L, L, &alpha[b % C], &beta[b % C], slope);
-      });
       _mm_sfence();
     });
   }
@@ -593,10 +564,10 @@ void dx_stream(const float* dy, const float* x, float* dx, const Layout& l, cons
   } else {
     const int64_t C = l.C, L = l.L;
     at::parallel_for(0, l.N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, L)), [&](int64_t b0, int64_t b1) {
-      for_units(b0, b1, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, L)), [&](int64_t b) {
+      for (int64_t b = b0; b < b1; ++b) {
         const int64_t c = b % C;
         dx_run_stream<false>(dy + b * L, x + b * L, dx + b * L, L, &k1[c], &k2[c], &k3[c]);
-      });
+      }
       _mm_sfence();
     });
   }
@@ -629,13 +600,13 @@ void affine_act(const scalar_t* x, scalar_t* y, const Layout& l, const std::vect
   } else {
     const int64_t C = l.C, L = l.L;
     at::parallel_for(0, l.N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, L)), [&](int64_t b0, int64_t b1) {
-      for_units(b0, b1, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, L)), [&](int64_t b) {
+      for (int64_t b = b0; b < b1; ++b) {
         const int64_t c = b % C;
         const acc_t a = alpha[c], be = beta[c];
         const scalar_t* xb = x + b * L;
         scalar_t* yb = y + b * L;
         for (int64_t k = 0; k < L; ++k) yb[k] = scalar_t(activate<acc_t, ACT>(acc_t(xb[k]) * a + be, sl));
-      });
+      }
     });
   }
 }
@@ -801,14 +772,14 @@ void dx_pass(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Layout& 
   } else {
     const int64_t C = l.C, L = l.L;
     at::parallel_for(0, l.N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, L)), [&](int64_t b0, int64_t b1) {
-      for_units(b0, b1, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, L)), [&](int64_t b) {
+      for (int64_t b = b0; b < b1; ++b) {
         const int64_t c = b % C;
         const acc_t a = k1[c], bb = k2[c], cc = k3[c];
         const scalar_t* g = dy + b * L;
         const scalar_t* xb = x + b * L;
         scalar_t* o = dx + b * L;
         for (int64_t k = 0; k < L; ++k) o[k] = scalar_t(acc_t(g[k]) * a + acc_t(xb[k]) * bb + cc);
-      });
+      }
     });
   }
 }
@@ -1255,11 +1226,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     stream_threshold_bytes = bytes;
     return before;
   }, "outputs of at least this many bytes are written with non-temporal stores (-1: never); returns the old value");
-  m.def("set_reverse", [](bool on) {
-    const bool before = reverse_elementwise;
-    reverse_elementwise = on;
-    return before;
-  }, "elementwise passes traverse each thread's share in descending blocks; returns the old value");
   m.def("batch_norm_train", &batch_norm_train, "training BN as a C++ autograd node (forward_train / backward_train)",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("running_mean"),
         py::arg("running_var"), py::arg("momentum"), py::arg("unbiased"));
