@@ -242,7 +242,7 @@ def fast_kernels(x: Tensor):
     always use the definition. ``BNLAB_KERNELS=triton`` routes CPU tensors to the Triton module
     too, which runs them under Triton's interpreter (TRITON_INTERPRET=1): how CI tests it.
     """
-    if x.numel() == 0 or not _dense(x):
+    if x.numel() == 0 or not _dense(x) or _traced(x):
         return None
     kernels = _kernels_package()
     if not kernels.enabled():
@@ -253,6 +253,17 @@ def fast_kernels(x: Tensor):
     if x.device.type != "cpu" or x.dtype not in _FAST_DTYPES:
         return None
     return kernels.load()
+
+
+def _traced(x: Tensor) -> bool:
+    """Whether this call is being traced rather than run: torch.jit.trace, torch.compile/export
+    (Dynamo), or tensors without real storage (FakeTensor, FunctionalTensor and other subclasses
+    under FX/export). The compiled kernels are opaque there — a trace would record their output
+    as a constant, and a fake tensor has no data to hand them — so the definition, written in
+    torch operations, is what gets traced."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return True
+    return type(x) is not Tensor and not isinstance(x, torch.nn.Parameter)
 
 
 def _param(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -544,6 +555,8 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
                              f"got {running_var_correction!r}")
         running = None if (running_mean is None and running_var is None) else \
             (running_mean, running_var, momentum, running_var_correction)
+        if _traced(input):
+            return _batch_norm_traceable(input, weight, bias, eps, running=running)
         if _needs_graph(input, weight, bias):
             k = fast_kernels(input)
             if k is not None and _has_autograd_node(k):
@@ -560,11 +573,44 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
             "training=True to normalize with the batch's statistics")
     if input.numel() == 0:
         return _empty_output(input, weight, bias)
+    if _traced(input):
+        return _batch_norm_traceable(input, weight, bias, eps, statistics=(running_mean, running_var))
     if _needs_graph(input, weight, bias):
         return _BatchNormEval.apply(input, weight, bias, running_mean, running_var, eps)
     acc = accumulation_dtype(input.dtype)
     invstd = torch.rsqrt(running_var.to(acc) + eps)
     return eval_forward_(input, weight, bias, running_mean.to(acc), invstd).to(input.dtype)
+
+
+def _batch_norm_traceable(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                          running: Optional[tuple] = None,
+                          statistics: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+    """BN as plain torch operations that autograd differentiates, for tracers (``_traced``): the
+    same graph whatever the grad mode, no custom Function, no compiled kernel.
+
+    Training (``statistics`` None): μ_B and σ²_B of the batch, running buffers updated from them
+    (``running = (running_mean, running_var, momentum, correction)``); inference: ``statistics =
+    (running_mean, running_var)``. y = (x − μ)·(σ² + ε)^(−1/2)·γ + β in the accumulation dtype.
+    """
+    acc = accumulation_dtype(x.dtype)
+    xa = x.to(acc)                                                   # N,C,*
+    if statistics is None:
+        dims = reduction_dims(xa)
+        mean = xa.mean(dim=dims)                                     # C
+        var = xa.var(dim=dims, correction=0)                         # C   σ²_B (biased)
+        if running is not None:
+            running_mean, running_var, momentum, correction = running
+            with torch.no_grad():
+                update_running_stats(running_mean, running_var, mean.detach(), var.detach(),
+                                     values_per_channel(x), momentum, correction)
+    else:
+        mean, var = statistics[0].to(acc), statistics[1].to(acc)
+    y = (xa - channel_view(mean, xa)) * channel_view(torch.rsqrt(var + eps), xa)
+    if weight is not None:
+        y = y * channel_view(weight.to(acc), xa)
+    if bias is not None:
+        y = y + channel_view(bias.to(acc), xa)
+    return y.to(x.dtype)
 
 
 def _needs_graph(*tensors: Optional[Tensor]) -> bool:
