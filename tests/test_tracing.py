@@ -94,3 +94,25 @@ def test_eager_calls_still_take_the_compiled_kernels():
     before = kernels.calls["forward_train"]
     bnlab.BatchNorm2d(5)(torch.randn(*INPUT[2]))
     assert kernels.calls["forward_train"] == before + 1
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_torch_func_transforms_equal_torch_nn(dims):
+    """vmap (eval, and training without running statistics), grad and jacrev compose with
+    bnlab's layers as with torch.nn's (custom autograd Functions would not)."""
+    from torch.func import grad, jacrev, vmap
+    g = torch.Generator().manual_seed(6)
+    xs = torch.randn(3, *INPUT[dims], generator=g) * 2 + 1
+    ours, theirs = _pair(dims, train=False)
+    torch.testing.assert_close(vmap(ours)(xs), vmap(theirs)(xs), atol=1e-5, rtol=1e-5)
+    ours_t, theirs_t = BN[dims][0](5, track_running_stats=False), BN[dims][1](5, track_running_stats=False)
+    with torch.no_grad():
+        ours_t.weight.uniform_(0.5, 1.5)
+    theirs_t.load_state_dict(ours_t.state_dict())
+    torch.testing.assert_close(vmap(ours_t)(xs), vmap(theirs_t)(xs), atol=1e-5, rtol=1e-5)
+
+    def loss(layer):
+        return lambda x: layer(x).pow(3).sum()
+    torch.testing.assert_close(grad(loss(ours_t))(xs[0]), grad(loss(theirs_t))(xs[0]), atol=1e-4, rtol=1e-4)
+    if dims == 1:
+        torch.testing.assert_close(jacrev(ours_t)(xs[0]), jacrev(theirs_t)(xs[0]), atol=1e-5, rtol=1e-5)

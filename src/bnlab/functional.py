@@ -256,14 +256,21 @@ def fast_kernels(x: Tensor):
 
 
 def _traced(x: Tensor) -> bool:
-    """Whether this call is being traced rather than run: torch.jit.trace, torch.compile/export
-    (Dynamo), or tensors without real storage (FakeTensor, FunctionalTensor and other subclasses
-    under FX/export). The compiled kernels are opaque there — a trace would record their output
-    as a constant, and a fake tensor has no data to hand them — so the definition, written in
-    torch operations, is what gets traced."""
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+    """Whether this call is being traced or transformed rather than run: torch.jit.trace,
+    torch.compile/export (Dynamo), torch.func transforms (vmap, grad, jacrev...: their wrapped
+    tensors are not plain memory, and custom autograd Functions do not compose with them), or
+    tensors without real storage (FakeTensor, FunctionalTensor and other subclasses under
+    FX/export). The compiled kernels are opaque there — a trace would record their output as a
+    constant, and a fake tensor has no data to hand them — so the definition, written in torch
+    operations, is what gets traced."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or _functorch_active():
         return True
     return type(x) is not Tensor and not isinstance(x, torch.nn.Parameter)
+
+
+def _functorch_active() -> bool:
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False
 
 
 def _param(t: Optional[Tensor]) -> Optional[Tensor]:
