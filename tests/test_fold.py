@@ -130,3 +130,29 @@ def test_fold_weights_closed_form():
     s = torch.tensor([2.0 / 2.0, 1.0 / 0.5], dtype=torch.float64)
     torch.testing.assert_close(Wf, W * s[:, None])
     torch.testing.assert_close(bf, (b - mean) * s + beta)
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "identity"])
+def test_fused_bn_activation_is_not_folded_as_a_plain_bn(activation):
+    """BatchNormAct2d is a batch norm *and* an activation: folding its BN into the convolution
+    would drop the activation, so it stays (and the folded model still equals the original)."""
+    model = _warm(nn.Sequential(nn.Conv2d(3, 4, 3), bnlab.BatchNormAct2d(4, activation=activation,
+                                                                           negative_slope=0.2)), (8, 3, 7, 7))
+    x = torch.randn(5, 3, 7, 7)
+    folded, report = bnlab.fold(model, x, return_report=True)
+    assert report.folded == [] and [bn for bn, _ in report.skipped] == ["1"]
+    torch.testing.assert_close(folded(x), model(x))
+
+
+def test_bnlab_layers_are_torch_batchnorm_instances_and_the_fused_layer_is_not():
+    """Drop-ins pass the isinstance checks model code makes (init loops, fusers); a layer that
+    is BN plus something else must not."""
+    for layer, torch_cls in ((bnlab.BatchNorm1d(3), nn.BatchNorm1d), (bnlab.BatchNorm2d(3), nn.BatchNorm2d),
+                             (bnlab.BatchNorm3d(3), nn.BatchNorm3d)):
+        assert isinstance(layer, torch_cls)
+    fused = bnlab.BatchNormAct2d(3)
+    assert bnlab.is_batchnorm(fused) and not isinstance(fused, nn.BatchNorm2d)
+    conv, bn = nn.Conv2d(2, 3, 1).eval(), _warm(nn.Sequential(bnlab.BatchNorm2d(3)), (6, 3, 4, 4))[0]
+    fused_conv = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)     # torch's own fuser accepts it
+    x = torch.randn(2, 2, 4, 4)
+    torch.testing.assert_close(fused_conv(x), bn(conv(x)), atol=1e-5, rtol=1e-5)

@@ -5,7 +5,11 @@ functions of :mod:`bnlab.functional`. They subclass ``torch.nn.modules.batchnorm
 for its plumbing only — constructor arguments, parameter/buffer registration, ``state_dict``
 keys, ``_version = 2`` and its loader for old checkpoints — so that a torch checkpoint loads into
 bnlab and back, and tools that look for ``_BatchNorm`` (weight-decay filters, SyncBN converters,
-precise-BN utilities) see bnlab's layers. The forward is bnlab's own.
+precise-BN utilities) see bnlab's layers. ``BatchNorm1d/2d/3d`` are also instances of
+``torch.nn.BatchNorm1d/2d/3d`` (as drop-ins should be: model code checks
+``isinstance(m, nn.BatchNorm2d)`` to initialize, fuse or exclude layers); bnlab's methods come
+first in the MRO. The forward is bnlab's own. Layers whose forward is not plain BN
+(``BatchNormAct2d``) derive from ``_BatchNorm`` only.
 
 Semantics match ``torch.nn`` by default (SPEC §1): momentum 0.1 EMA of the mean and the
 *unbiased* batch variance; ``momentum=None`` gives the cumulative average 1/num_batches_tracked;
@@ -33,6 +37,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from . import functional as BF
@@ -189,7 +194,7 @@ class _BatchNorm(_TorchBatchNorm):
         super().__setstate__(state)
 
 
-class BatchNorm1d(_BatchNorm):
+class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
     r"""Batch Normalization over a 2D (N, C) or 3D (N, C, L) input (Ioffe & Szegedy 2015).
 
     y = (x − E[x]) / √(Var[x] + ε) · γ + β, statistics per channel over N (and L).
@@ -206,7 +211,7 @@ class BatchNorm1d(_BatchNorm):
     _shape_hint = "use BatchNorm2d for images (N, C, H, W)"
 
 
-class BatchNorm2d(_BatchNorm):
+class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
     r"""Batch Normalization over a 4D input (N, C, H, W) (Ioffe & Szegedy 2015, §3.2).
 
     y = (x − E[x]) / √(Var[x] + ε) · γ + β, statistics per channel over the N·H·W values.
@@ -224,7 +229,7 @@ class BatchNorm2d(_BatchNorm):
     _shape_hint = "add a batch dimension (x[None]) for a single image, or use BatchNorm1d for (N, C)"
 
 
-class BatchNorm3d(_BatchNorm):
+class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
     r"""Batch Normalization over a 5D input (N, C, D, H, W) (Ioffe & Szegedy 2015).
 
     y = (x − E[x]) / √(Var[x] + ε) · γ + β, statistics per channel over the N·D·H·W values.

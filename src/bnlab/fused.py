@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from . import functional as BF
-from .batchnorm import BatchNorm2d
+from .batchnorm import BatchNorm2d, _BatchNorm
 
 __all__ = ["BatchNormAct2d", "ACTIVATIONS"]
 
@@ -71,8 +71,13 @@ class _BNActFn(torch.autograd.Function):
         return dx, dweight.to(weight.dtype), dbias.to(bias.dtype), None, None, None, None, None
 
 
-class BatchNormAct2d(BatchNorm2d):
+class BatchNormAct2d(_BatchNorm):
     r"""BatchNorm2d followed by an activation, fused; optionally memory-efficient (In-Place ABN).
+
+    A batch-norm layer (a ``_BatchNorm``, with BatchNorm2d's arguments, state_dict and input
+    checks) but deliberately not a ``BatchNorm2d``: code that folds or converts "every
+    BatchNorm2d" (``bnlab.fold``, ``torch.nn.utils.fusion``, init loops) must not take it for a
+    plain BN and drop its activation.
 
     Args:
         num_features, eps, momentum, affine, track_running_stats: as BatchNorm2d.
@@ -85,6 +90,9 @@ class BatchNormAct2d(BatchNorm2d):
 
     Shape: (N, C, H, W) → (N, C, H, W).
     """
+
+    _expected_dims = BatchNorm2d._expected_dims
+    _shape_hint = BatchNorm2d._shape_hint
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
