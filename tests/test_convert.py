@@ -102,3 +102,17 @@ def test_frozen_layer_to_torch_warns_and_restores_flags():
     with pytest.warns(UserWarning, match="frozen"):
         t = bnlab.convert(m, to="torch")
     assert type(t) is nn.BatchNorm1d and t.weight.requires_grad
+
+
+@pytest.mark.parametrize("to", ["torch", "bnlab", "sync", "frozen", "ghost", "renorm"])
+def test_fused_bn_activation_is_left_alone(to):
+    """BatchNormAct2d is BN and an activation (with |γ| + ε as its scale when memory-efficient):
+    no target may replace it by a plain batch norm and drop the activation."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), bnlab.BatchNormAct2d(4, activation="leaky_relu", negative_slope=0.3))
+    model(torch.randn(6, 3, 7, 7))
+    model.eval()
+    x = torch.randn(2, 3, 7, 7)
+    before = model(x)
+    converted = bnlab.convert(model, to=to)
+    assert type(converted[1]) is bnlab.BatchNormAct2d
+    torch.testing.assert_close(converted(x), before)

@@ -198,8 +198,8 @@ def _plain_bn(m: nn.Module) -> bool:
 def _to_frozen(m: nn.Module) -> Optional[nn.Module]:
     """Every BN layer → FrozenBatchNorm with its statistics and affine as constant buffers."""
     from .variants.frozen import FrozenBatchNorm
-    if not isinstance(m, _TorchBatchNorm):
-        return None
+    if not isinstance(m, _TorchBatchNorm) or not getattr(m, "_eval_is_bn", True):
+        return None                                  # e.g. BatchNormAct2d: BN and an activation
     if m.running_mean is None:
         raise ValueError(f"{type(m).__name__} has no running statistics (track_running_stats=False): "
                          f"there is nothing to freeze it to")

@@ -93,6 +93,7 @@ class BatchNormAct2d(_BatchNorm):
 
     _expected_dims = BatchNorm2d._expected_dims
     _shape_hint = BatchNorm2d._shape_hint
+    _eval_is_bn = False              # its eval output is not BN's (activation; |γ| + ε): not frozen/folded
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
