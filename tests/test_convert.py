@@ -105,14 +105,18 @@ def test_frozen_layer_to_torch_warns_and_restores_flags():
 
 
 @pytest.mark.parametrize("to", ["torch", "bnlab", "sync", "frozen", "ghost", "renorm"])
-def test_fused_bn_activation_is_left_alone(to):
-    """BatchNormAct2d is BN and an activation (with |γ| + ε as its scale when memory-efficient):
-    no target may replace it by a plain batch norm and drop the activation."""
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), bnlab.BatchNormAct2d(4, activation="leaky_relu", negative_slope=0.3))
+@pytest.mark.parametrize("layer", [lambda: bnlab.BatchNormAct2d(4, activation="leaky_relu", negative_slope=0.3),
+                                   lambda: bnlab.DetachedNorm2d(4)], ids=["bn-act", "detached"])
+def test_layers_whose_eval_is_not_bn_are_left_alone(to, layer):
+    """BatchNormAct2d is BN and an activation (with |γ| + ε as its scale when memory-efficient);
+    DetachedNorm2d by default only subtracts the mean: no target may replace them by a plain
+    batch norm."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), layer())
+    kind = type(model[1])
     model(torch.randn(6, 3, 7, 7))
     model.eval()
     x = torch.randn(2, 3, 7, 7)
     before = model(x)
     converted = bnlab.convert(model, to=to)
-    assert type(converted[1]) is bnlab.BatchNormAct2d
+    assert type(converted[1]) is kind
     torch.testing.assert_close(converted(x), before)

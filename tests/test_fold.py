@@ -132,12 +132,16 @@ def test_fold_weights_closed_form():
     torch.testing.assert_close(bf, (b - mean) * s + beta)
 
 
-@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "identity"])
-def test_fused_bn_activation_is_not_folded_as_a_plain_bn(activation):
-    """BatchNormAct2d is a batch norm *and* an activation: folding its BN into the convolution
-    would drop the activation, so it stays (and the folded model still equals the original)."""
-    model = _warm(nn.Sequential(nn.Conv2d(3, 4, 3), bnlab.BatchNormAct2d(4, activation=activation,
-                                                                           negative_slope=0.2)), (8, 3, 7, 7))
+@pytest.mark.parametrize("layer", [lambda: bnlab.BatchNormAct2d(4, activation="relu"),
+                                   lambda: bnlab.BatchNormAct2d(4, activation="leaky_relu", negative_slope=0.2),
+                                   lambda: bnlab.BatchNormAct2d(4, activation="identity"),
+                                   lambda: bnlab.DetachedNorm2d(4)],        # eval: x − μ, unscaled
+                         ids=["act-relu", "act-leaky", "act-identity", "detached-center-only"])
+def test_layers_whose_eval_is_not_bn_are_not_folded(layer):
+    """BatchNormAct2d is a batch norm *and* an activation; DetachedNorm2d (center only) only
+    subtracts the mean: folding either as a plain BN would change the output, so they stay (and
+    the folded model still equals the original)."""
+    model = _warm(nn.Sequential(nn.Conv2d(3, 4, 3), layer()), (8, 3, 7, 7))
     x = torch.randn(5, 3, 7, 7)
     folded, report = bnlab.fold(model, x, return_report=True)
     assert report.folded == [] and [bn for bn, _ in report.skipped] == ["1"]
@@ -150,8 +154,8 @@ def test_bnlab_layers_are_torch_batchnorm_instances_and_the_fused_layer_is_not()
     for layer, torch_cls in ((bnlab.BatchNorm1d(3), nn.BatchNorm1d), (bnlab.BatchNorm2d(3), nn.BatchNorm2d),
                              (bnlab.BatchNorm3d(3), nn.BatchNorm3d)):
         assert isinstance(layer, torch_cls)
-    fused = bnlab.BatchNormAct2d(3)
-    assert bnlab.is_batchnorm(fused) and not isinstance(fused, nn.BatchNorm2d)
+    for other in (bnlab.BatchNormAct2d(3), bnlab.DetachedNorm2d(3)):
+        assert bnlab.is_batchnorm(other) and not isinstance(other, nn.BatchNorm2d)
     conv, bn = nn.Conv2d(2, 3, 1).eval(), _warm(nn.Sequential(bnlab.BatchNorm2d(3)), (6, 3, 4, 4))[0]
     fused_conv = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)     # torch's own fuser accepts it
     x = torch.randn(2, 2, 4, 4)

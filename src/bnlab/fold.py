@@ -175,7 +175,7 @@ def fold(model: nn.Module, example_input: Any = None, *, return_report: bool = F
         if not isinstance(layer, _LINEAR_LIKE) or not is_batchnorm(bn):
             continue
         followed.add(bn_name)
-        if not isinstance(bn, _PLAIN_BN):
+        if not isinstance(bn, _PLAIN_BN) or not getattr(bn, "_eval_is_bn", True):
             report.skipped.append((bn_name, f"{type(bn).__name__} is not a plain batch norm"))
             continue
         if bn.running_mean is None or bn.running_var is None:

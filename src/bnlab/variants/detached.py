@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as BF
-from ..batchnorm import BatchNorm1d, BatchNorm2d
+from ..batchnorm import BatchNorm1d, BatchNorm2d, _BatchNorm
 
 __all__ = ["DetachedNorm", "DetachedNorm2d", "detached_norm"]
 
@@ -63,13 +63,27 @@ class _DetachedMixin:
             mean = torch.zeros_like(mean)
         return detached_norm(input, mean, var if self.scale else None, self.weight, self.bias, self.eps)
 
+    @property
+    def _eval_is_bn(self) -> bool:
+        """Its eval output is BN's only with both centering and scaling (folding, freezing)."""
+        return self.center and self.scale
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", center={self.center}, scale={self.scale}"
 
 
-class DetachedNorm(_DetachedMixin, BatchNorm1d):
+# _BatchNorm (state, state_dict, checks) but not torch's BatchNorm1d/2d: its gradient, and by
+# default its eval output (x − μ, unscaled), are not BN's, so code that fuses or converts
+# "every BatchNorm2d" must not take it for one.
+class DetachedNorm(_DetachedMixin, _BatchNorm):
     """Ioffe §2's normalization outside the gradient, on (N, C) or (N, C, L) inputs."""
 
+    _expected_dims = BatchNorm1d._expected_dims
+    _shape_hint = BatchNorm1d._shape_hint
 
-class DetachedNorm2d(_DetachedMixin, BatchNorm2d):
+
+class DetachedNorm2d(_DetachedMixin, _BatchNorm):
     """Ioffe §2's normalization outside the gradient, on (N, C, H, W) inputs."""
+
+    _expected_dims = BatchNorm2d._expected_dims
+    _shape_hint = BatchNorm2d._shape_hint
