@@ -301,6 +301,110 @@ def test_call_counts_include_the_node_and_clear():
     bn(x).sum().backward()
     bn(x).sum().backward()
     assert kernels.calls["forward_train"] == 2 and kernels.calls["backward_train"] == 2
-    assert sum(kernels.calls.values()) == 4
+    # sum()'s gradient is an expanded scalar: the node's dense copy of it takes dx
+    assert kernels.calls["backward_train_inplace"] == 2
+    assert sum(kernels.calls.values()) == 6
     kernels.calls.clear()
-    assert kernels.calls["backward_train"] == 0
+    assert kernels.calls["backward_train"] == 0 and kernels.calls["backward_train_inplace"] == 0
+    assert dict(kernels.calls) == {}
+
+
+# -- dx written over a dead incoming gradient --------------------------------------------------------
+
+INPLACE_SHAPES = [((9, 5, 4, 3), torch.contiguous_format), ((9, 5, 4, 3), torch.channels_last),
+                  ((3001, 37), torch.contiguous_format), ((9, 16, 11, 13), torch.channels_last)]
+
+
+def _graph_grads(impl, graph, shape, fmt, n_inputs=1, dtype=torch.float64):
+    """Gradients of every input, weight and bias of graph(bns, xs) with BN layers impl, plus
+    whatever graph stored along the way (its ``kept`` list)."""
+    torch.manual_seed(0)
+    C = shape[1]
+    xs = [torch.randn(*shape, dtype=dtype).contiguous(memory_format=fmt).requires_grad_() for _ in range(n_inputs)]
+    ws = [torch.rand(C, dtype=dtype, requires_grad=True) + 0.5 for _ in range(n_inputs)]
+    bs = [torch.randn(C, dtype=dtype, requires_grad=True) for _ in range(n_inputs)]
+    ws = [w.detach().requires_grad_() for w in ws]
+    bns = [lambda x, i=i: impl(x, None, None, ws[i], bs[i], True, 0.1, 1e-5) for i in range(n_inputs)]
+    kept: list = []
+    loss = graph(bns, xs, kept)
+    loss.backward()
+    return [t.grad for t in xs + ws + bs], [k.detach().clone() for k in kept]
+
+
+GRAPHS = {
+    # dy comes from ReLU's backward: a fresh tensor only the engine holds — written over
+    "relu": (lambda bns, xs, kept: (torch.relu(bns[0](xs[0])) * torch.linspace(-1, 2, xs[0].shape[-1],
+                                                                              dtype=xs[0].dtype)).sum(), True),
+    # y used twice: the engine sums the two gradients into a buffer it owns (in NCHW order even for
+    # a channels_last y: then the node's own channels_last copy of it) — written over
+    "used twice": (lambda bns, xs, kept: ((lambda y: (torch.relu(y) ** 2 + 3 * torch.tanh(y)).sum())(bns[0](xs[0]))),
+                   True),
+    # y.retain_grad(): autograd stores a copy of dy in y.grad, so dy itself is still dead
+    "retain_grad": (lambda bns, xs, kept: (lambda y: (y.retain_grad(), (torch.relu(y) ** 2).sum())[1])(bns[0](xs[0])),
+                    True),
+    # a hook keeps dy: it must stay dy
+    "hook keeps dy": (lambda bns, xs, kept: (lambda y: (y.register_hook(lambda g: kept.append(g)),
+                                                        (torch.relu(y) ** 2).sum())[1])(bns[0](xs[0])), False),
+    # z = BN1(x1) + BN2(x2): AddBackward hands the same tensor to both nodes; the first to run must
+    # leave it for the second
+    "sum of two BN": (lambda bns, xs, kept: (torch.relu(bns[0](xs[0]) + bns[1](xs[1])) ** 2).sum(), None),
+}
+
+
+@pytest.mark.parametrize("graph", list(GRAPHS))
+@pytest.mark.parametrize("shape,fmt", INPLACE_SHAPES, ids=str)
+def test_node_writes_dx_over_a_dead_gradient_and_only_then(graph, shape, fmt):
+    """When nothing but the engine holds dy, the node writes dx over it (counted in
+    kernels.calls["backward_train_inplace"]); when anything else can see dy (a retained .grad, a
+    hook, another node waiting for the same tensor) it does not. Every gradient, and every dy a
+    graph kept, equals torch.nn's (float64, 1e-10)."""
+    fn, expect_inplace = GRAPHS[graph]
+    n_inputs = 2 if graph == "sum of two BN" else 1
+    before = kernels.calls["backward_train_inplace"]
+    grads, kept = _graph_grads(BF.batch_norm, lambda b, x, k: fn(b, x, k), shape, fmt, n_inputs)
+    inplace = kernels.calls["backward_train_inplace"] - before
+    ref_grads, ref_kept = _graph_grads(F.batch_norm, lambda b, x, k: fn(b, x, k), shape, fmt, n_inputs)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-10)
+    for k, r in zip(kept, ref_kept):
+        torch.testing.assert_close(k, r, atol=1e-10, rtol=1e-10)
+    if expect_inplace is True:
+        assert inplace == n_inputs
+    elif expect_inplace is False:
+        assert inplace == 0
+    else:                                      # the first node may not write, the second may
+        assert inplace <= 1
+    assert grads[0].is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("shape,fmt", INPLACE_SHAPES[:2], ids=str)
+@pytest.mark.parametrize("keep", ["retain_grad", "hook", "both"])
+def test_retained_and_hooked_gradients_stay_dy(shape, fmt, keep):
+    """y.grad (retain_grad) and a gradient a hook stored are dy after the backward, equal to what
+    torch.nn's graph gives, not dx written over them."""
+    results = {}
+    for impl in (BF.batch_norm, F.batch_norm):
+        torch.manual_seed(0)
+        x = torch.randn(*shape, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+        y = impl(x, None, None, None, None, True, 0.1, 1e-5)
+        hooked = []
+        if keep in ("retain_grad", "both"):
+            y.retain_grad()
+        if keep in ("hook", "both"):
+            y.register_hook(lambda g: hooked.append(g))
+        (torch.relu(y) ** 2).sum().backward()
+        results[impl] = [x.grad] + ([y.grad] if y.grad is not None else []) + hooked
+    assert len(results[BF.batch_norm]) == len(results[F.batch_norm]) > 1
+    for got, want in zip(results[BF.batch_norm], results[F.batch_norm]):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+def test_user_gradient_is_never_written():
+    """y.backward(dy) with the caller holding dy: dy is read, never written."""
+    x = torch.randn(64, 8, 5, 5, requires_grad=True)
+    dy = torch.randn(64, 8, 5, 5)
+    dy0 = dy.clone()
+    before = kernels.calls["backward_train_inplace"]
+    BF.batch_norm(x, None, None, None, None, True, 0.1, 1e-5).backward(dy)
+    assert torch.equal(dy, dy0) and kernels.calls["backward_train_inplace"] == before
+    assert kernels.calls["backward_train"] > 0

@@ -39,37 +39,42 @@ FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-
 
 class _Calls(MutableMapping):
     """Dispatches to the compiled kernels, by entry point (a Counter: missing keys read 0): the
-    Python-side counts, plus the backward passes run inside the C++ autograd node
-    (``batch_norm_train``), which never return to Python."""
+    Python-side counts, plus what the C++ autograd node (``batch_norm_train``) runs without
+    returning to Python: ``backward_train`` (its backward passes) and ``backward_train_inplace``
+    (those of them that wrote dx over an incoming gradient nothing else referenced)."""
+
+    _NODE = {"backward_train": "node_backward_calls", "backward_train_inplace": "node_inplace_calls"}
 
     def __init__(self) -> None:
         self._counts: Counter = Counter()
-        self._node_base = 0                     # node calls already cleared away
+        self._node_base: Counter = Counter()    # node calls already cleared away, per key
 
-    def _node(self) -> int:
-        return (int(_module.node_backward_calls()) if _module is not None else 0) - self._node_base
+    def _node(self, key: str) -> int:
+        name = self._NODE.get(key)
+        if name is None or _module is None or not hasattr(_module, name):
+            return 0
+        return int(getattr(_module, name)()) - self._node_base[key]
 
     def __getitem__(self, key: str) -> int:
-        return self._counts[key] + (self._node() if key == "backward_train" else 0)
+        return self._counts[key] + self._node(key)
 
     def __setitem__(self, key: str, value: int) -> None:
-        self._counts[key] = value - (self._node() if key == "backward_train" else 0)
+        self._counts[key] = value - self._node(key)
 
     def __delitem__(self, key: str) -> None:
-        if key == "backward_train":
-            self._node_base += self._node()
+        if key in self._NODE:
+            self._node_base[key] += self._node(key)
             self._counts.pop(key, None)
         else:
             del self._counts[key]
 
     def clear(self) -> None:
-        self._node_base += self._node()
+        for key in self._NODE:
+            self._node_base[key] += self._node(key)
         self._counts.clear()
 
     def __iter__(self):
-        keys = set(self._counts)
-        if self._node():
-            keys.add("backward_train")
+        keys = set(self._counts) | {key for key in self._NODE if self._node(key)}
         return iter(sorted(keys))
 
     def __len__(self) -> int:

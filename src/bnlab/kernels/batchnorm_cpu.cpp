@@ -19,6 +19,7 @@
 // Threads come from ATen's pool (at::parallel_for), so torch.set_num_threads applies.
 
 #include <torch/extension.h>
+#include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
@@ -620,15 +621,29 @@ void affine(const scalar_t* x, scalar_t* y, const Layout& l, const std::vector<t
   else affine_act<scalar_t, kIdentity>(x, y, l, alpha, beta, slope, training);
 }
 
+// A per-channel tensor's values as doubles, read where they lie (any floating dtype and stride):
+// no tensor is allocated — a .to(kDouble) per argument cost a few µs a call, five times a step.
+std::vector<double> to_vec(const at::Tensor& t, int64_t C) {
+  const int64_t n = t.numel(), stride = t.dim() == 0 ? 1 : t.stride(0);
+  TORCH_CHECK(t.dim() <= 1 && t.device().is_cpu() && n == C, "per-channel tensors must be 1-D on the CPU with ",
+              C, " values, got shape ", t.sizes());
+  std::vector<double> v(n);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "bnlab_to_vec", [&] {
+    const scalar_t* p = t.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) v[i] = double(p[i * stride]);
+  });
+  return v;
+}
+
 template <typename acc_t>
 void coefficients(const double* mean, const double* invstd, const at::Tensor& weight, const at::Tensor& bias,
                   int64_t C, std::vector<acc_t>& alpha, std::vector<acc_t>& beta) {
   alpha.resize(C);
   beta.resize(C);
-  const at::Tensor w = weight.defined() ? weight.to(at::kDouble).contiguous() : at::Tensor();
-  const at::Tensor bb = bias.defined() ? bias.to(at::kDouble).contiguous() : at::Tensor();
-  const double* wp = w.defined() ? w.data_ptr<double>() : nullptr;
-  const double* bp = bb.defined() ? bb.data_ptr<double>() : nullptr;
+  const std::vector<double> w = weight.defined() ? to_vec(weight, C) : std::vector<double>();
+  const std::vector<double> bb = bias.defined() ? to_vec(bias, C) : std::vector<double>();
+  const double* wp = weight.defined() ? w.data() : nullptr;
+  const double* bp = bias.defined() ? bb.data() : nullptr;
   for (int64_t c = 0; c < C; ++c) {
     const double a = invstd[c] * (wp ? wp[c] : 1.0);
     alpha[c] = acc_t(a);
@@ -748,6 +763,39 @@ void grad_sums_ncl(const scalar_t* dy, const scalar_t* x, const double* mean, co
   reduce_threads(s1, s2, C, sum_dy, sum_dy_xmu);
 }
 
+// dx = dy·k1 + x·k2 + k3 per channel, written over dy (g ← g·k1 + x·k2 + k3): used when dy is dead
+// after the backward (see TrainBN::backward). Each value is read before it is overwritten, the lines
+// are already in cache from the read, so neither a read-for-ownership nor a streaming store is
+// needed, and dx stays cached for the layer below. No __restrict on g: it is read and written.
+template <typename scalar_t>
+void dx_pass_inplace(scalar_t* dy, const scalar_t* x, const Layout& l,
+                     const std::vector<typename Acc<scalar_t>::type>& k1,
+                     const std::vector<typename Acc<scalar_t>::type>& k2,
+                     const std::vector<typename Acc<scalar_t>::type>& k3) {
+  using acc_t = typename Acc<scalar_t>::type;
+  if (l.rows) {
+    const int64_t C = l.C;
+    const Wide w = wide_rows(C);
+    const avec<acc_t> a = tiled(k1, w.k), b = tiled(k2, w.k), c3 = tiled(k3, w.k);
+    parallel_wide_rows(l, w, [&](int64_t r, int64_t n) {
+      scalar_t* g = dy + r * C;
+      const scalar_t* __restrict xr = x + r * C;
+      for (int64_t c = 0; c < n; ++c) g[c] = scalar_t(acc_t(g[c]) * a[c] + acc_t(xr[c]) * b[c] + c3[c]);
+    });
+  } else {
+    const int64_t C = l.C, L = l.L;
+    at::parallel_for(0, l.N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, L)), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t c = b % C;
+        const acc_t a = k1[c], bb = k2[c], cc = k3[c];
+        scalar_t* g = dy + b * L;
+        const scalar_t* __restrict xb = x + b * L;
+        for (int64_t k = 0; k < L; ++k) g[k] = scalar_t(acc_t(g[k]) * a + acc_t(xb[k]) * bb + cc);
+      }
+    });
+  }
+}
+
 // dx = dy·k1 + x·k2 + k3 per channel
 template <typename scalar_t>
 void dx_pass(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Layout& l,
@@ -863,9 +911,9 @@ at::Tensor forward_eval(const at::Tensor& x, const at::Tensor& running_mean, con
                         const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, double eps,
                         int64_t act, double slope) {
   const Layout l = layout_of(x);
-  at::Tensor rm = running_mean.to(at::kDouble).contiguous(), rv = running_var.to(at::kDouble).contiguous();
-  std::vector<double> mean(rm.data_ptr<double>(), rm.data_ptr<double>() + l.C), invstd(l.C);
-  const double* rvp = rv.data_ptr<double>();
+  const std::vector<double> mean = to_vec(running_mean, l.C), rv = to_vec(running_var, l.C);
+  std::vector<double> invstd(l.C);
+  const double* rvp = rv.data();
   for (int64_t c = 0; c < l.C; ++c) invstd[c] = 1.0 / std::sqrt(rvp[c] + eps);
   at::Tensor y = empty_out(x, x.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bnlab_forward_eval", [&] {
@@ -881,17 +929,25 @@ at::Tensor forward_eval(const at::Tensor& x, const at::Tensor& running_mean, con
 
 // Training backward of BN: (dx, dgamma, dbeta) from dy, x and the forward's mean and invstd.
 //   dx = γ·invstd·(dy − Σdy/m − x̂·Σ(dy·x̂)/m) = dy·k1 + x·k2 + k3
-std::vector<at::Tensor> backward_train(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& mean_t,
-                                       const at::Tensor& invstd_t, const c10::optional<at::Tensor>& weight) {
+// dx is written over dy and returned in its place (*wrote_over_dy set) when dy is dead — the caller
+// holds its only reference (dy_dead_for below) — or when dy had to be converted to x's dtype or
+// layout: the converted copy is this call's own.
+std::vector<at::Tensor> backward_train_impl(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& mean_t,
+                                            const at::Tensor& invstd_t, const c10::optional<at::Tensor>& weight,
+                                            bool dy_dead, bool* wrote_over_dy = nullptr) {
   const Layout l = layout_of(x);
   const at::Tensor dy = dy_in.scalar_type() == x.scalar_type() && dy_in.strides() == x.strides()
                             ? dy_in : dy_in.to(x.scalar_type()).contiguous(x.suggest_memory_format());
-  const at::Tensor md = mean_t.to(at::kDouble).contiguous(), id = invstd_t.to(at::kDouble).contiguous();
-  const double* mean = md.data_ptr<double>();
-  const double* invstd = id.data_ptr<double>();
+  const std::vector<double> md = to_vec(mean_t, l.C), id = to_vec(invstd_t, l.C);
+  const double* mean = md.data();
+  const double* invstd = id.data();
   std::vector<double> s1(l.C), s2(l.C);
-  at::Tensor dx = empty_out(x, x.scalar_type());
-  at::Tensor w = weight.has_value() && weight->defined() ? weight->to(at::kDouble).contiguous() : at::Tensor();
+  const bool own_copy = !dy.is_alias_of(dy_in) && dy.strides() == x.strides();
+  const bool inplace = (dy_dead && dy.is_same(dy_in)) || own_copy;
+  if (wrote_over_dy) *wrote_over_dy = inplace;
+  at::Tensor dx = inplace ? dy : empty_out(x, x.scalar_type());
+  const bool has_w = weight.has_value() && weight->defined();
+  const std::vector<double> w = has_w ? to_vec(*weight, l.C) : std::vector<double>();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bnlab_backward_train", [&] {
     const scalar_t* dyp = dy.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -900,7 +956,7 @@ std::vector<at::Tensor> backward_train(const at::Tensor& dy_in, const at::Tensor
     using acc_t = typename Acc<scalar_t>::type;
     std::vector<acc_t> k1(l.C), k2(l.C), k3(l.C);
     const double m = double(l.M);
-    const double* wp = w.defined() ? w.data_ptr<double>() : nullptr;
+    const double* wp = has_w ? w.data() : nullptr;
     for (int64_t c = 0; c < l.C; ++c) {
       const double scale = invstd[c] * (wp ? wp[c] : 1.0);                  // γ·invstd
       const double kk = invstd[c] * invstd[c] * s2[c] / m;                 // mean(dy·x̂)·invstd
@@ -908,12 +964,31 @@ std::vector<at::Tensor> backward_train(const at::Tensor& dy_in, const at::Tensor
       k2[c] = acc_t(-scale * kk);
       k3[c] = acc_t(-scale * s1[c] / m + scale * kk * mean[c]);
     }
-    dx_pass<scalar_t>(dyp, xp, dx.data_ptr<scalar_t>(), l, k1, k2, k3);
+    if (inplace) dx_pass_inplace<scalar_t>(dx.data_ptr<scalar_t>(), xp, l, k1, k2, k3);
+    else dx_pass<scalar_t>(dyp, xp, dx.data_ptr<scalar_t>(), l, k1, k2, k3);
   });
   std::vector<double> dgamma(l.C);
   for (int64_t c = 0; c < l.C; ++c) dgamma[c] = s2[c] * invstd[c];           // Σ dy·x̂
   const auto acc = acc_type(x.scalar_type());
   return {dx, vec(dgamma, acc), vec(s1, acc)};
+}
+
+std::vector<at::Tensor> backward_train(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
+                                       const at::Tensor& invstd, const c10::optional<at::Tensor>& weight) {
+  return backward_train_impl(dy, x, mean, invstd, weight, /*dy_dead=*/false);
+}
+
+// Whether the incoming gradient dy can be overwritten with dx: the same test torch's autograd
+// engine makes before accumulating gradients in place (InputBuffer): a plain dense strided tensor
+// on the CPU whose TensorImpl and storage have exactly one reference each — the caller's — so no
+// other tensor, view, hook, saved variable or Python object can see the change. A dy the user
+// still holds (y.backward(dy)) fails it and is never written.
+bool dy_dead_for(const at::Tensor& dy, const at::Tensor& x) {
+  return dy.defined() && dy.layout() == at::kStrided && dy.device().is_cpu() && !dy.is_nested() &&
+         !at::isTensorSubclassLike(dy) && !dy._is_zerotensor() && !dy.is_conj() && !dy.is_neg() &&
+         !dy.requires_grad() && dy.use_count() == 1 && dy.has_storage() && dy.storage().use_count() == 1 &&
+         dy.is_non_overlapping_and_dense() && dy.scalar_type() == x.scalar_type() && dy.sizes() == x.sizes() &&
+         dy.strides() == x.strides() && !dy.is_same(x);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1069,11 +1144,6 @@ std::vector<at::Tensor> bn_act_backward_impl(const at::Tensor& da, const at::Ten
   return {dx, vec(sdzx, acc), vec(sdz, acc)};
 }
 
-std::vector<double> to_vec(const at::Tensor& t) {
-  const at::Tensor d = t.to(at::kDouble).contiguous();
-  return std::vector<double>(d.data_ptr<double>(), d.data_ptr<double>() + d.numel());
-}
-
 // da: gradient w.r.t. the layer's output; v: the saved output a (identity, leaky ReLU) or the
 // saved input x (ReLU). Returns (dx, dγ, dβ).
 std::vector<at::Tensor> bn_act_backward(const at::Tensor& da_in, const at::Tensor& v, const at::Tensor& mean,
@@ -1084,7 +1154,7 @@ std::vector<at::Tensor> bn_act_backward(const at::Tensor& da_in, const at::Tenso
                             ? da_in : da_in.to(v.scalar_type()).contiguous(v.suggest_memory_format());
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, v.scalar_type(), "bnlab_bn_act_backward", [&] {
-    const auto w = to_vec(weight), b = to_vec(bias), m = to_vec(mean), i = to_vec(invstd);
+    const auto w = to_vec(weight, l.C), b = to_vec(bias, l.C), m = to_vec(mean, l.C), i = to_vec(invstd, l.C);
     if (act == kRelu) out = bn_act_backward_impl<scalar_t, kRelu>(da, v, l, w, b, m, i, slope);
     else if (act == kLeakyRelu) out = bn_act_backward_impl<scalar_t, kLeakyRelu>(da, v, l, w, b, m, i, slope);
     else out = bn_act_backward_impl<scalar_t, kIdentity>(da, v, l, w, b, m, i, slope);
@@ -1117,6 +1187,7 @@ std::vector<int64_t> cache_info() {
 // ---------------------------------------------------------------------------------------------
 
 std::atomic<int64_t> node_backward_calls{0};                // backward_train calls made by the node
+std::atomic<int64_t> node_inplace_calls{0};                 // ... of which wrote dx over dy (dead, or a copy)
 
 py::object& graph_backward() {
   static py::object* fn = new py::object();             // never destroyed: no Python at exit
@@ -1143,8 +1214,10 @@ struct TrainBN : public torch::autograd::Function<TrainBN> {
     return out[0];
   }
 
+  // grads by reference: CppNode passes the engine's buffer, which it moved in, so grads[0] holds
+  // dy's only reference exactly when no one else can see dy (dy_dead_for).
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
+                                                 torch::autograd::variable_list& grads) {
     const at::Tensor& dy = grads[0];
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &invstd = saved[3];
@@ -1162,9 +1235,12 @@ struct TrainBN : public torch::autograd::Function<TrainBN> {
       dx = tensor_or_undefined(r[0]), dw = tensor_or_undefined(r[1]), db = tensor_or_undefined(r[2]);
     } else {
       node_backward_calls.fetch_add(1);
-      std::vector<at::Tensor> g = backward_train(dy, x, mean, invstd,
-                                                 weight.defined() ? c10::optional<at::Tensor>(weight.detach())
-                                                                  : c10::nullopt);
+      bool wrote_over_dy = false;
+      std::vector<at::Tensor> g = backward_train_impl(dy, x, mean, invstd,
+                                                      weight.defined() ? c10::optional<at::Tensor>(weight.detach())
+                                                                       : c10::nullopt,
+                                                      need_dx && dy_dead_for(dy, x), &wrote_over_dy);
+      if (wrote_over_dy) node_inplace_calls.fetch_add(1);
       dx = g[0], dw = g[1], db = g[2];
     }
     const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
@@ -1231,6 +1307,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("running_var"), py::arg("momentum"), py::arg("unbiased"));
   m.def("node_backward_calls", [] { return node_backward_calls.load(); },
         "how many times batch_norm_train's node ran backward_train");
+  m.def("node_inplace_calls", [] { return node_inplace_calls.load(); },
+        "how many of those wrote dx over the incoming gradient (no other reference) or its converted copy");
   m.def("set_graph_backward", [](py::object fn) { graph_backward() = fn; },
         "the differentiable backward batch_norm_train's node calls under create_graph=True");
   m.def("bench_pass", &bench_pass, "one pass alone (0 statistics, 1 normalize, 2 gradient sums, 3 dx), for benchmarks");
