@@ -75,3 +75,22 @@ def test_passes_command_reports_every_pass():
         assert sum(f"| {name} |" in line for line in table) == 2, name          # both quick shapes
     totals = [line.split("|") for line in table if "**bnlab total**" in line]
     assert all(float(cells[4]) > 0 for cells in totals)
+
+
+def test_chain_benchmark_times_both_and_writes_dx_over_dy(tmp_path):
+    """`bnlab bench chain`: both implementations timed forward and backward, and inside the chain
+    every bnlab BN backward wrote dx over its incoming gradient (ReLU's fresh, unshared output)."""
+    from bnlab import kernels
+    if not kernels.available():
+        pytest.skip(f"no CPU kernels: {kernels.failure()}")
+    path = tmp_path / "chain.json"
+    out = subprocess.run([sys.executable, "-m", "bnlab", "bench", "chain", "--quick", "--threads", "1",
+                          "--markdown", "--json", str(path)], check=True, capture_output=True, text=True,
+                         timeout=600).stdout
+    rows = json.loads(path.read_text())
+    assert len(rows) == 2 and {r["layout"] for r in rows} == {"contiguous", "channels_last"}
+    for r in rows:
+        assert min(r["torch_fwd_ms"], r["torch_bwd_ms"], r["bnlab_fwd_ms"], r["bnlab_bwd_ms"]) > 0
+        assert r["ratio"] > 0 and r["layers"] == 4 and r["threads"] == 1
+        assert r["inplace_fraction"] == 1.0
+    assert sum(line.startswith("| ") for line in out.splitlines()) == 3           # header and 2 rows

@@ -61,13 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     rec.set_defaults(func=_recalibrate)
 
     bench = sub.add_parser("bench", help="benchmarks: BatchNorm vs torch.nn (default), probe overhead, E1 loops")
-    bench.add_argument("what", nargs="?", default="batchnorm", choices=["batchnorm", "passes", "probes", "e1", "variants", "ddp", "memory"],
+    bench.add_argument("what", nargs="?", default="batchnorm", choices=["batchnorm", "chain", "passes", "probes", "e1", "variants", "ddp", "memory"],
                        help="batchnorm: bnlab vs torch.nn BN; passes: each pass of the CPU kernels vs a torch "
                             "op moving the same bytes, and torch's native forward/backward; probes: probe overhead on the E1 MLP; "
-                            "e1: E1's training loop vs plain PyTorch vs NumPy; variants: each "
+                            "e1: E1's training loop vs plain PyTorch vs NumPy; chain: 4 x (BN, ReLU) trained, "
+                            "bnlab's BN vs torch.nn's, forward and backward timed apart; variants: each "
                             "normalization variant vs bnlab BatchNorm; ddp: E1 step time in 1 and "
                             "2 processes; memory: BatchNormAct2d vs torch BN + activation")
-    bench.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    bench.add_argument("--threads", default=None,
+                       help="comma-separated thread counts (default 1,2 for batchnorm, 2 for chain; the "
+                            "other benchmarks use the last one)")
     bench.add_argument("--modes", default="fwd,fwdbwd,eval")
     bench.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke run)")
     bench.add_argument("--block", type=int, default=5,
@@ -118,6 +121,8 @@ def _kernels(args) -> int:
 
 
 def _bench(args) -> int:
+    if args.threads is None:
+        args.threads = "2" if args.what == "chain" else "1,2"
     if args.what == "probes":
         from . import bench_probes
         rows = bench_probes.run(steps=100 if args.quick else 300)
@@ -132,6 +137,18 @@ def _bench(args) -> int:
                                 threads=int(args.threads.split(",")[-1]), repeats=5 if args.quick else 60)
         if args.markdown:
             print(bench_passes.markdown(rows))
+        return 0
+    if args.what == "chain":
+        from . import bench, bench_chain
+        if args.malloc == "keep":
+            bench.keep_freed_memory()
+        threads = [int(t) for t in args.threads.split(",")]
+        kwargs = dict(min_turns=2, max_turns=3, budget_s=0.1, block=1) if args.quick else {}
+        rows = bench_chain.run(bench_chain.QUICK_SHAPES if args.quick else bench_chain.SHAPES, threads, **kwargs)
+        if args.markdown:
+            print(bench_chain.markdown(rows))
+        if args.json:
+            bench_chain.save_json(rows, args.json)
         return 0
     if args.what == "memory":
         from . import bench_memory
