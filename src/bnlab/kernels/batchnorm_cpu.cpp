@@ -1202,8 +1202,9 @@ struct TrainBN : public torch::autograd::Function<TrainBN> {
                             const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
                             double eps, const c10::optional<at::Tensor>& running_mean,
                             const c10::optional<at::Tensor>& running_var, double momentum, bool unbiased) {
+    // the kernels only read γ and β (autograd is off inside forward): no detached aliases needed
     auto opt = [](const c10::optional<at::Tensor>& t) {
-      return t.has_value() && t->defined() ? c10::optional<at::Tensor>(t->detach()) : c10::nullopt;
+      return t.has_value() && t->defined() ? t : c10::nullopt;
     };
     std::vector<at::Tensor> out = forward_train(x, opt(weight), opt(bias), eps, 0, 0.0, running_mean, running_var,
                                                 momentum, unbiased);
@@ -1237,16 +1238,19 @@ struct TrainBN : public torch::autograd::Function<TrainBN> {
       node_backward_calls.fetch_add(1);
       bool wrote_over_dy = false;
       std::vector<at::Tensor> g = backward_train_impl(dy, x, mean, invstd,
-                                                      weight.defined() ? c10::optional<at::Tensor>(weight.detach())
+                                                      weight.defined() ? c10::optional<at::Tensor>(weight)
                                                                        : c10::nullopt,
                                                       need_dx && dy_dead_for(dy, x), &wrote_over_dy);
       if (wrote_over_dy) node_inplace_calls.fetch_add(1);
       dx = g[0], dw = g[1], db = g[2];
     }
     const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
-    if (need_dx) result[0] = dx.to(x.scalar_type());
-    if (need_dw && dw.defined()) result[1] = dw.to(weight.scalar_type());
-    if (need_db && db.defined() && bias_dtype >= 0) result[2] = db.to(at::ScalarType(bias_dtype));
+    // (each .to is a dispatcher call even when it changes nothing, and small calls are not free
+    // right after a large kernel has flushed the caches)
+    auto as = [](const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); };
+    if (need_dx) result[0] = as(dx, x.scalar_type());
+    if (need_dw && dw.defined()) result[1] = as(dw, weight.scalar_type());
+    if (need_db && db.defined() && bias_dtype >= 0) result[2] = as(db, at::ScalarType(bias_dtype));
     return result;
   }
 };
