@@ -10,8 +10,9 @@ state instead, which for tensors near the L3 size moved either ratio by up to 2�
 (``--block 1`` reproduces it). Reported: each median time, the ratio bnlab/torch as the median
 of the *paired* per-turn ratios (each bnlab block against the torch block just before it —
 robust to the slow drifts of a shared machine), and the effective bandwidth — the bytes a
-perfect kernel must move divided by the time — as a fraction of a copy measured in the same
-run.
+perfect kernel must move divided by the time — as a fraction of a copy of the same tensor that
+takes its own turn in the same repetitions (the median of per-turn fractions: a copy timed once
+before the modes of a shape could land in another bandwidth phase than the calls after it).
 
 Modes and their minimal traffic (S = bytes of the tensor):
   fwd     training-mode forward, autograd recording as in training   read x, write y   = 2S
@@ -88,10 +89,11 @@ def keep_freed_memory() -> None:
 
 
 def _median_alternating(fns: list[Callable[[], object]], min_repeats: int, max_repeats: int,
-                        budget_s: float, paired: Optional[list] = None, block: int = 1) -> tuple[list[float], int]:
+                        budget_s: float, paired: Optional[list] = None, block: int = 1,
+                        samples: Optional[list] = None) -> tuple[list[float], int]:
     """Median time per call of each fn. Each repetition runs every fn in turn, ``block``
     consecutive calls each; a repetition's sample is the median of its block. ``paired`` gets
-    the per-repetition ratios fns[1]/fns[0]."""
+    the per-repetition ratios fns[1]/fns[0]; ``samples`` the per-repetition times of every fn."""
     for fn in fns:                 # warm-up: allocator, thread pool, caches
         for _ in range(max(2, block)):
             fn()
@@ -107,8 +109,10 @@ def _median_alternating(fns: list[Callable[[], object]], min_repeats: int, max_r
                 calls.append(time.perf_counter() - t0)
             times[i].append(statistics.median(calls))
         repeats += 1
-    if paired is not None and len(fns) == 2:
+    if paired is not None and len(fns) >= 2:
         paired.extend(b / a for a, b in zip(times[0], times[1]))
+    if samples is not None:
+        samples.extend(times)
     return [statistics.median(t) for t in times], repeats
 
 
@@ -153,21 +157,26 @@ def run(shapes: Iterable[tuple[tuple[int, ...], bool]] = DEFAULT_SHAPES,
                     x = x.contiguous(memory_format=torch.channels_last)
                 nbytes = x.numel() * x.element_size()
                 dst = torch.empty_like(x)
-                (copy_s,), _ = _median_alternating([lambda: dst.copy_(x)], 7, 61, 0.5)
-                copy_bw = 2 * nbytes / copy_s
                 for mode in modes:
+                    # the copy takes its turn in the same repetitions, so that each fraction of
+                    # its bandwidth compares calls made in the same phase of a shared machine
                     ratios: list[float] = []
-                    (t_torch, t_ours), reps = _median_alternating(
-                        [_case(F.batch_norm, x, mode), _case(impl, x, mode)],
-                        min_repeats, max_repeats, budget_s, paired=ratios, block=block)
+                    per_turn: list[list[float]] = []
+                    (t_torch, t_ours, t_copy), reps = _median_alternating(
+                        [_case(F.batch_norm, x, mode), _case(impl, x, mode), lambda: dst.copy_(x)],
+                        min_repeats, max_repeats, budget_s, paired=ratios, block=block, samples=per_turn)
                     need = PASSES[mode] * nbytes
+                    copy_bytes = 2 * nbytes
+                    # fraction of the copy bandwidth = (need / t) / (copy_bytes / t_copy), per turn
+                    fraction = [need * tc / (copy_bytes * tb) for tb, tc in zip(per_turn[1], per_turn[2])]
+                    fraction_torch = [need * tc / (copy_bytes * tt) for tt, tc in zip(per_turn[0], per_turn[2])]
                     row = Row(shape="x".join(map(str, shape)),
                               layout="channels_last" if channels_last else "contiguous",
                               threads=n_threads, mode=mode, torch_ms=t_torch * 1e3,
                               bnlab_ms=t_ours * 1e3, ratio=statistics.median(ratios),
-                              copy_fraction=need / t_ours / copy_bw,
-                              torch_copy_fraction=need / t_torch / copy_bw,
-                              copy_gbs=copy_bw / 1e9, repeats=reps)
+                              copy_fraction=statistics.median(fraction),
+                              torch_copy_fraction=statistics.median(fraction_torch),
+                              copy_gbs=copy_bytes / t_copy / 1e9, repeats=reps)
                     rows.append(row)
                     if log:
                         log(format_row(row))
