@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import Variable
 
-import bnlab.functional as BF
-from bnlab import bench, kernels
+from bnlab import bench
 
 
 def main() -> None:
@@ -29,11 +28,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--turns", type=int, default=60)
     args = ap.parse_args()
-    bench.keep_freed_memory()
-    torch.set_num_threads(args.threads)
-    k = kernels.load()
-    if k is None or not BF._has_autograd_node(k):
-        raise SystemExit(f"needs the compiled CPU kernels ({kernels.failure()})")
+    k = bench.node_kernels(args.threads)
     x = torch.randn(*map(int, args.shape.split(",")))
     if args.channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)

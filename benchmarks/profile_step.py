@@ -13,8 +13,7 @@ import time
 
 import torch
 
-import bnlab.functional as BF
-from bnlab import bench, kernels
+from bnlab import bench
 
 
 def main() -> None:
@@ -23,11 +22,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    bench.keep_freed_memory()
-    torch.set_num_threads(args.threads)
-    k = kernels.load()
-    if k is None or not BF._has_autograd_node(k):
-        raise SystemExit(f"needs the compiled CPU kernels ({kernels.failure()})")
+    k = bench.node_kernels(args.threads)
     x = torch.randn(64, 64, 28, 28).contiguous(memory_format=torch.channels_last)   # N,C,H,W
     C = x.shape[1]
     dy = torch.randn_like(x)

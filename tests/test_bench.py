@@ -94,3 +94,17 @@ def test_chain_benchmark_times_both_and_writes_dx_over_dy(tmp_path):
         assert r["ratio"] > 0 and r["layers"] == 4 and r["threads"] == 1
         assert r["inplace_fraction"] == 1.0
     assert sum(line.startswith("| ") for line in out.splitlines()) == 3           # header and 2 rows
+
+
+def test_backward_split_script_splits_both_implementations():
+    """benchmarks/backward_split.py (quoted in docs/performance.md) runs and reports all five rows."""
+    from pathlib import Path
+    from bnlab import kernels
+    if not kernels.available():
+        pytest.skip(f"no CPU kernels: {kernels.failure()}")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "backward_split.py"
+    out = subprocess.run([sys.executable, str(script), "--shape", "8,4,5,5", "--turns", "1", "--threads", "1"],
+                         check=True, capture_output=True, text=True, timeout=300).stdout
+    rows = [line for line in out.splitlines() if "total" in line]
+    assert len(rows) == 5
+    assert all(float(line.split("total")[1]) > 0 for line in rows)

@@ -88,6 +88,19 @@ def keep_freed_memory() -> None:
         raise RuntimeError("glibc mallopt refused M_MMAP_MAX/M_TRIM_THRESHOLD")
 
 
+def node_kernels(threads: int):
+    """Setup of the scripts that time the C++ autograd node (benchmarks/profile_step.py,
+    backward_split.py): glibc keeps freed memory, ``threads`` intra-op threads, and the compiled
+    module with its node registered — or SystemExit saying why there is none."""
+    from . import kernels
+    keep_freed_memory()
+    torch.set_num_threads(threads)
+    k = kernels.load()
+    if k is None or not BF._has_autograd_node(k):
+        raise SystemExit(f"needs the compiled CPU kernels ({kernels.failure()})")
+    return k
+
+
 def _median_alternating(fns: list[Callable[[], object]], min_repeats: int, max_repeats: int,
                         budget_s: float, paired: Optional[list] = None, block: int = 1,
                         samples: Optional[list] = None) -> tuple[list[float], int]:

@@ -20,15 +20,15 @@ median over turns of bnlab's turn against the torch turn paired with it.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 
+from . import bench
 from . import functional as BF
 from . import kernels
 
@@ -160,6 +160,4 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def save_json(rows: list[Row], path: str) -> None:
-    with open(path, "w") as f:
-        json.dump([asdict(r) for r in rows], f, indent=1)
+save_json = bench.save_json          # rows of any dataclass
