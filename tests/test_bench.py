@@ -94,6 +94,20 @@ def test_chain_benchmark_times_both_and_writes_dx_over_dy(tmp_path):
         assert r["ratio"] > 0 and r["layers"] == 4 and r["threads"] == 1
         assert r["inplace_fraction"] == 1.0
     assert sum(line.startswith("| ") for line in out.splitlines()) == 3           # header and 2 rows
+    assert all(r["ratio_without"] is None for r in rows)
+
+
+def test_chain_ablation_times_bnlab_without_dx_over_dy():
+    """--ablate adds bnlab with dx over dy off as a third contender; the share of bnlab's own
+    backwards that wrote over dy is still all of them (the ablated turns are not counted)."""
+    from bnlab import bench_chain, kernels
+    if not kernels.available():
+        pytest.skip(f"no CPU kernels: {kernels.failure()}")
+    rows = bench_chain.run(bench_chain.QUICK_SHAPES, (1,), min_turns=3, max_turns=3, block=1, ablate=True, log=None)
+    for r in rows:
+        assert r.ratio_without > 0 and r.ratio_bwd_without > 0
+        assert r.inplace_fraction == 1.0
+    assert "without it" in bench_chain.markdown(rows)
 
 
 def test_backward_split_script_splits_both_implementations():

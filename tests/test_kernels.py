@@ -437,3 +437,21 @@ def test_eval_without_grad_runs_no_tensor_op_besides_the_kernel(shape):
     assert kernels.calls["forward_eval"] == before + 1
     assert {n.split(".")[0] for n in ops.names} <= {"empty_like", "detach"}, ops.names
     torch.testing.assert_close(y, F.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5), atol=2e-6, rtol=2e-6)
+
+
+def test_dx_over_dy_can_be_switched_off_and_back():
+    """kernels.dx_over_dy(False) (the chain benchmark's ablation) stops the node writing over dy,
+    gives the same gradients, and restores the setting on exit."""
+    def relu_chain_grad():
+        torch.manual_seed(0)
+        x = torch.randn(9, 5, 4, 3, dtype=torch.float64, requires_grad=True)
+        (torch.relu(BF.batch_norm(x, None, None, None, None, True, 0.1, 1e-5)) ** 2).sum().backward()
+        return x.grad
+
+    before = kernels.calls["backward_train_inplace"]
+    with kernels.dx_over_dy(False):
+        off = relu_chain_grad()
+    assert kernels.calls["backward_train_inplace"] == before
+    on = relu_chain_grad()
+    assert kernels.calls["backward_train_inplace"] == before + 1
+    torch.testing.assert_close(off, on, atol=0, rtol=0)

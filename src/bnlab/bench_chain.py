@@ -13,9 +13,10 @@ with ``torch.nn.functional.batch_norm`` and with ``bnlab.functional.batch_norm``
 torch's in both), and times the forward and the backward of each step separately.
 
 Method (as in bench.py): torch and bnlab take turns, each turn ``block`` consecutive steps, the
-order of the two alternating from turn to turn (whichever runs first after the switch pays for
-it, so neither always does); a turn's sample is the median of its steps, and each ratio is the
-median over turns of bnlab's turn against the torch turn paired with it.
+order rotating from repetition to repetition (whichever runs first after the switch pays for
+it, so none always does); a turn's sample is the median of its steps, and each ratio is the
+median over repetitions of bnlab's turn against the torch turn of the same repetition.
+``ablate`` (CLI ``--ablate``) adds bnlab with dx over dy switched off as a third contender.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ class Row:
     ratio: float                  # forward + backward
     inplace_fraction: float       # bnlab BN backwards that wrote dx over dy
     turns: int
+    # with ablate=True: the same ratios for bnlab with dx over dy switched off (kernels.dx_over_dy)
+    ratio_bwd_without: Optional[float] = None
+    ratio_without: Optional[float] = None
 
 
 def _chain(impl: Callable[..., torch.Tensor], x: torch.Tensor, layers: int,
@@ -92,9 +96,18 @@ def _format_of(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _without_dx_over_dy(step: Callable[[], tuple[float, float]]) -> Callable[[], tuple[float, float]]:
+    def run() -> tuple[float, float]:
+        with kernels.dx_over_dy(False):
+            return step()
+    return run
+
+
 def run(shapes: Iterable[tuple[tuple[int, ...], bool]] = SHAPES, threads: Iterable[int] = (2,),
         layers: int = 4, block: int = 3, min_turns: int = 10, max_turns: int = 41, budget_s: float = 4.0,
-        log: Optional[Callable[[str], None]] = print) -> list[Row]:
+        ablate: bool = False, log: Optional[Callable[[str], None]] = print) -> list[Row]:
+    """One Row per (threads, shape). ``ablate`` adds a third contender, bnlab with dx over dy
+    switched off, in the same turns (its ratios against the same torch turns)."""
     rows: list[Row] = []
     previous_threads = torch.get_num_threads()
     try:
@@ -105,24 +118,32 @@ def run(shapes: Iterable[tuple[tuple[int, ...], bool]] = SHAPES, threads: Iterab
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 steps = {"torch": _chain(F.batch_norm, x, layers), "bnlab": _chain(BF.batch_norm, x, layers)}
+                if ablate:
+                    steps["without"] = _without_dx_over_dy(_chain(BF.batch_norm, x, layers))
                 for fn in steps.values():                        # warm-up: allocator, pool, threads
                     for _ in range(3):
                         fn()
-                samples: dict[str, list[tuple[float, float]]] = {"torch": [], "bnlab": []}
-                backward_before = kernels.calls["backward_train"]
-                inplace_before = kernels.calls["backward_train_inplace"]
+                samples: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
+                counted = {"bnlab": 0}                           # bnlab's own backwards, for the fraction
+                inplace = 0
+                names = list(steps)
                 start, turns = time.perf_counter(), 0
                 while turns < max_turns and (turns < min_turns or time.perf_counter() - start < budget_s):
-                    for name in (("torch", "bnlab") if turns % 2 == 0 else ("bnlab", "torch")):
+                    order = names[turns % len(names):] + names[:turns % len(names)]   # rotate who goes first
+                    for name in order:
+                        backward_before = kernels.calls["backward_train"]
+                        inplace_before = kernels.calls["backward_train_inplace"]
                         block_times = [steps[name]() for _ in range(block)]
+                        if name == "bnlab":
+                            counted["bnlab"] += kernels.calls["backward_train"] - backward_before
+                            inplace += kernels.calls["backward_train_inplace"] - inplace_before
                         samples[name].append((statistics.median(t[0] for t in block_times),
                                               statistics.median(t[1] for t in block_times)))
                     turns += 1
-                backwards = kernels.calls["backward_train"] - backward_before
-                inplace = kernels.calls["backward_train_inplace"] - inplace_before
+                backwards = counted["bnlab"]
 
-                def ratio(part: Callable[[tuple[float, float]], float]) -> float:
-                    return statistics.median(part(b) / part(t) for t, b in zip(samples["torch"], samples["bnlab"]))
+                def ratio(part: Callable[[tuple[float, float]], float], name: str = "bnlab") -> float:
+                    return statistics.median(part(b) / part(t) for t, b in zip(samples["torch"], samples[name]))
 
                 def median_ms(name: str, i: int) -> float:
                     return 1e3 * statistics.median(s[i] for s in samples[name])
@@ -133,7 +154,9 @@ def run(shapes: Iterable[tuple[tuple[int, ...], bool]] = SHAPES, threads: Iterab
                           bnlab_fwd_ms=median_ms("bnlab", 0), bnlab_bwd_ms=median_ms("bnlab", 1),
                           ratio_fwd=ratio(lambda s: s[0]), ratio_bwd=ratio(lambda s: s[1]),
                           ratio=ratio(lambda s: s[0] + s[1]),
-                          inplace_fraction=inplace / backwards if backwards else 0.0, turns=turns)
+                          inplace_fraction=inplace / backwards if backwards else 0.0, turns=turns,
+                          ratio_bwd_without=ratio(lambda s: s[1], "without") if ablate else None,
+                          ratio_without=ratio(lambda s: s[0] + s[1], "without") if ablate else None)
                 rows.append(row)
                 if log:
                     log(format_row(row))
@@ -147,16 +170,24 @@ def format_row(r: Row) -> str:
             f"torch fwd {r.torch_fwd_ms:7.3f} bwd {r.torch_bwd_ms:7.3f} ms  "
             f"bnlab fwd {r.bnlab_fwd_ms:7.3f} bwd {r.bnlab_bwd_ms:7.3f} ms  "
             f"ratio fwd {r.ratio_fwd:4.2f} bwd {r.ratio_bwd:4.2f} fwd+bwd {r.ratio:4.2f}  "
-            f"dx over dy {100 * r.inplace_fraction:3.0f}%")
+            f"dx over dy {100 * r.inplace_fraction:3.0f}%"
+            + (f"  without it: bwd {r.ratio_bwd_without:4.2f} fwd+bwd {r.ratio_without:4.2f}"
+               if r.ratio_without is not None else ""))
 
 
 def markdown(rows: list[Row]) -> str:
-    lines = ["| shape | layout | threads | torch fwd / bwd ms | bnlab fwd / bwd ms | fwd | bwd | fwd+bwd | dx over dy |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    ablated = any(r.ratio_without is not None for r in rows)
+    lines = ["| shape | layout | threads | torch fwd / bwd ms | bnlab fwd / bwd ms | fwd | bwd | fwd+bwd | dx over dy |"
+             + (" bwd without it | fwd+bwd without it |" if ablated else ""),
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if ablated else "")]
     for r in rows:
-        lines.append(f"| {r.shape} | {r.layout} | {r.threads} | {r.torch_fwd_ms:.3f} / {r.torch_bwd_ms:.3f} | "
-                     f"{r.bnlab_fwd_ms:.3f} / {r.bnlab_bwd_ms:.3f} | {r.ratio_fwd:.2f} | {r.ratio_bwd:.2f} | "
-                     f"{r.ratio:.2f} | {100 * r.inplace_fraction:.0f}% |")
+        line = (f"| {r.shape} | {r.layout} | {r.threads} | {r.torch_fwd_ms:.3f} / {r.torch_bwd_ms:.3f} | "
+                f"{r.bnlab_fwd_ms:.3f} / {r.bnlab_bwd_ms:.3f} | {r.ratio_fwd:.2f} | {r.ratio_bwd:.2f} | "
+                f"{r.ratio:.2f} | {100 * r.inplace_fraction:.0f}% |")
+        if ablated:
+            line += (f" {r.ratio_bwd_without:.2f} | {r.ratio_without:.2f} |" if r.ratio_without is not None
+                     else " | |")
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--malloc", choices=["default", "keep"], default="default",
                        help="batchnorm, passes: keep = glibc never returns freed memory to the OS, so torch's fresh "
                             "outputs do not page-fault (torch.nn at its best, as with jemalloc/tcmalloc)")
+    bench.add_argument("--ablate", action="store_true",
+                       help="chain: also time bnlab with dx-over-dy switched off, in the same turns")
     bench.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     bench.add_argument("--json", default=None, help="write the rows to this JSON file")
     bench.set_defaults(func=_bench)
@@ -144,7 +146,8 @@ def _bench(args) -> int:
             bench.keep_freed_memory()
         threads = [int(t) for t in args.threads.split(",")]
         kwargs = dict(min_turns=2, max_turns=3, budget_s=0.1, block=1) if args.quick else {}
-        rows = bench_chain.run(bench_chain.QUICK_SHAPES if args.quick else bench_chain.SHAPES, threads, **kwargs)
+        rows = bench_chain.run(bench_chain.QUICK_SHAPES if args.quick else bench_chain.SHAPES, threads,
+                               ablate=args.ablate, **kwargs)
         if args.markdown:
             print(bench_chain.markdown(rows))
         if args.json:

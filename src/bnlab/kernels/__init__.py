@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 __all__ = ["load", "load_triton", "backend", "available", "enabled", "disabled", "calls", "build_dir", "build", "empty_cache",
-           "cache_info"]
+           "cache_info", "dx_over_dy"]
 
 SOURCE = Path(__file__).with_name("batchnorm_cpu.cpp")
 # -fopenmp: ATen's at::parallel_for is inline OpenMP in its headers (torch is built with
@@ -181,6 +181,21 @@ def disabled():
         yield
     finally:
         _enabled = before
+
+
+@contextmanager
+def dx_over_dy(enabled: bool):
+    """Whether the C++ autograd node may write dx over an incoming gradient nothing else holds
+    (on by default; off only to measure what it is worth — ``bnlab bench chain --ablate``)."""
+    k = load()
+    if k is None or not hasattr(k, "set_dx_over_dy"):
+        yield
+        return
+    before = k.set_dx_over_dy(bool(enabled))
+    try:
+        yield
+    finally:
+        k.set_dx_over_dy(before)
 
 
 def failure() -> Optional[str]:

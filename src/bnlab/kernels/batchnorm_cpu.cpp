@@ -932,9 +932,10 @@ at::Tensor forward_eval(const at::Tensor& x, const at::Tensor& running_mean, con
 // dx is written over dy and returned in its place (*wrote_over_dy set) when dy is dead — the caller
 // holds its only reference (dy_dead_for below) — or when dy had to be converted to x's dtype or
 // layout: the converted copy is this call's own.
+// may_overwrite = false never writes over dy (set_dx_over_dy(False): the ablation).
 std::vector<at::Tensor> backward_train_impl(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& mean_t,
                                             const at::Tensor& invstd_t, const c10::optional<at::Tensor>& weight,
-                                            bool dy_dead, bool* wrote_over_dy = nullptr) {
+                                            bool dy_dead, bool* wrote_over_dy = nullptr, bool may_overwrite = true) {
   const Layout l = layout_of(x);
   const at::Tensor dy = dy_in.scalar_type() == x.scalar_type() && dy_in.strides() == x.strides()
                             ? dy_in : dy_in.to(x.scalar_type()).contiguous(x.suggest_memory_format());
@@ -943,7 +944,7 @@ std::vector<at::Tensor> backward_train_impl(const at::Tensor& dy_in, const at::T
   const double* invstd = id.data();
   std::vector<double> s1(l.C), s2(l.C);
   const bool own_copy = !dy.is_alias_of(dy_in) && dy.strides() == x.strides();
-  const bool inplace = (dy_dead && dy.is_same(dy_in)) || own_copy;
+  const bool inplace = may_overwrite && ((dy_dead && dy.is_same(dy_in)) || own_copy);
   if (wrote_over_dy) *wrote_over_dy = inplace;
   at::Tensor dx = inplace ? dy : empty_out(x, x.scalar_type());
   const bool has_w = weight.has_value() && weight->defined();
@@ -1188,6 +1189,7 @@ std::vector<int64_t> cache_info() {
 
 std::atomic<int64_t> node_backward_calls{0};                // backward_train calls made by the node
 std::atomic<int64_t> node_inplace_calls{0};                 // ... of which wrote dx over dy (dead, or a copy)
+std::atomic<bool> dx_over_dy{true};                         // the node may write dx over dy (ablation switch)
 
 py::object& graph_backward() {
   static py::object* fn = new py::object();             // never destroyed: no Python at exit
@@ -1240,7 +1242,8 @@ struct TrainBN : public torch::autograd::Function<TrainBN> {
       std::vector<at::Tensor> g = backward_train_impl(dy, x, mean, invstd,
                                                       weight.defined() ? c10::optional<at::Tensor>(weight)
                                                                        : c10::nullopt,
-                                                      need_dx && dy_dead_for(dy, x), &wrote_over_dy);
+                                                      need_dx && dy_dead_for(dy, x), &wrote_over_dy,
+                                                      dx_over_dy.load());
       if (wrote_over_dy) node_inplace_calls.fetch_add(1);
       dx = g[0], dw = g[1], db = g[2];
     }
@@ -1313,6 +1316,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "how many times batch_norm_train's node ran backward_train");
   m.def("node_inplace_calls", [] { return node_inplace_calls.load(); },
         "how many of those wrote dx over the incoming gradient (no other reference) or its converted copy");
+  m.def("set_dx_over_dy", [](bool on) { return dx_over_dy.exchange(on); },
+        "whether the node may write dx over the incoming gradient (default True); returns the old setting");
   m.def("set_graph_backward", [](py::object fn) { graph_backward() = fn; },
         "the differentiable backward batch_norm_train's node calls under create_graph=True");
   m.def("bench_pass", &bench_pass, "one pass alone (0 statistics, 1 normalize, 2 gradient sums, 3 dx), for benchmarks");
