@@ -345,6 +345,10 @@ GRAPHS = {
     # a hook keeps dy: it must stay dy
     "hook keeps dy": (lambda bns, xs, kept: (lambda y: (y.register_hook(lambda g: kept.append(g)),
                                                         (torch.relu(y) ** 2).sum())[1])(bns[0](xs[0])), False),
+    # a post-hook on BN's own node sees dy after the node ran: the engine keeps a copy of the
+    # gradients for it, so dy is not dead
+    "node post-hook": (lambda bns, xs, kept: (lambda y: (y.grad_fn.register_hook(lambda gi, go: kept.append(go[0])),
+                                                         (torch.relu(y) ** 2).sum())[1])(bns[0](xs[0])), False),
     # z = BN1(x1) + BN2(x2): AddBackward hands the same tensor to both nodes; the first to run must
     # leave it for the second
     "sum of two BN": (lambda bns, xs, kept: (torch.relu(bns[0](xs[0]) + bns[1](xs[1])) ** 2).sum(), None),

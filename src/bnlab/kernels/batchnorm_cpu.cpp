@@ -983,11 +983,12 @@ std::vector<at::Tensor> backward_train(const at::Tensor& dy, const at::Tensor& x
 // engine makes before accumulating gradients in place (InputBuffer): a plain dense strided tensor
 // on the CPU whose TensorImpl and storage have exactly one reference each — the caller's — so no
 // other tensor, view, hook, saved variable or Python object can see the change. A dy the user
-// still holds (y.backward(dy)) fails it and is never written.
+// still holds (y.backward(dy)) fails it and is never written; so does a node post-hook (the engine
+// then keeps a copy of the gradients for the hook). An inference tensor is never handed on as dx.
 bool dy_dead_for(const at::Tensor& dy, const at::Tensor& x) {
   return dy.defined() && dy.layout() == at::kStrided && dy.device().is_cpu() && !dy.is_nested() &&
          !at::isTensorSubclassLike(dy) && !dy._is_zerotensor() && !dy.is_conj() && !dy.is_neg() &&
-         !dy.requires_grad() && dy.use_count() == 1 && dy.has_storage() && dy.storage().use_count() == 1 &&
+         !dy.requires_grad() && !dy.is_inference() && dy.use_count() == 1 && dy.has_storage() && dy.storage().use_count() == 1 &&
          dy.is_non_overlapping_and_dense() && dy.scalar_type() == x.scalar_type() && dy.sizes() == x.sizes() &&
          dy.strides() == x.strides() && !dy.is_same(x);
 }
