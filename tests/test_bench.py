@@ -107,6 +107,7 @@ def test_chain_ablation_times_bnlab_without_dx_over_dy():
     for r in rows:
         assert r.ratio_without > 0 and r.ratio_bwd_without > 0
         assert r.inplace_fraction == 1.0
+        assert r.faults_without is not None and min(r.torch_faults, r.bnlab_faults, r.faults_without) >= 0
     assert "without it" in bench_chain.markdown(rows)
 
 

@@ -21,6 +21,7 @@ median over repetitions of bnlab's turn against the torch turn of the same repet
 
 from __future__ import annotations
 
+import resource
 import statistics
 import time
 from dataclasses import dataclass
@@ -61,11 +62,20 @@ class Row:
     # with ablate=True: the same ratios for bnlab with dx over dy switched off (kernels.dx_over_dy)
     ratio_bwd_without: Optional[float] = None
     ratio_without: Optional[float] = None
+    # page faults per step (median): fresh pages torch's or bnlab's outputs had to fault in
+    torch_faults: float = 0.0
+    bnlab_faults: float = 0.0
+    faults_without: Optional[float] = None
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _chain(impl: Callable[..., torch.Tensor], x: torch.Tensor, layers: int,
-           seed: int = 0) -> Callable[[], tuple[float, float]]:
-    """One training step of the chain with BN ``impl``; returns (forward s, backward s)."""
+           seed: int = 0) -> Callable[[], tuple[float, float, float]]:
+    """One training step of the chain with BN ``impl``; returns (forward s, backward s, page
+    faults of the step — fresh memory the allocators had to map, read outside the timed parts)."""
     C = x.shape[1]
     g = torch.Generator().manual_seed(seed)
     weights = [(torch.rand(C, generator=g) + 0.5).requires_grad_() for _ in range(layers)]
@@ -75,7 +85,8 @@ def _chain(impl: Callable[..., torch.Tensor], x: torch.Tensor, layers: int,
     dy = torch.randn(x.shape, generator=g).contiguous(memory_format=_format_of(x))
     params = weights + biases
 
-    def step() -> tuple[float, float]:
+    def step() -> tuple[float, float, float]:
+        faults = _minor_faults()
         t0 = time.perf_counter()
         h = x_leaf
         for w, b, (rm, rv) in zip(weights, biases, running):
@@ -86,7 +97,7 @@ def _chain(impl: Callable[..., torch.Tensor], x: torch.Tensor, layers: int,
         x_leaf.grad = None
         for p in params:
             p.grad = None
-        return t1 - t0, t2 - t1
+        return t1 - t0, t2 - t1, float(_minor_faults() - faults)
     return step
 
 
@@ -96,8 +107,8 @@ def _format_of(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _without_dx_over_dy(step: Callable[[], tuple[float, float]]) -> Callable[[], tuple[float, float]]:
-    def run() -> tuple[float, float]:
+def _without_dx_over_dy(step: Callable[[], tuple[float, float, float]]) -> Callable[[], tuple[float, float, float]]:
+    def run() -> tuple[float, float, float]:
         with kernels.dx_over_dy(False):
             return step()
     return run
@@ -123,7 +134,7 @@ def run(shapes: Iterable[tuple[tuple[int, ...], bool]] = SHAPES, threads: Iterab
                 for fn in steps.values():                        # warm-up: allocator, pool, threads
                     for _ in range(3):
                         fn()
-                samples: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
+                samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in steps}
                 counted = {"bnlab": 0}                           # bnlab's own backwards, for the fraction
                 inplace = 0
                 names = list(steps)
@@ -137,16 +148,18 @@ def run(shapes: Iterable[tuple[tuple[int, ...], bool]] = SHAPES, threads: Iterab
                         if name == "bnlab":
                             counted["bnlab"] += kernels.calls["backward_train"] - backward_before
                             inplace += kernels.calls["backward_train_inplace"] - inplace_before
-                        samples[name].append((statistics.median(t[0] for t in block_times),
-                                              statistics.median(t[1] for t in block_times)))
+                        samples[name].append(tuple(statistics.median(t[i] for t in block_times) for i in range(3)))
                     turns += 1
                 backwards = counted["bnlab"]
 
-                def ratio(part: Callable[[tuple[float, float]], float], name: str = "bnlab") -> float:
+                def ratio(part: Callable[[tuple[float, float, float]], float], name: str = "bnlab") -> float:
                     return statistics.median(part(b) / part(t) for t, b in zip(samples["torch"], samples[name]))
 
                 def median_ms(name: str, i: int) -> float:
                     return 1e3 * statistics.median(s[i] for s in samples[name])
+
+                def median_faults(name: str) -> float:
+                    return statistics.median(s[2] for s in samples[name])
 
                 row = Row(shape="x".join(map(str, shape)), layout="channels_last" if channels_last else "contiguous",
                           threads=n_threads, layers=layers,
@@ -156,7 +169,9 @@ def run(shapes: Iterable[tuple[tuple[int, ...], bool]] = SHAPES, threads: Iterab
                           ratio=ratio(lambda s: s[0] + s[1]),
                           inplace_fraction=inplace / backwards if backwards else 0.0, turns=turns,
                           ratio_bwd_without=ratio(lambda s: s[1], "without") if ablate else None,
-                          ratio_without=ratio(lambda s: s[0] + s[1], "without") if ablate else None)
+                          ratio_without=ratio(lambda s: s[0] + s[1], "without") if ablate else None,
+                          torch_faults=median_faults("torch"), bnlab_faults=median_faults("bnlab"),
+                          faults_without=median_faults("without") if ablate else None)
                 rows.append(row)
                 if log:
                     log(format_row(row))
@@ -172,14 +187,17 @@ def format_row(r: Row) -> str:
             f"ratio fwd {r.ratio_fwd:4.2f} bwd {r.ratio_bwd:4.2f} fwd+bwd {r.ratio:4.2f}  "
             f"dx over dy {100 * r.inplace_fraction:3.0f}%"
             + (f"  without it: bwd {r.ratio_bwd_without:4.2f} fwd+bwd {r.ratio_without:4.2f}"
-               if r.ratio_without is not None else ""))
+               if r.ratio_without is not None else "")
+            + f"  page faults/step torch {r.torch_faults:.0f} bnlab {r.bnlab_faults:.0f}"
+            + (f" without {r.faults_without:.0f}" if r.faults_without is not None else ""))
 
 
 def markdown(rows: list[Row]) -> str:
     ablated = any(r.ratio_without is not None for r in rows)
     lines = ["| shape | layout | threads | torch fwd / bwd ms | bnlab fwd / bwd ms | fwd | bwd | fwd+bwd | dx over dy |"
-             + (" bwd without it | fwd+bwd without it |" if ablated else ""),
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if ablated else "")]
+             + (" bwd without it | fwd+bwd without it |" if ablated else "")
+             + " page faults / step: torch, bnlab" + (", without" if ablated else "") + " |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if ablated else "") + "---:|"]
     for r in rows:
         line = (f"| {r.shape} | {r.layout} | {r.threads} | {r.torch_fwd_ms:.3f} / {r.torch_bwd_ms:.3f} | "
                 f"{r.bnlab_fwd_ms:.3f} / {r.bnlab_bwd_ms:.3f} | {r.ratio_fwd:.2f} | {r.ratio_bwd:.2f} | "
@@ -187,6 +205,8 @@ def markdown(rows: list[Row]) -> str:
         if ablated:
             line += (f" {r.ratio_bwd_without:.2f} | {r.ratio_without:.2f} |" if r.ratio_without is not None
                      else " | |")
+        line += f" {r.torch_faults:.0f}, {r.bnlab_faults:.0f}"
+        line += (f", {r.faults_without:.0f} |" if r.faults_without is not None else " |")
         lines.append(line)
     return "\n".join(lines)
 
