@@ -767,6 +767,8 @@ void grad_sums_ncl(const scalar_t* dy, const scalar_t* x, const double* mean, co
 // after the backward (see TrainBN::backward). Each value is read before it is overwritten, the lines
 // are already in cache from the read, so neither a read-for-ownership nor a streaming store is
 // needed, and dx stays cached for the layer below. No __restrict on g: it is read and written.
+// (dx_pass's plain loops are the same arithmetic, kept apart on purpose: they need __restrict
+// between dy and dx to vectorize without runtime overlap checks, which equal pointers would fail.)
 template <typename scalar_t>
 void dx_pass_inplace(scalar_t* dy, const scalar_t* x, const Layout& l,
                      const std::vector<typename Acc<scalar_t>::type>& k1,
