@@ -418,7 +418,7 @@ def test_user_gradient_is_never_written():
 def test_eval_without_grad_runs_no_tensor_op_besides_the_kernel(shape):
     """Inference goes straight to the kernel with the running statistics: no small tensor
     operations (rsqrt, reciprocal, dtype conversions) before it — each costs ~10 µs when the
-    previous large kernel has flushed the caches, which made a cache-sized eval 1.1-1.3× torch's.
+    previous large kernel has flushed the caches, which made cache-sized evals 1.1-1.4× torch's.
     The output equals torch.nn's."""
     from torch.utils._python_dispatch import TorchDispatchMode
 

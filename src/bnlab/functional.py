@@ -588,8 +588,8 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     if k is not None:
         # The kernel takes the running statistics as they are and forms 1/√(var + ε) itself (in
         # float64). No small tensor operation runs before it: each costs ~10 µs when the large
-        # kernel before it has flushed the caches — five of them made a cache-sized eval 1.1-1.3×
-        # torch's, where the kernel alone is 0.9×.
+        # kernel before it has flushed the caches — five of them made cache-sized evals 1.1-1.4×
+        # torch's in `bnlab bench batchnorm` (docs/performance.md, "Nothing small around the kernels").
         _KERNELS.calls["forward_eval"] += 1
         return k.forward_eval(input, running_mean, running_var, weight, bias, eps, 0, 0.0)
     acc = accumulation_dtype(input.dtype)
