@@ -481,3 +481,97 @@ def test_dx_over_dy_in_float32_and_bfloat16(shape, fmt, dtype):
         ref, _ = _graph_grads(F.batch_norm, fn, shape, fmt, dtype=dtype)
         for g, r in zip(grads, ref):
             torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+
+
+# -- functional.batch_norm's training path in one C++ call ---------------------------------------------
+
+def _fast_calls() -> int:
+    return kernels.load().fast_forward_calls()
+
+
+def _warm_node() -> None:
+    """The one-call path is armed by the first call that reaches the node."""
+    BF.batch_norm(torch.randn(4, 3, requires_grad=True), None, None, training=True)
+    assert BF._TRAIN_FAST is not None
+
+
+@pytest.mark.parametrize("shape,fmt", [((9, 5, 4, 3), torch.contiguous_format), ((9, 5, 4, 3), torch.channels_last),
+                                       ((300, 37), torch.contiguous_format),
+                                       ((3, 4, 5, 6, 7), torch.channels_last_3d)], ids=str)
+@pytest.mark.parametrize("affine", ["both", "bias only", "none"])
+@pytest.mark.parametrize("correction", ["unbiased", "biased"])
+def test_one_call_path_equals_the_python_path(shape, fmt, affine, correction, monkeypatch):
+    """batch_norm_train_fast is taken for a training call with autograd, and its output, running
+    statistics and gradients are bit-identical to the Python path's (the same node)."""
+    _warm_node()
+
+    def run(seed_tensors):
+        x, w, b, rm, rv = (t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None
+                           for t in seed_tensors)
+        y = BF.batch_norm(x, rm, rv, w, b, True, 0.3, 1e-4, running_var_correction=correction)
+        grads = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], dy)
+        return y, rm, rv, grads
+
+    torch.manual_seed(0)
+    C = shape[1]
+    x = torch.randn(*shape, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+    w = torch.rand(C, dtype=torch.float64, requires_grad=True) if affine == "both" else None
+    b = torch.randn(C, dtype=torch.float64, requires_grad=True) if affine != "none" else None
+    rm, rv = torch.randn(C, dtype=torch.float64), torch.rand(C, dtype=torch.float64) + 0.5
+    dy = torch.randn(*shape, dtype=torch.float64).contiguous(memory_format=fmt)
+    before = _fast_calls()
+    fast = run((x, w, b, rm, rv))
+    assert _fast_calls() == before + 1
+    monkeypatch.setattr(BF, "_TRAIN_FAST", None)
+    slow = run((x, w, b, rm, rv))
+    assert _fast_calls() == before + 1
+    torch.testing.assert_close(fast[0], slow[0], atol=0, rtol=0)
+    torch.testing.assert_close(fast[1:3], slow[1:3], atol=0, rtol=0)
+    for g, g2 in zip(fast[3], slow[3]):
+        torch.testing.assert_close(g, g2, atol=0, rtol=0)
+
+
+def _declined(call) -> None:
+    before = _fast_calls()
+    call()
+    assert _fast_calls() == before, "batch_norm_train_fast ran where the Python path must"
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_one_call_path_declines_and_the_python_path_decides():
+    """Every case the Python path treats otherwise is declined by the one C++ call, so behaviour
+    and errors stay the Python path's."""
+    _warm_node()
+    x = torch.randn(6, 4, 5, requires_grad=True)
+    w = torch.ones(4, requires_grad=True)
+    with torch.no_grad():                                        # nothing to record: the no-grad kernel call
+        _declined(lambda: BF.batch_norm(x, None, None, w, None, True))
+    _declined(lambda: BF.batch_norm(x.detach(), None, None, None, None, True))   # nothing requires grad
+    with pytest.raises(bnlab.BatchSizeError):
+        _declined(lambda: BF.batch_norm(torch.randn(1, 4, requires_grad=True), None, None, None, None, True))
+    with pytest.raises(bnlab.ShapeError):
+        _declined(lambda: BF.batch_norm(x, None, None, torch.ones(5, requires_grad=True), None, True))
+    _declined(lambda: BF.batch_norm(x, torch.zeros(2, 2), torch.ones(4), None, None, True))   # 2-D running mean
+    with pytest.raises(TypeError):
+        _declined(lambda: BF.batch_norm(x, None, None, None, None, True, None))
+    with pytest.raises(ValueError):
+        _declined(lambda: BF.batch_norm(x, None, None, None, None, True, running_var_correction="bessel"))
+    _declined(lambda: BF.batch_norm(x.transpose(0, 2), None, None, None, None, True))   # neither layout
+    _declined(lambda: BF.batch_norm(x.half(), None, None, None, None, True))            # no kernel dtype
+    _declined(lambda: BF.batch_norm(torch.randn(0, 4, requires_grad=True), None, None, None, None, True))
+    with kernels.disabled():
+        _declined(lambda: BF.batch_norm(x, None, None, w, None, True))
+    _declined(lambda: torch.func.vmap(lambda xi: BF.batch_norm(xi, None, None, None, None, True))(
+        torch.randn(2, 6, 4, 5)))
+    _declined(lambda: torch.func.grad(lambda xi: BF.batch_norm(xi, None, None, None, None, True).pow(2).sum())(
+        torch.randn(6, 4, 5)))
+    wd = w.detach()
+    _declined(lambda: torch.jit.trace(lambda xi: BF.batch_norm(xi, None, None, wd, None, True), (x.detach(),)))
+
+    class Sub(torch.Tensor):
+        pass
+    _declined(lambda: BF.batch_norm(x.detach().as_subclass(Sub).requires_grad_(), None, None, None, None, True))
+    # and after all of them it is taken again
+    before = _fast_calls()
+    BF.batch_norm(x, None, None, w, None, True)
+    assert _fast_calls() == before + 1

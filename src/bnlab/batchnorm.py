@@ -85,8 +85,10 @@ class _BatchNorm(_TorchBatchNorm):
     # -- input checks --------------------------------------------------------------------------
 
     def _check_input_dim(self, input: Tensor) -> None:
-        BF.check_input(input)
-        if input.dim() not in self._expected_dims:
+        # one check_input call on the way through (each small step costs µs when a large kernel
+        # has just flushed the caches); a wrong rank is reported after check_input's own errors
+        if not isinstance(input, Tensor) or input.dim() not in self._expected_dims:
+            BF.check_input(input)
             want = " or ".join(f"{d}D" for d in self._expected_dims)
             raise ShapeError(
                 f"{type(self).__name__} expected {want} input (got {input.dim()}D input of "

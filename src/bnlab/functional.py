@@ -233,7 +233,7 @@ def _kernels_package():
     return _KERNELS
 
 
-def fast_kernels(x: Tensor):
+def fast_kernels(x: Tensor, traced: Optional[bool] = None):
     """bnlab's compiled kernels if they can compute this call exactly, else None.
 
     CPU tensors of float32/float64/bfloat16 go to the C++ module, CUDA tensors of
@@ -241,18 +241,21 @@ def fast_kernels(x: Tensor):
     are contiguous (or channels_last) and non-empty. Graphs of the backward (double backward)
     always use the definition. ``BNLAB_KERNELS=triton`` routes CPU tensors to the Triton module
     too, which runs them under Triton's interpreter (TRITON_INTERPRET=1): how CI tests it.
+    ``traced``: ``_traced(x)`` if the caller has it already (each check is a few µs when a large
+    kernel has just flushed the caches, and this runs on every call).
     """
-    if x.numel() == 0 or not _dense(x) or _traced(x):
+    if x.numel() == 0 or not _dense(x) or (_traced(x) if traced is None else traced):
         return None
-    kernels = _kernels_package()
+    kernels = _KERNELS if _KERNELS is not None else _kernels_package()
     if not kernels.enabled():
         return None
-    if x.device.type == "cuda" or (x.device.type == "cpu" and kernels.backend() == "triton"):
+    device = x.device.type
+    if device == "cpu" and kernels.backend() == "cpu":
+        return kernels.load() if x.dtype in _FAST_DTYPES else None
+    if device == "cuda" or device == "cpu":
         # the Triton kernels index in int32
         return kernels.load_triton() if x.dtype in _GPU_DTYPES and x.numel() < 2**31 else None
-    if x.device.type != "cpu" or x.dtype not in _FAST_DTYPES:
-        return None
-    return kernels.load()
+    return None
 
 
 def _traced(x: Tensor) -> bool:
@@ -287,7 +290,7 @@ def train_forward_(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     """
     k = fast_kernels(x)
     if k is not None:
-        _KERNELS.calls["forward_train"] += 1
+        _KERNELS.calls.bump("forward_train")
         if running is None:
             return tuple(k.forward_train(x, _param(weight), _param(bias), eps))
         rm, rv, momentum, correction = running
@@ -321,7 +324,7 @@ def eval_forward_(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     """Algorithm 2's transform with one allocation (the output), in mean's dtype."""
     k = fast_kernels(x)
     if k is not None:
-        _KERNELS.calls["forward_eval"] += 1
+        _KERNELS.calls.bump("forward_eval")
         # the kernel takes the variance: invstd = 1/√(var + 0) with var = 1/invstd²
         return k.forward_eval(x, mean, invstd.reciprocal().square(), _param(weight), _param(bias), 0.0, 0, 0.0)
     x = x.to(mean.dtype)
@@ -360,7 +363,7 @@ def train_backward_(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
     """
     k = fast_kernels(x)
     if k is not None:
-        _KERNELS.calls["backward_train"] += 1
+        _KERNELS.calls.bump("backward_train")
         dx, dgamma, dbeta = k.backward_train(dy, x, mean, invstd, _param(weight))
         return dx, dgamma, dbeta
     acc = mean.dtype
@@ -397,17 +400,20 @@ def _train_backward_graph(dy: Tensor, x: Tensor, weight: Optional[Tensor], eps: 
 
 
 _NODE_READY = False
+# The C++ module's batch_norm_train_fast, once the node is ready: batch_norm's first step
+_TRAIN_FAST = None
 
 
 def _has_autograd_node(k) -> bool:
     """Whether kernel module k is the C++ CPU module, which records training BN as a C++ autograd
     node; the node's differentiable backward is registered on first use."""
-    global _NODE_READY
+    global _NODE_READY, _TRAIN_FAST
     if not hasattr(k, "batch_norm_train"):
         return False
     if not _NODE_READY:
         k.set_graph_backward(_train_backward_graph)
         _NODE_READY = True
+        _TRAIN_FAST = getattr(k, "batch_norm_train_fast", None)
     return True
 
 
@@ -540,6 +546,15 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     NaN/Inf in the input propagate to that channel's output and, in training, its running
     statistics (as in torch.nn); modules can check for them with ``check_finite=True``.
     """
+    if (training and _TRAIN_FAST is not None and type(input) is Tensor and momentum is not None
+            and running_var_correction in VAR_CORRECTIONS and not torch.compiler.is_compiling()):
+        # The path below that ends in the C++ autograd node, its checks made in one C++ call
+        # (kernels' batch_norm_train_fast; None if any fails, and the path below runs): right
+        # after a large kernel, each small Python step costs µs, ~90 µs a call in all.
+        y = _TRAIN_FAST(input, weight, bias, eps, running_mean, running_var, momentum,
+                        running_var_correction == "unbiased")
+        if y is not None:
+            return y
     if isinstance(input, Tensor) and input.dim() < 2 and input.numel() == 0 and input.dtype.is_floating_point:
         # torch.nn.functional.batch_norm returns an empty 1-D input as it is (PyTorch's own OpInfo
         # samples include it); a non-empty one has no channel dimension and is refused below
@@ -562,13 +577,14 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
                              f"got {running_var_correction!r}")
         running = None if (running_mean is None and running_var is None) else \
             (running_mean, running_var, momentum, running_var_correction)
-        if _traced(input):
+        traced = _traced(input)
+        if traced:
             return _batch_norm_traceable(input, weight, bias, eps, running=running)
         if _needs_graph(input, weight, bias):
-            k = fast_kernels(input)
+            k = fast_kernels(input, traced)
             if k is not None and _has_autograd_node(k):
                 # the C++ autograd node: same kernels, no Python in the backward
-                _KERNELS.calls["forward_train"] += 1
+                _KERNELS.calls.bump("forward_train")
                 rm, rv, momentum, correction = running if running is not None else (None, None, 0.0, "unbiased")
                 return k.batch_norm_train(input, weight, bias, eps, rm, rv, momentum, correction == "unbiased")
             return _BatchNormTrain.apply(input, weight, bias, eps, running)
@@ -580,17 +596,18 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
             "training=True to normalize with the batch's statistics")
     if input.numel() == 0:
         return _empty_output(input, weight, bias)
-    if _traced(input):
+    traced = _traced(input)
+    if traced:
         return _batch_norm_traceable(input, weight, bias, eps, statistics=(running_mean, running_var))
     if _needs_graph(input, weight, bias):
         return _BatchNormEval.apply(input, weight, bias, running_mean, running_var, eps)
-    k = fast_kernels(input)
+    k = fast_kernels(input, traced)
     if k is not None:
         # The kernel takes the running statistics as they are and forms 1/√(var + ε) itself (in
         # float64). No small tensor operation runs before it: each costs ~10 µs when the large
         # kernel before it has flushed the caches — five of them made cache-sized evals 1.1-1.4×
         # torch's in `bnlab bench batchnorm` (docs/performance.md, "Nothing small around the kernels").
-        _KERNELS.calls["forward_eval"] += 1
+        _KERNELS.calls.bump("forward_eval")
         return k.forward_eval(input, running_mean, running_var, weight, bias, eps, 0, 0.0)
     acc = accumulation_dtype(input.dtype)
     invstd = torch.rsqrt(running_var.to(acc) + eps)

@@ -43,7 +43,8 @@ class _Calls(MutableMapping):
     returning to Python: ``backward_train`` (its backward passes) and ``backward_train_inplace``
     (those of them that wrote dx over an incoming gradient nothing else referenced)."""
 
-    _NODE = {"backward_train": "node_backward_calls", "backward_train_inplace": "node_inplace_calls"}
+    _NODE = {"forward_train": "fast_forward_calls", "backward_train": "node_backward_calls",
+             "backward_train_inplace": "node_inplace_calls"}
 
     def __init__(self) -> None:
         self._counts: Counter = Counter()
@@ -67,6 +68,12 @@ class _Calls(MutableMapping):
             self._counts.pop(key, None)
         else:
             del self._counts[key]
+
+    def bump(self, key: str) -> None:
+        """calls[key] += 1 for a Python-side key, in one step: the per-call cost matters, as every
+        dispatch counts itself (``calls[key] += 1`` is two mapping calls, each asking the module
+        for its node counts)."""
+        self._counts[key] += 1
 
     def clear(self) -> None:
         for key in self._NODE:
@@ -177,10 +184,14 @@ def disabled():
     global _enabled
     before = _enabled
     _enabled = False
+    # the module's own switch too: functional.batch_norm's training path asks it first
+    module_before = _module.set_enabled(False) if _module is not None else None
     try:
         yield
     finally:
         _enabled = before
+        if module_before is not None:
+            _module.set_enabled(module_before)
 
 
 @contextmanager
