@@ -566,7 +566,8 @@ def test_one_call_path_declines_and_the_python_path_decides():
     _declined(lambda: torch.func.grad(lambda xi: BF.batch_norm(xi, None, None, None, None, True).pow(2).sum())(
         torch.randn(6, 4, 5)))
     wd = w.detach()
-    _declined(lambda: torch.jit.trace(lambda xi: BF.batch_norm(xi, None, None, wd, None, True), (x.detach(),)))
+    _declined(lambda: torch.jit.trace(lambda xi: BF.batch_norm(xi, None, None, wd, None, True),
+                                      (x.detach().requires_grad_(),), check_trace=False))
 
     class Sub(torch.Tensor):
         pass
@@ -575,3 +576,72 @@ def test_one_call_path_declines_and_the_python_path_decides():
     before = _fast_calls()
     BF.batch_norm(x, None, None, w, None, True)
     assert _fast_calls() == before + 1
+
+
+def _fast_eval_calls() -> int:
+    return kernels.load().fast_eval_calls()
+
+
+@pytest.mark.parametrize("shape,fmt", [((9, 5, 4, 3), torch.contiguous_format), ((9, 5, 4, 3), torch.channels_last),
+                                       ((1, 37), torch.contiguous_format),            # a batch of one is fine here
+                                       ((3, 4, 5, 6, 7), torch.channels_last_3d)], ids=str)
+@pytest.mark.parametrize("affine", ["both", "bias only", "none"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_one_call_eval_equals_the_python_path(shape, fmt, affine, dtype, monkeypatch):
+    """batch_norm_eval_fast is taken for inference without autograd and is bit-identical to the
+    Python path's kernel call."""
+    BF.batch_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(3))        # arms the one-call paths
+    torch.manual_seed(0)
+    C = shape[1]
+    x = torch.randn(*shape, dtype=dtype).contiguous(memory_format=fmt)
+    w = torch.rand(C) if affine == "both" else None
+    b = torch.randn(C) if affine != "none" else None
+    rm, rv = torch.randn(C), torch.rand(C) + 0.5
+    before = _fast_eval_calls()
+    fast = BF.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-3)
+    assert _fast_eval_calls() == before + 1
+    monkeypatch.setattr(BF, "_EVAL_FAST", None)
+    slow = BF.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-3)
+    assert _fast_eval_calls() == before + 1
+    torch.testing.assert_close(fast, slow, atol=0, rtol=0)
+    assert fast.is_contiguous(memory_format=fmt) and fast.dtype == dtype
+
+
+def _eval_declined(call) -> None:
+    before = _fast_eval_calls()
+    call()
+    assert _fast_eval_calls() == before, "batch_norm_eval_fast ran where the Python path must"
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_one_call_eval_declines_and_the_python_path_decides():
+    BF.batch_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(3))
+    x = torch.randn(6, 4, 5)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    w = torch.ones(4, requires_grad=True)
+    y = None
+
+    def with_graph():
+        nonlocal y
+        y = BF.batch_norm(x, rm, rv, w, None, False)
+    _eval_declined(with_graph)                                   # a graph to record: the autograd Function
+    assert y.requires_grad
+    with pytest.raises(bnlab.ModeError):
+        _eval_declined(lambda: BF.batch_norm(x, None, rv, None, None, False))
+    with pytest.raises(bnlab.ShapeError):
+        _eval_declined(lambda: BF.batch_norm(x, torch.zeros(5), torch.ones(5), None, None, False))
+    with pytest.raises(bnlab.DTypeError):
+        _eval_declined(lambda: BF.batch_norm(x.long(), rm, rv, None, None, False))
+    _eval_declined(lambda: BF.batch_norm(x.transpose(0, 2), rm, rv, None, None, False))      # neither layout
+    _eval_declined(lambda: BF.batch_norm(x.half(), rm, rv, None, None, False))
+    _eval_declined(lambda: BF.batch_norm(torch.randn(0, 4), rm, rv, None, None, False))
+    with kernels.disabled():
+        _eval_declined(lambda: BF.batch_norm(x, rm, rv, None, None, False))
+    _eval_declined(lambda: torch.func.vmap(lambda xi: BF.batch_norm(xi, rm, rv, None, None, False))(
+        torch.randn(2, 6, 4, 5)))
+    _eval_declined(lambda: torch.jit.trace(lambda xi: BF.batch_norm(xi, rm, rv, None, None, False), (x,),
+                                           check_trace=False))
+    with torch.no_grad():                                        # no graph under no_grad: taken
+        before = _fast_eval_calls()
+        BF.batch_norm(x, rm, rv, w, None, False)
+        assert _fast_eval_calls() == before + 1

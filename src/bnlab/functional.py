@@ -400,20 +400,27 @@ def _train_backward_graph(dy: Tensor, x: Tensor, weight: Optional[Tensor], eps: 
 
 
 _NODE_READY = False
-# The C++ module's batch_norm_train_fast, once the node is ready: batch_norm's first step
+# The C++ module's one-call paths (batch_norm's first step), set once the module is in use
 _TRAIN_FAST = None
+_EVAL_FAST = None
+
+
+def _arm_one_call_paths(k) -> None:
+    global _TRAIN_FAST, _EVAL_FAST
+    _TRAIN_FAST = getattr(k, "batch_norm_train_fast", None)
+    _EVAL_FAST = getattr(k, "batch_norm_eval_fast", None)
 
 
 def _has_autograd_node(k) -> bool:
     """Whether kernel module k is the C++ CPU module, which records training BN as a C++ autograd
     node; the node's differentiable backward is registered on first use."""
-    global _NODE_READY, _TRAIN_FAST
+    global _NODE_READY
     if not hasattr(k, "batch_norm_train"):
         return False
     if not _NODE_READY:
         k.set_graph_backward(_train_backward_graph)
         _NODE_READY = True
-        _TRAIN_FAST = getattr(k, "batch_norm_train_fast", None)
+        _arm_one_call_paths(k)
     return True
 
 
@@ -546,13 +553,20 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     NaN/Inf in the input propagate to that channel's output and, in training, its running
     statistics (as in torch.nn); modules can check for them with ``check_finite=True``.
     """
-    if (training and _TRAIN_FAST is not None and type(input) is Tensor and momentum is not None
-            and running_var_correction in VAR_CORRECTIONS and not torch.compiler.is_compiling()):
-        # The path below that ends in the C++ autograd node, its checks made in one C++ call
-        # (kernels' batch_norm_train_fast; None if any fails, and the path below runs): right
-        # after a large kernel, each small Python step costs µs, ~90 µs a call in all.
-        y = _TRAIN_FAST(input, weight, bias, eps, running_mean, running_var, momentum,
-                        running_var_correction == "unbiased")
+    # The two commonest calls — training with autograd (ending in the C++ autograd node) and
+    # inference without it (the eval kernel) — have the checks of the path below made in one C++
+    # call (kernels' batch_norm_train_fast / batch_norm_eval_fast), which returns None whenever
+    # the path below must decide: right after a large kernel each small Python step costs µs,
+    # ~90 µs a call in all (docs/performance.md, "Per-call overhead with cold caches").
+    if training:
+        if (_TRAIN_FAST is not None and type(input) is Tensor and momentum is not None
+                and running_var_correction in VAR_CORRECTIONS and not torch.compiler.is_compiling()):
+            y = _TRAIN_FAST(input, weight, bias, eps, running_mean, running_var, momentum,
+                            running_var_correction == "unbiased")
+            if y is not None:
+                return y
+    elif _EVAL_FAST is not None and type(input) is Tensor and not torch.compiler.is_compiling():
+        y = _EVAL_FAST(input, running_mean, running_var, weight, bias, eps)
         if y is not None:
             return y
     if isinstance(input, Tensor) and input.dim() < 2 and input.numel() == 0 and input.dtype.is_floating_point:
@@ -608,6 +622,8 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         # kernel before it has flushed the caches — five of them made cache-sized evals 1.1-1.4×
         # torch's in `bnlab bench batchnorm` (docs/performance.md, "Nothing small around the kernels").
         _KERNELS.calls.bump("forward_eval")
+        if _EVAL_FAST is None and hasattr(k, "batch_norm_eval_fast"):
+            _arm_one_call_paths(k)
         return k.forward_eval(input, running_mean, running_var, weight, bias, eps, 0, 0.0)
     acc = accumulation_dtype(input.dtype)
     invstd = torch.rsqrt(running_var.to(acc) + eps)

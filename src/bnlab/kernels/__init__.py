@@ -43,8 +43,8 @@ class _Calls(MutableMapping):
     returning to Python: ``backward_train`` (its backward passes) and ``backward_train_inplace``
     (those of them that wrote dx over an incoming gradient nothing else referenced)."""
 
-    _NODE = {"forward_train": "fast_forward_calls", "backward_train": "node_backward_calls",
-             "backward_train_inplace": "node_inplace_calls"}
+    _NODE = {"forward_train": "fast_forward_calls", "forward_eval": "fast_eval_calls",
+             "backward_train": "node_backward_calls", "backward_train_inplace": "node_inplace_calls"}
 
     def __init__(self) -> None:
         self._counts: Counter = Counter()

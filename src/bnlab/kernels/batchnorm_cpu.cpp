@@ -1270,51 +1270,73 @@ at::Tensor batch_norm_train(const at::Tensor& x, const c10::optional<at::Tensor>
   return TrainBN::apply(x, weight, bias, eps, running_mean, running_var, momentum, unbiased);
 }
 
-// functional.batch_norm's training call, for the case that ends in batch_norm_train, decided here
-// in one call; None when any condition fails, and the Python path then runs (raising its errors
-// with their messages). Why: right after a large kernel has flushed the caches, each small Python
-// step of that path costs a few µs — its checks cost ~90 µs a call on (64,64,28,28), about 5% of
+// functional.batch_norm's two commonest calls decided in one C++ call each: training with
+// autograd (ending in batch_norm_train's node) and inference without it (forward_eval). Each
+// returns None when any condition fails, and the Python path then runs (raising its errors with
+// their messages). Why: right after a large kernel has flushed the caches, each small Python step
+// of that path costs a few µs — its checks cost ~90 µs a call on (64,64,28,28), about 5% of
 // torch.nn's whole training step (docs/performance.md, "Per-call overhead with cold caches").
-// The conditions are the Python path's, in the same order of meaning:
-//   kernels enabled (kernels.disabled() clears the flag), not traced (jit tracer, functorch
-//   transforms; torch.compile and tensor subclasses are tested in Python before the call),
-//   a graph to record (grad mode on, something requires grad), a dense CPU tensor of a kernel
-//   dtype with ≥ 2 dims, values and more than one value per channel, and 1-D CPU per-channel
-//   tensors of C values.
-std::atomic<int64_t> fast_forward_calls{0};
+// The conditions are the Python path's: kernels enabled (kernels.disabled() clears the flag),
+// not traced (jit tracer, functorch transforms; torch.compile and tensor subclasses are tested in
+// Python before the call), a graph to record in training and none in inference, a dense CPU
+// tensor of a kernel dtype with ≥ 2 dims and values (training: more than one value per channel),
+// and 1-D CPU per-channel tensors of C values.
+std::atomic<int64_t> fast_forward_calls{0}, fast_eval_calls{0};
 std::atomic<bool> fast_enabled{true};
 
 inline bool per_channel_ok(const c10::optional<at::Tensor>& t, int64_t C) {
   return !t.has_value() || !t->defined() || (t->dim() <= 1 && t->numel() == C && t->device().is_cpu());
 }
 
-py::object batch_norm_train_fast(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
-                                 const c10::optional<at::Tensor>& bias, double eps,
-                                 const c10::optional<at::Tensor>& running_mean,
-                                 const c10::optional<at::Tensor>& running_var, double momentum, bool unbiased) {
-  auto requires = [](const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined() && t->requires_grad(); };
-  if (!fast_enabled.load(std::memory_order_relaxed) || !graph_backward() || graph_backward().is_none()) return py::none();
+inline bool requires_grad(const c10::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() && t->requires_grad();
+}
+
+// The conditions both calls share; `training` adds "more than one value per channel".
+bool fast_call_ok(const at::Tensor& x, bool training, std::initializer_list<const c10::optional<at::Tensor>*> per_channel) {
+  if (!fast_enabled.load(std::memory_order_relaxed)) return false;
   // functorch transforms: the test torch._C._are_functorch_transforms_active makes
   const auto included = c10::impl::tls_local_dispatch_key_set().included_;
   if (torch::jit::tracer::isTracing() || included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
       included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode))
-    return py::none();
-  if (!at::GradMode::is_enabled() || !(x.requires_grad() || requires(weight) || requires(bias))) return py::none();
+    return false;
   const auto dtype = x.scalar_type();
   if (!x.device().is_cpu() || x.layout() != at::kStrided || x.is_nested() || at::isTensorSubclassLike(x) ||
       (dtype != at::kFloat && dtype != at::kDouble && dtype != at::kBFloat16))
-    return py::none();
+    return false;
   const int64_t dim = x.dim();
-  if (dim < 2 || x.size(1) == 0 || x.numel() / x.size(1) <= 1) return py::none();
+  if (dim < 2 || x.size(1) == 0 || x.numel() == 0 || (training && x.numel() / x.size(1) <= 1)) return false;
   if (!(x.is_contiguous() || (dim == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
         (dim == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d))))
-    return py::none();
+    return false;
   const int64_t C = x.size(1);
-  if (!per_channel_ok(weight, C) || !per_channel_ok(bias, C) || !per_channel_ok(running_mean, C) ||
-      !per_channel_ok(running_var, C))
-    return py::none();
+  for (const auto* t : per_channel)
+    if (!per_channel_ok(*t, C)) return false;
+  return true;
+}
+
+py::object batch_norm_train_fast(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                 const c10::optional<at::Tensor>& bias, double eps,
+                                 const c10::optional<at::Tensor>& running_mean,
+                                 const c10::optional<at::Tensor>& running_var, double momentum, bool unbiased) {
+  if (!graph_backward() || graph_backward().is_none()) return py::none();
+  if (!at::GradMode::is_enabled() || !(x.requires_grad() || requires_grad(weight) || requires_grad(bias)))
+    return py::none();                                           // nothing to record: not this call's case
+  if (!fast_call_ok(x, /*training=*/true, {&weight, &bias, &running_mean, &running_var})) return py::none();
   fast_forward_calls.fetch_add(1);
   return py::cast(batch_norm_train(x, weight, bias, eps, running_mean, running_var, momentum, unbiased));
+}
+
+py::object batch_norm_eval_fast(const at::Tensor& x, const c10::optional<at::Tensor>& running_mean,
+                                const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& weight,
+                                const c10::optional<at::Tensor>& bias, double eps) {
+  if (!running_mean.has_value() || !running_mean->defined() || !running_var.has_value() || !running_var->defined())
+    return py::none();
+  if (at::GradMode::is_enabled() && (x.requires_grad() || requires_grad(weight) || requires_grad(bias)))
+    return py::none();                                           // a graph to record: not this call's case
+  if (!fast_call_ok(x, /*training=*/false, {&weight, &bias, &running_mean, &running_var})) return py::none();
+  fast_eval_calls.fetch_add(1);
+  return py::cast(forward_eval(x, *running_mean, *running_var, weight, bias, eps, 0, 0.0));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1369,8 +1391,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("running_var"), py::arg("momentum"), py::arg("unbiased"));
   m.def("fast_forward_calls", [] { return fast_forward_calls.load(); },
         "how many times batch_norm_train_fast recorded the node");
+  m.def("batch_norm_eval_fast", &batch_norm_eval_fast,
+        "forward_eval when functional.batch_norm's inference path would call it, else None (all its checks in one call)",
+        py::arg("x"), py::arg("running_mean"), py::arg("running_var"), py::arg("weight"), py::arg("bias"),
+        py::arg("eps"));
+  m.def("fast_eval_calls", [] { return fast_eval_calls.load(); },
+        "how many times batch_norm_eval_fast ran forward_eval");
   m.def("set_enabled", [](bool on) { return fast_enabled.exchange(on); },
-        "whether batch_norm_train_fast may run (kernels.disabled() turns it off); returns the old setting");
+        "whether batch_norm_train_fast and batch_norm_eval_fast may run (kernels.disabled() turns them off); returns the old setting");
   m.def("node_backward_calls", [] { return node_backward_calls.load(); },
         "how many times batch_norm_train's node ran backward_train");
   m.def("node_inplace_calls", [] { return node_inplace_calls.load(); },
