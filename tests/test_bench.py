@@ -123,3 +123,19 @@ def test_backward_split_script_splits_both_implementations():
     rows = [line for line in out.splitlines() if "total" in line]
     assert len(rows) == 5
     assert all(float(line.split("total")[1]) > 0 for line in rows)
+
+
+def test_call_overhead_script_times_every_caller():
+    """benchmarks/call_overhead.py (quoted in docs/performance.md) runs and reports the three
+    callers for training and inference on each shape."""
+    from pathlib import Path
+    from bnlab import kernels
+    if not kernels.available():
+        pytest.skip(f"no CPU kernels: {kernels.failure()}")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "call_overhead.py"
+    out = subprocess.run([sys.executable, str(script), "--shapes", "8,4,5,5:cl;30,7", "--turns", "2",
+                          "--threads", "1"], check=True, capture_output=True, text=True, timeout=300).stdout
+    rows = [line for line in out.splitlines() if "direct" in line]
+    assert len(rows) == 4 and sum("train" in r for r in rows) == 2 and sum("eval" in r for r in rows) == 2
+    assert all(all(name in r for name in ("batch_norm +", "Python path +", "lambda +")) for r in rows)
+    assert all(float(r.split("direct")[1].split("µs")[0]) > 0 for r in rows)

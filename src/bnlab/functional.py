@@ -557,7 +557,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     # inference without it (the eval kernel) — have the checks of the path below made in one C++
     # call (kernels' batch_norm_train_fast / batch_norm_eval_fast), which returns None whenever
     # the path below must decide: right after a large kernel each small Python step costs µs,
-    # ~90 µs a call in all (docs/performance.md, "Per-call overhead with cold caches").
+    # 35–96 µs a call in all (docs/performance.md, "Per-call overhead with cold caches").
     if training:
         if (_TRAIN_FAST is not None and type(input) is Tensor and momentum is not None
                 and running_var_correction in VAR_CORRECTIONS and not torch.compiler.is_compiling()):

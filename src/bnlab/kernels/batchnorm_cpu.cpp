@@ -1274,8 +1274,9 @@ at::Tensor batch_norm_train(const at::Tensor& x, const c10::optional<at::Tensor>
 // autograd (ending in batch_norm_train's node) and inference without it (forward_eval). Each
 // returns None when any condition fails, and the Python path then runs (raising its errors with
 // their messages). Why: right after a large kernel has flushed the caches, each small Python step
-// of that path costs a few µs — its checks cost ~90 µs a call on (64,64,28,28), about 5% of
-// torch.nn's whole training step (docs/performance.md, "Per-call overhead with cold caches").
+// of that path costs a few µs — its checks cost 35–96 µs a call on (64,64,28,28) and (4096,1024),
+// 2–5% of torch.nn's whole training step (benchmarks/call_overhead.py; docs/performance.md,
+// "Per-call overhead with cold caches").
 // The conditions are the Python path's: kernels enabled (kernels.disabled() clears the flag),
 // not traced (jit tracer, functorch transforms; torch.compile and tensor subclasses are tested in
 // Python before the call), a graph to record in training and none in inference, a dense CPU
