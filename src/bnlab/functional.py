@@ -246,7 +246,7 @@ def fast_kernels(x: Tensor, traced: Optional[bool] = None):
     """
     if x.numel() == 0 or not _dense(x) or (_traced(x) if traced is None else traced):
         return None
-    kernels = _KERNELS if _KERNELS is not None else _kernels_package()
+    kernels = _kernels_package()
     if not kernels.enabled():
         return None
     device = x.device.type

@@ -39,9 +39,12 @@ FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-
 
 class _Calls(MutableMapping):
     """Dispatches to the compiled kernels, by entry point (a Counter: missing keys read 0): the
-    Python-side counts, plus what the C++ autograd node (``batch_norm_train``) runs without
-    returning to Python: ``backward_train`` (its backward passes) and ``backward_train_inplace``
-    (those of them that wrote dx over an incoming gradient nothing else referenced)."""
+    Python-side counts, plus what the C++ module counts itself: ``forward_train`` and
+    ``forward_eval`` made by its one-call entries (``batch_norm_train_fast``,
+    ``batch_norm_eval_fast``, which functional.batch_norm tries first), and what the C++ autograd
+    node runs without returning to Python: ``backward_train`` (its backward passes) and
+    ``backward_train_inplace`` (those of them that wrote dx over an incoming gradient nothing else
+    referenced)."""
 
     _NODE = {"forward_train": "fast_forward_calls", "forward_eval": "fast_eval_calls",
              "backward_train": "node_backward_calls", "backward_train_inplace": "node_inplace_calls"}
