@@ -212,7 +212,12 @@ def run_experiment(eid: str, profile: str = "quick", out: str | Path = "runs", s
     from . import dist as lab_dist
     distributed = lab_dist.init_from_env()
     try:
-        return _run_experiment(eid, profile, out, seeds, overrides, resume, data_dir, progress, hooks, log)
+        result = _run_experiment(eid, profile, out, seeds, overrides, resume, data_dir, progress, hooks, log)
+        # every rank leaves the group together, once rank 0 has analyzed and written: a rank that
+        # tore its gloo group down while rank 0 still held the connections aborted (SIGABRT) once
+        # in a test run, after all its work was done
+        lab_dist.barrier()
+        return result
     finally:
         if distributed:
             lab_dist.shutdown()
