@@ -103,3 +103,74 @@ def test_bad_constructor_arguments(kw):
 def test_non_tensor_input():
     with pytest.raises(TypeError):
         bnlab.BatchNorm1d(3)([[1.0, 2.0, 3.0]])
+
+
+# Every layer that takes check_finite honours it, in training and in eval, on every path (Ghost BN
+# with more than one virtual batch and BatchNormAct2d once let NaN into their running statistics).
+CHECK_FINITE_LAYERS = {
+    "BatchNorm2d": lambda: bnlab.BatchNorm2d(8, check_finite=True),
+    "GhostBatchNorm2d": lambda: bnlab.GhostBatchNorm2d(8, virtual_batch_size=16, check_finite=True),
+    "GhostBatchNorm2d-virtual": lambda: bnlab.GhostBatchNorm2d(8, virtual_batch_size=16, running_stats="virtual",
+                                                               check_finite=True),
+    "BatchRenorm2d": lambda: bnlab.BatchRenorm2d(8, check_finite=True),
+    "BatchNormAct2d": lambda: bnlab.BatchNormAct2d(8, check_finite=True),
+    "BatchNormAct2d-leaky": lambda: bnlab.BatchNormAct2d(8, activation="leaky_relu", check_finite=True),
+    "BatchNormAct2d-plain": lambda: bnlab.BatchNormAct2d(8, memory_efficient=False, check_finite=True),
+    "NoisyBatchNorm2d": lambda: bnlab.NoisyBatchNorm2d(8, check_finite=True),
+    "SyncBatchNorm": lambda: bnlab.SyncBatchNorm(8, check_finite=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHECK_FINITE_LAYERS))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_check_finite_is_honoured_by_every_layer_that_takes_it(name, mode, bad):
+    layer = CHECK_FINITE_LAYERS[name]().train(mode == "train")
+    x = torch.randn(64, 8, 3, 3)
+    x[40, 5, 1, 2] = bad                                     # in the third virtual batch of Ghost BN
+    before = {k: v.clone() for k, v in layer.state_dict().items() if torch.is_tensor(v)}
+    with pytest.raises(bnlab.NonFiniteError, match=r"channels \[5\]"):
+        layer(x)
+    for k, v in layer.state_dict().items():
+        if torch.is_tensor(v):
+            assert torch.equal(v, before[k]), (name, k)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: bnlab.BatchRenorm1d(4, rmax=0.0), "rmax"),
+    (lambda: bnlab.BatchRenorm1d(4, rmax=0.5), "rmax"),
+    (lambda: bnlab.BatchRenorm1d(4, dmax=-1.0), "dmax"),
+    (lambda: bnlab.BatchRenorm1d(4, rmax=float("nan")), "rmax"),
+    (lambda: bnlab.BatchRenorm1d(4, warmup_steps=-1), "warmup_steps"),
+    (lambda: bnlab.BatchRenorm1d(4, virtual_batch_size=0), "virtual_batch_size"),
+    (lambda: bnlab.BatchRenorm1d(4, virtual_batch_size=2.5), "virtual_batch_size"),
+    (lambda: bnlab.GhostBatchNorm1d(4, virtual_batch_size=0), "virtual_batch_size"),
+    (lambda: bnlab.GhostBatchNorm1d(4, virtual_batch_size=2.5), "virtual_batch_size"),
+    (lambda: bnlab.GhostBatchNorm1d(4, virtual_batch_size=1), "virtual_batch_size"),
+    (lambda: bnlab.IterNorm(4, T=0), "T"),
+    (lambda: bnlab.IterNorm(4, T=-2), "T"),
+    (lambda: bnlab.IterNorm(4, T=2.5), "T"),
+    (lambda: bnlab.IterNorm(4, eps=0.0), "eps"),
+    (lambda: bnlab.DecorrelatedBatchNorm(4, group_size=0), "group_size"),
+    (lambda: bnlab.DecorrelatedBatchNorm(4, group_size=3), "multiple"),
+    (lambda: bnlab.DecorrelatedBatchNorm(4, momentum=2.0), "momentum"),
+])
+def test_variants_refuse_bad_arguments_at_construction(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("make", [lambda: bnlab.DecorrelatedBatchNorm(4, group_size=2),
+                                  lambda: bnlab.DecorrelatedBatchNorm(4, group_size=2, whitening="pca"),
+                                  lambda: bnlab.IterNorm(4, group_size=2)])
+def test_whitening_of_an_empty_batch_is_empty_and_of_nan_a_clear_error(make):
+    layer = make()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    y = layer(torch.randn(0, 4))                            # once: LinAlgError from eigh
+    assert y.shape == (0, 4)
+    x = torch.randn(16, 4)
+    x[3, 1] = float("nan")
+    with pytest.raises(bnlab.NonFiniteError, match="no statistics were updated"):
+        layer(x)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -156,11 +156,7 @@ class _BatchNorm(_TorchBatchNorm):
                 return BF.batch_norm(input, self.running_mean, self.running_var, weight, bias,
                                      training=False, eps=self.eps)
             BF.check_batch_size(input)
-        if self.check_finite and not torch.isfinite(input).all():
-            bad = (~torch.isfinite(input)).transpose(0, 1).reshape(input.shape[1], -1).any(1)
-            raise NonFiniteError(
-                f"{type(self).__name__}: NaN/Inf in the input of channels "
-                f"{bad.nonzero().flatten().tolist()[:20]}; no statistics were updated")
+        self._check_finite(input)
 
         update = (self.training and self.track_running_stats and not self.frozen)
         momentum = self._momentum_step()
@@ -170,6 +166,15 @@ class _BatchNorm(_TorchBatchNorm):
             self.running_var if (update or not use_batch_stats) else None,
             weight, bias, use_batch_stats, momentum, self.eps,
             running_var_correction=self.running_var_correction)
+
+    def _check_finite(self, input: Tensor) -> None:
+        """With ``check_finite=True``: raise NonFiniteError for NaN/Inf in the input, before any
+        buffer changes. Every forward of every layer that takes the option calls it."""
+        if self.check_finite and not torch.isfinite(input).all():
+            bad = (~torch.isfinite(input)).transpose(0, 1).reshape(input.shape[1], -1).any(1)
+            raise NonFiniteError(
+                f"{type(self).__name__}: NaN/Inf in the input of channels "
+                f"{bad.nonzero().flatten().tolist()[:20]}; no statistics were updated")
 
     def extra_repr(self) -> str:
         s = super().extra_repr()

@@ -28,9 +28,24 @@ class ModeError(BnlabError, ValueError, RuntimeError):
     """The call does not fit the layer's or model's mode (eval without statistics, fold in training...)."""
 
 
+class ArgumentError(BnlabError, ValueError):
+    """An argument outside its domain (eps ≤ 0 in training, a negative momentum, a slope that is
+    not a number...)."""
+
+
+class DeviceError(BnlabError, RuntimeError):
+    """Tensors of one call live on different devices."""
+
+
 class NonFiniteError(BnlabError, FloatingPointError):
     """A NaN or Inf reached a layer that was asked to check for them."""
 
 
 class DataError(BnlabError, ValueError):
-    """A data file is missing, truncated or corrupt."""
+    """A data file is missing, truncated, corrupt or unreadable, or a checkpoint is not what it
+    claims to be."""
+
+
+class UsageError(BnlabError, ValueError):
+    """A command or configuration asks for something invalid (an unknown key, a value out of its
+    range, a directory that cannot be used)."""

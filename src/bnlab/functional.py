@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import BatchSizeError, DTypeError, ModeError, ShapeError
+from .errors import ArgumentError, BatchSizeError, DeviceError, DTypeError, ModeError, ShapeError
 
 __all__ = [
     "batch_norm",
@@ -515,10 +515,20 @@ def check_batch_size(x: Tensor) -> None:
             f"layer with batch_of_one='use_running_stats'.")
 
 
-def _check_param(name: str, t: Optional[Tensor], channels: int) -> None:
-    if t is not None and t.numel() != channels:
+def _check_param(name: str, t: Optional[Tensor], x: Tensor) -> None:
+    """A per-channel argument: C values (running statistics 1-D, as torch.nn requires; weight and
+    bias any shape, e.g. (1, C)), on the input's device."""
+    if t is None:
+        return
+    channels = x.shape[1]
+    if t.numel() != channels:
         raise ShapeError(f"{name} has {t.numel()} elements but the input has {channels} channels "
                          f"(dimension 1): {name} needs one element per channel")
+    if name.startswith("running") and t.dim() != 1:
+        raise ShapeError(f"{name} must be 1-D with {channels} values, got shape {tuple(t.shape)}")
+    if t.device != x.device:
+        raise DeviceError(f"{name} is on {t.device} but the input is on {x.device}: move the layer "
+                          f"and its buffers to the input's device (module.to(x.device))")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -574,11 +584,16 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         # samples include it); a non-empty one has no channel dimension and is refused below
         return _empty_output(input, weight, bias)
     check_input(input)
-    channels = input.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
-        _check_param(name, t, channels)
+        _check_param(name, t, input)
+    if weight is not None and weight.dim() != 1:
+        weight = weight.reshape(-1)
+    if bias is not None and bias.dim() != 1:
+        bias = bias.reshape(-1)
     if training:
+        if not eps > 0:
+            raise ArgumentError(f"batch_norm eps must be positive during training, but got {eps}")
         if momentum is None:
             raise TypeError(
                 "batch_norm's momentum must be a float; the module form's momentum=None "

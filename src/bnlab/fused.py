@@ -13,9 +13,10 @@ so the block keeps one tensor (a, shared with the next layer) instead of three. 
 divides by γ, so — as In-Place ABN does — the scale is used as |γ| + ε for these activations.
 
 ReLU is not invertible (a = 0 erases z ≤ 0, and x̂ at those positions enters dx through the
-x̂·mean(dz·x̂) term), so ``activation="relu"`` keeps the *input* x instead and recomputes x̂, z
-and the mask in backward: one tensor besides the output, like torch's BN + ReLU — the fused
-kernel still saves the intermediate z and a pass over memory.
+x̂·mean(dz·x̂) term), nor is a leaky ReLU with slope ≤ 0 (slope 0 is ReLU; a negative slope maps
+both signs of z to a ≥ 0), so these keep the *input* x instead and recompute x̂, z and the mask
+in backward: one tensor besides the output, like torch's BN + ReLU — the fused kernel still
+saves the intermediate z and a pass over memory. Every finite slope is supported.
 
 Forward and backward run in bnlab's compiled CPU kernel (one pass for statistics, one for
 normalize + activation; two passes backward). ``memory_efficient=False`` is BN followed by the
@@ -25,6 +26,7 @@ with the activation fused. The state_dict is BatchNorm2d's: torch checkpoints lo
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -33,6 +35,7 @@ from torch.nn import functional as F
 
 from . import functional as BF
 from .batchnorm import BatchNorm2d, _BatchNorm
+from .errors import ArgumentError
 
 __all__ = ["BatchNormAct2d", "ACTIVATIONS"]
 
@@ -48,6 +51,11 @@ def _activation(z: Tensor, name: str, slope: float) -> Tensor:
     return z
 
 
+def _invertible(act: int, slope: float) -> bool:
+    """Whether z can be recovered from a = act(z): the identity, or a leaky ReLU with slope > 0."""
+    return act == ACTIVATIONS["identity"] or (act == ACTIVATIONS["leaky_relu"] and slope > 0)
+
+
 class _BNActFn(torch.autograd.Function):
     """Training forward/backward of BN + activation keeping only one full-size tensor."""
 
@@ -57,9 +65,9 @@ class _BNActFn(torch.autograd.Function):
         rm, rv, momentum, unbiased = running if running is not None else (None, None, 0.0, True)
         a, mean, var, invstd = kernels.forward_train(x, weight.detach(), bias.detach(), eps, act, slope,
                                                      rm, rv, momentum, unbiased)
-        kept = x if act == ACTIVATIONS["relu"] else a           # ReLU cannot be inverted
-        ctx.save_for_backward(kept, weight, bias, mean, invstd)
-        ctx.act, ctx.slope, ctx.kernels = act, slope, kernels
+        from_input = not _invertible(act, slope)
+        ctx.save_for_backward(x if from_input else a, weight, bias, mean, invstd)
+        ctx.act, ctx.slope, ctx.from_input, ctx.kernels = act, slope, from_input, kernels
         return a
 
     @staticmethod
@@ -67,7 +75,7 @@ class _BNActFn(torch.autograd.Function):
     def backward(ctx, da: Tensor):
         kept, weight, bias, mean, invstd = ctx.saved_tensors
         dx, dweight, dbias = ctx.kernels.bn_act_backward(da, kept, mean, invstd, weight.detach(),
-                                                         bias.detach(), ctx.act, ctx.slope)
+                                                         bias.detach(), ctx.act, ctx.slope, ctx.from_input)
         return dx, dweight.to(weight.dtype), dbias.to(bias.dtype), None, None, None, None, None
 
 
@@ -82,10 +90,11 @@ class BatchNormAct2d(_BatchNorm):
     Args:
         num_features, eps, momentum, affine, track_running_stats: as BatchNorm2d.
         activation: "relu", "leaky_relu" or "identity".
-        negative_slope: the leaky ReLU's slope (0.01).
-        memory_efficient: keep only the output (identity, leaky ReLU) or only the input (ReLU)
-            for backward, recomputing the rest; uses |γ| + ε as the scale for the invertible
-            activations. Falls back to BN + activation when the compiled kernel cannot run
+        negative_slope: the leaky ReLU's slope (0.01); any finite value (≤ 0: not invertible,
+            the input is kept as for ReLU).
+        memory_efficient: keep only the output (identity, leaky ReLU with slope > 0) or only the
+            input (ReLU, slope ≤ 0) for backward, recomputing the rest; uses |γ| + ε as the scale
+            when the output is kept. Falls back to BN + activation when the compiled kernel cannot run
             (non-CPU tensors, unusual layouts, a graph of the backward requested).
 
     Shape: (N, C, H, W) → (N, C, H, W).
@@ -101,15 +110,18 @@ class BatchNormAct2d(_BatchNorm):
                  **kwargs) -> None:
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if not isinstance(negative_slope, (int, float)) or not math.isfinite(negative_slope):
+            raise ValueError(f"negative_slope must be a finite number, got {negative_slope!r}")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
-        self.activation, self.negative_slope, self.memory_efficient = activation, negative_slope, memory_efficient
+        self.activation, self.negative_slope = activation, float(negative_slope)
+        self.memory_efficient = memory_efficient
 
     def _scale_shift(self, x: Tensor) -> tuple[Tensor, Tensor]:
         acc = BF.accumulation_dtype(x.dtype)
         w = self.weight if self.weight is not None else torch.ones(self.num_features, dtype=acc)
         b = self.bias if self.bias is not None else torch.zeros(self.num_features, dtype=acc)
-        if self.memory_efficient and self.activation != "relu":
-            w = w.abs() + GAMMA_EPS                                   # invertible: x̂ = (z − β)/γ
+        if self.memory_efficient and _invertible(ACTIVATIONS[self.activation], self.negative_slope):
+            w = w.abs() + GAMMA_EPS                                   # kept output: x̂ = (z − β)/γ
         return w, b
 
     def forward(self, input: Tensor) -> Tensor:
@@ -120,11 +132,14 @@ class BatchNormAct2d(_BatchNorm):
         if kernels is None:                                            # BN, then the activation
             return _activation(self._forward_with(input, w, b), self.activation, self.negative_slope)
         self._check_input_dim(input)
+        self._check_finite(input)
         act = ACTIVATIONS[self.activation]
         if not self._uses_batch_stats():                               # eval / frozen: fused transform
             return kernels.forward_eval(input, self.running_mean, self.running_var, w.detach(), b.detach(),
                                         self.eps, act, self.negative_slope)
         BF.check_batch_size(input)
+        if not self.eps > 0:
+            raise ArgumentError(f"batch_norm eps must be positive during training, but got {self.eps}")
         running = None
         if self.training and self.track_running_stats and not self.frozen:
             running = (self.running_mean, self.running_var, self._momentum_step(),

@@ -23,6 +23,7 @@
 #include <ATen/Parallel.h>
 #include <torch/csrc/jit/frontend/tracer.h>
 #include <c10/util/BFloat16.h>
+#include <c10/core/CPUAllocator.h>
 
 #include <sys/mman.h>
 #include <unistd.h>
@@ -37,6 +38,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <new>
 #include <type_traits>
@@ -109,18 +111,48 @@ Region acquire_region(int64_t bytes) {
   return {map_region(len), len};
 }
 
+// The pool as a c10::Allocator, so that an output's storage is an ordinary resizable one: code
+// that frees or grows a tensor's memory in place (storage().resize_(0), the FSDP/offload idiom)
+// works on bnlab's outputs as on torch's. Freeing hands the region back to the pool.
+struct PooledRegion { void* ptr; int64_t len; };
+
+void delete_pooled(void* ctx) {
+  auto* r = static_cast<PooledRegion*>(ctx);
+  release_region(r->ptr, r->len);
+  delete r;
+}
+
+struct PoolAllocator final : public c10::Allocator {
+  c10::DataPtr allocate(size_t n) override {
+    if (int64_t(n) >= kPoolMin) {
+      Region r = acquire_region(int64_t(n));
+      if (r.ptr != nullptr) return {r.ptr, new PooledRegion{r.ptr, r.len}, &delete_pooled, c10::Device(c10::kCPU)};
+    }
+    return c10::GetCPUAllocator()->allocate(n);        // small, or no region could be mapped
+  }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    if (count) std::memcpy(dest, src, count);
+  }
+};
+
+PoolAllocator& pool_allocator() {
+  static PoolAllocator* allocator = new PoolAllocator();   // never destroyed: storages may outlive us
+  return *allocator;
+}
+
 at::Tensor empty_out(const at::Tensor& like, at::ScalarType dtype) {
   const int64_t bytes = like.numel() * c10::elementSize(dtype);
   if (bytes < kPoolMin) {
     return at::empty_like(like, like.options().dtype(dtype), like.suggest_memory_format());
   }
-  Region r = acquire_region(bytes);
-  if (r.ptr == nullptr) {
-    return at::empty_like(like, like.options().dtype(dtype), like.suggest_memory_format());
-  }
-  const int64_t len = r.len;
-  return torch::from_blob(r.ptr, like.sizes(), like.strides(), [len](void* p) { release_region(p, len); },
-                          like.options().dtype(dtype));
+  PoolAllocator& allocator = pool_allocator();
+  c10::Storage storage(c10::Storage::use_byte_size_t(), bytes, allocator.allocate(size_t(bytes)), &allocator,
+                       /*resizable=*/true);
+  // as at::empty does: a CPU TensorImpl over the storage, then the sizes and strides of `like`
+  at::Tensor out = at::detail::make_tensor<c10::TensorImpl>(std::move(storage), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                                            c10::scalarTypeToTypeMeta(dtype));
+  out.unsafeGetTensorImpl()->set_sizes_and_strides(like.sizes(), like.strides());
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -338,8 +370,14 @@ void stats_rows(const scalar_t* x, const Layout& l, double* mean_out, double* m2
 }
 
 // Tasks over (n, channel range) in memory order, so every thread reads contiguous memory; each
-// (n, c) block of L values is reduced by the corrected two-pass algorithm in cache and merged
-// into the thread's per-channel accumulators.
+// (n, c) plane of L values is reduced in blocks of at most kPlaneBlock values, each block by the
+// corrected two-pass algorithm in cache (in float for float/bfloat16), and every block merged into
+// the thread's per-channel double accumulators with Chan's update. The block bounds the float
+// sums' length: without it their rounding error grew with the plane (relative variance error
+// 4e-4 at 4096², 3e-3 at 8192², 8.5% for 2³⁰ bfloat16 values); with it the error stays that of
+// 4096 terms, whatever the plane, and the second pass reads the block from L1/L2.
+constexpr int64_t kPlaneBlock = 4096;
+
 inline int64_t channel_splits(int64_t N, int64_t C) {
   const int64_t nt = at::get_num_threads();
   return std::max<int64_t>(1, std::min<int64_t>(C, (2 * nt + N - 1) / N));
@@ -355,24 +393,27 @@ void stats_ncl(const scalar_t* x, const Layout& l, double* mean_out, double* m2_
   for (auto& p : per) p.reset(C);
   at::parallel_for(0, N * cb, 1, [&](int64_t t0, int64_t t1) {
     Moments& acc = per[at::get_thread_num()];
-    const acc_t inv = acc_t(1) / acc_t(L);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t i = t / cb, part = t % cb;
       const int64_t c0 = C * part / cb, c1 = C * (part + 1) / cb;
       for (int64_t c = c0; c < c1; ++c) {
-        const scalar_t* block = x + (i * C + c) * L;
-        acc_t sum = 0;
-        for (int64_t k = 0; k < L; ++k) sum += acc_t(block[k]);
-        const acc_t bm = sum * inv;
-        acc_t dev = 0, dsum = 0;
-        for (int64_t k = 0; k < L; ++k) {
-          const acc_t d = acc_t(block[k]) - bm;
-          dsum += d;
-          dev += d * d;
+        const scalar_t* plane = x + (i * C + c) * L;
+        for (int64_t k0 = 0; k0 < L; k0 += kPlaneBlock) {
+          const scalar_t* block = plane + k0;
+          const int64_t n = std::min(kPlaneBlock, L - k0);
+          acc_t sum = 0;
+          for (int64_t k = 0; k < n; ++k) sum += acc_t(block[k]);
+          const acc_t bm = sum / acc_t(n);
+          acc_t dev = 0, dsum = 0;
+          for (int64_t k = 0; k < n; ++k) {
+            const acc_t d = acc_t(block[k]) - bm;
+            dsum += d;
+            dev += d * d;
+          }
+          const double ds = double(dsum);                                  // corrected two-pass
+          chan(acc.n[c], acc.mean[c], acc.m2[c], double(n), double(bm) + ds / double(n),
+               double(dev) - ds * ds / double(n));
         }
-        const double ds = double(dsum);                                    // corrected two-pass
-        chan(acc.n[c], acc.mean[c], acc.m2[c], double(L), double(bm) + ds / double(L),
-             double(dev) - ds * ds / double(L));
       }
     }
   });
@@ -382,6 +423,20 @@ void stats_ncl(const scalar_t* x, const Layout& l, double* mean_out, double* m2_
     mean_out[c] = mean;
     m2_out[c] = m2;
   }
+}
+
+// Σx/m of channel c in double, by a plain sum: the mean of a channel holding ±Inf, where the
+// shifted and merged forms give NaN (Inf − Inf) but torch.nn's mean is ±Inf (or NaN for both).
+template <typename scalar_t>
+double plain_mean(const scalar_t* x, const Layout& l, int64_t c) {
+  double sum = 0;
+  if (l.rows) {
+    for (int64_t r = 0; r < l.M; ++r) sum += double(x[r * l.C + c]);
+  } else {
+    for (int64_t i = 0; i < l.N; ++i)
+      for (int64_t k = 0; k < l.L; ++k) sum += double(x[(i * l.C + c) * l.L + k]);
+  }
+  return sum / double(l.M);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -624,10 +679,25 @@ void affine(const scalar_t* x, scalar_t* y, const Layout& l, const std::vector<t
 
 // A per-channel tensor's values as doubles, read where they lie (any floating dtype and stride):
 // no tensor is allocated — a .to(kDouble) per argument cost a few µs a call, five times a step.
+// Per-channel tensors may have any shape with C values (torch.nn accepts a (1, C) weight): 1-D of
+// any stride, or contiguous.
+inline int64_t channel_stride(const at::Tensor& t) {
+  return t.dim() == 0 ? 1 : (t.dim() == 1 ? t.stride(0) : 1);
+}
+
+inline bool channel_layout_ok(const at::Tensor& t, int64_t C) {
+  return t.numel() == C && t.device().is_cpu() && (t.dim() <= 1 || t.is_contiguous());
+}
+
+// Running statistics must be 1-D (as torch.nn requires), of any stride.
+inline bool running_layout_ok(const at::Tensor& t, int64_t C) {
+  return t.numel() == C && t.device().is_cpu() && t.dim() == 1;
+}
+
 std::vector<double> to_vec(const at::Tensor& t, int64_t C) {
-  const int64_t n = t.numel(), stride = t.dim() == 0 ? 1 : t.stride(0);
-  TORCH_CHECK(t.dim() <= 1 && t.device().is_cpu() && n == C, "per-channel tensors must be 1-D on the CPU with ",
-              C, " values, got shape ", t.sizes());
+  const int64_t n = t.numel(), stride = channel_stride(t);
+  TORCH_CHECK(channel_layout_ok(t, C), "per-channel tensors must hold ", C,
+              " values on the CPU (1-D, or contiguous), got shape ", t.sizes(), " on ", t.device());
   std::vector<double> v(n);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "bnlab_to_vec", [&] {
     const scalar_t* p = t.data_ptr<scalar_t>();
@@ -750,14 +820,17 @@ void grad_sums_ncl(const scalar_t* dy, const scalar_t* x, const double* mean, co
         const acc_t mu = acc_t(mean[c]);
         const scalar_t* g = dy + (i * C + c) * L;
         const scalar_t* xb = x + (i * C + c) * L;
-        acc_t a1 = 0, a2 = 0;
-        for (int64_t k = 0; k < L; ++k) {
-          const acc_t gv = acc_t(g[k]);
-          a1 += gv;
-          a2 += gv * (acc_t(xb[k]) - mu);
+        for (int64_t k0 = 0; k0 < L; k0 += kPlaneBlock) {         // float sums of ≤ kPlaneBlock terms
+          const int64_t k1 = std::min(L, k0 + kPlaneBlock);
+          acc_t a1 = 0, a2 = 0;
+          for (int64_t k = k0; k < k1; ++k) {
+            const acc_t gv = acc_t(g[k]);
+            a1 += gv;
+            a2 += gv * (acc_t(xb[k]) - mu);
+          }
+          s1[tid][c] += a1;
+          s2[tid][c] += a2;
         }
-        s1[tid][c] += a1;
-        s2[tid][c] += a2;
       }
     }
   });
@@ -851,22 +924,36 @@ void update_running(const c10::optional<at::Tensor>& running_mean, const c10::op
                     const std::vector<double>& mean, const std::vector<double>& var, double count, double momentum,
                     bool unbiased) {
   const double factor = (unbiased && count > 1) ? count / (count - 1) : 1.0;
-  if (running_mean.has_value() && running_mean->defined()) {
+  const bool has_rm = running_mean.has_value() && running_mean->defined();
+  const bool has_rv = running_var.has_value() && running_var->defined();
+  // both checked before either changes: an error leaves the buffers as they were
+  const int64_t C = int64_t(mean.size());
+  TORCH_CHECK(!has_rm || running_layout_ok(*running_mean, C), "running_mean must be 1-D with ", C,
+              " values on the CPU, got shape ", running_mean->sizes(), " on ", running_mean->device());
+  TORCH_CHECK(!has_rv || running_layout_ok(*running_var, C), "running_var must be 1-D with ", C,
+              " values on the CPU, got shape ", running_var->sizes(), " on ", running_var->device());
+  // the buffers as they lie: any stride (a buffer loaded with load_state_dict(assign=True) may be
+  // a view), any floating dtype
+  if (has_rm) {
     at::Tensor rm = *running_mean;
-    TORCH_CHECK(rm.is_contiguous(), "running_mean must be contiguous");
+    const int64_t st = channel_stride(rm);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rm.scalar_type(), "bnlab_running_mean", [&] {
       scalar_t* p = rm.data_ptr<scalar_t>();
-      for (size_t c = 0; c < mean.size(); ++c) p[c] = scalar_t(double(p[c]) + momentum * (mean[c] - double(p[c])));
+      for (int64_t c = 0; c < C; ++c) {
+        scalar_t& r = p[c * st];
+        r = scalar_t(double(r) + momentum * (mean[c] - double(r)));
+      }
     });
   }
-  if (running_var.has_value() && running_var->defined()) {
+  if (has_rv) {
     at::Tensor rv = *running_var;
-    TORCH_CHECK(rv.is_contiguous(), "running_var must be contiguous");
+    const int64_t st = channel_stride(rv);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rv.scalar_type(), "bnlab_running_var", [&] {
       scalar_t* p = rv.data_ptr<scalar_t>();
-      for (size_t c = 0; c < var.size(); ++c) {
+      for (int64_t c = 0; c < C; ++c) {
+        scalar_t& r = p[c * st];
         const double v = var[c] * factor;
-        p[c] = scalar_t(double(p[c]) + momentum * (v - double(p[c])));
+        r = scalar_t(double(r) + momentum * (v - double(r)));
       }
     });
   }
@@ -895,6 +982,7 @@ std::vector<at::Tensor> forward_train(const at::Tensor& x, const c10::optional<a
     else stats_ncl<scalar_t>(xp, l, mean.data(), m2.data());
     const double m = double(l.M);
     for (int64_t c = 0; c < l.C; ++c) {
+      if (!std::isfinite(mean[c])) mean[c] = plain_mean<scalar_t>(xp, l, c);     // ±Inf in the channel
       var[c] = m2[c] / m;
       invstd[c] = 1.0 / std::sqrt(var[c] + eps);
     }
@@ -999,26 +1087,30 @@ bool dy_dead_for(const at::Tensor& dy, const at::Tensor& x) {
 // ---------------------------------------------------------------------------------------------
 // Fused BN + activation backward (In-Place Activated BatchNorm, Rota Bulò et al. 2018).
 // Per element the kernel recovers what the forward did not keep:
-//   identity / leaky ReLU, from the output a = act(z):  z = act⁻¹(a), dz = da·act'(a),
-//                                                      x̂ = (z − β)/γ        (γ ≠ 0 by construction)
-//   ReLU (not invertible), from the input x:           x̂ = (x − μ)·invstd, z = γx̂ + β, dz = da·[z > 0]
+//   from the output a = act(z), when act is invertible (identity, leaky ReLU with slope > 0):
+//                     z = act⁻¹(a), dz = da·act'(a), x̂ = (z − β)/γ    (γ ≠ 0 by construction)
+//   from the input x, when it is not (ReLU, leaky ReLU with slope ≤ 0 — a negative slope maps
+//   both signs of z to a ≥ 0):  x̂ = (x − μ)·invstd, z = γx̂ + β, dz = da·(z > 0 ? 1 : slope)
 // then BN's closed form: dx = γ·invstd·(dz − Σdz/m − x̂·Σ(dz·x̂)/m), dγ = Σdz·x̂, dβ = Σdz.
 // Two passes, like BN's backward: the sums, then dx (recomputing dz, x̂ on the fly).
 // ---------------------------------------------------------------------------------------------
 
-// The activation is a template parameter and every per-element step is a multiply or a select
-// of constants (no division, no data-dependent branch), so the loops vectorize.
-template <typename acc_t, int ACT>
+enum Recovery { kFromOutputIdentity = 0, kFromInput = 1, kFromOutputLeaky = 2 };
+
+// The recovery is a template parameter and every per-element step is a multiply or a select of
+// constants (no division, no data-dependent branch), so the loops vectorize.
+template <typename acc_t, int MODE>
 struct Recover {
   acc_t slope, inv_slope;
-  // (dz, x̂) for one element: g = upstream gradient, v = a (identity/leaky) or x (ReLU)
+  // (dz, x̂) for one element: g = upstream gradient, v = a (from the output) or x (from the input)
   inline void operator()(acc_t g, acc_t v, acc_t gamma, acc_t inv_gamma, acc_t beta, acc_t mu, acc_t invstd,
                          acc_t& dz, acc_t& xh) const {
-    if (ACT == kRelu) {
+    if (MODE == kFromInput) {
       xh = (v - mu) * invstd;
       const acc_t z = gamma * xh + beta;
-      dz = g * static_cast<acc_t>(z > acc_t(0));
-    } else if (ACT == kLeakyRelu) {
+      const acc_t pos = static_cast<acc_t>(z > acc_t(0));
+      dz = g * (slope + pos * (acc_t(1) - slope));
+    } else if (MODE == kFromOutputLeaky) {
       // the sign as arithmetic (a compare mask), not a branch: random signs would mispredict half
       // the time and keep the loop scalar — measured 40× slower than this form
       const acc_t neg = static_cast<acc_t>(v < acc_t(0));
@@ -1032,14 +1124,14 @@ struct Recover {
   }
 };
 
-template <typename scalar_t, int ACT>
+template <typename scalar_t, int MODE>
 std::vector<at::Tensor> bn_act_backward_impl(const at::Tensor& da, const at::Tensor& v, const Layout& l,
                                              const std::vector<double>& gamma, const std::vector<double>& beta,
                                              const std::vector<double>& mu, const std::vector<double>& invstd,
                                              double slope) {
   using acc_t = typename Acc<scalar_t>::type;
   const int64_t C = l.C;
-  const Recover<acc_t, ACT> rec{acc_t(slope), acc_t(1.0 / slope)};
+  const Recover<acc_t, MODE> rec{acc_t(slope), MODE == kFromOutputLeaky ? acc_t(1.0 / slope) : acc_t(0)};
   std::vector<acc_t> g(C), ig(C), b(C), m(C), inv(C);
   for (int64_t c = 0; c < C; ++c) {
     g[c] = acc_t(gamma[c]); ig[c] = acc_t(1.0 / gamma[c]); b[c] = acc_t(beta[c]);
@@ -1091,15 +1183,18 @@ std::vector<at::Tensor> bn_act_backward_impl(const at::Tensor& da, const at::Ten
       for (int64_t bi = b0; bi < b1; ++bi) {
         const int64_t c = bi % C;
         const acc_t gc = g[c], igc = ig[c], bc = b[c], mc = m[c], ic = inv[c];
-        acc_t a1 = 0, a2 = 0;
-        for (int64_t k = 0; k < L; ++k) {
-          acc_t dz, xh;
-          rec(acc_t(dap[bi * L + k]), acc_t(vp[bi * L + k]), gc, igc, bc, mc, ic, dz, xh);
-          a1 += dz;
-          a2 += dz * xh;
+        for (int64_t k0 = 0; k0 < L; k0 += kPlaneBlock) {           // float sums of ≤ kPlaneBlock terms
+          const int64_t k1 = std::min(L, k0 + kPlaneBlock);
+          acc_t a1 = 0, a2 = 0;
+          for (int64_t k = k0; k < k1; ++k) {
+            acc_t dz, xh;
+            rec(acc_t(dap[bi * L + k]), acc_t(vp[bi * L + k]), gc, igc, bc, mc, ic, dz, xh);
+            a1 += dz;
+            a2 += dz * xh;
+          }
+          s1[tid][c] += a1;
+          s2[tid][c] += a2;
         }
-        s1[tid][c] += a1;
-        s2[tid][c] += a2;
       }
     });
   }
@@ -1149,20 +1244,24 @@ std::vector<at::Tensor> bn_act_backward_impl(const at::Tensor& da, const at::Ten
   return {dx, vec(sdzx, acc), vec(sdz, acc)};
 }
 
-// da: gradient w.r.t. the layer's output; v: the saved output a (identity, leaky ReLU) or the
-// saved input x (ReLU). Returns (dx, dγ, dβ).
+// da: gradient w.r.t. the layer's output; v: the saved input x (from_input: ReLU, leaky ReLU with
+// slope ≤ 0) or output a (identity, leaky ReLU with slope > 0). Returns (dx, dγ, dβ).
 std::vector<at::Tensor> bn_act_backward(const at::Tensor& da_in, const at::Tensor& v, const at::Tensor& mean,
                                         const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias,
-                                        int64_t act, double slope) {
+                                        int64_t act, double slope, bool from_input) {
   const Layout l = layout_of(v);
+  TORCH_CHECK(from_input || act == kIdentity || (act == kLeakyRelu && slope > 0),
+              "bn_act_backward: only the identity and a leaky ReLU with slope > 0 can be inverted from "
+              "the output; keep the input (from_input=True) for ", act == kRelu ? "ReLU" : "this slope");
+  const double input_slope = act == kRelu ? 0.0 : (act == kLeakyRelu ? slope : 1.0);
   const at::Tensor da = da_in.scalar_type() == v.scalar_type() && da_in.strides() == v.strides()
                             ? da_in : da_in.to(v.scalar_type()).contiguous(v.suggest_memory_format());
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, v.scalar_type(), "bnlab_bn_act_backward", [&] {
     const auto w = to_vec(weight, l.C), b = to_vec(bias, l.C), m = to_vec(mean, l.C), i = to_vec(invstd, l.C);
-    if (act == kRelu) out = bn_act_backward_impl<scalar_t, kRelu>(da, v, l, w, b, m, i, slope);
-    else if (act == kLeakyRelu) out = bn_act_backward_impl<scalar_t, kLeakyRelu>(da, v, l, w, b, m, i, slope);
-    else out = bn_act_backward_impl<scalar_t, kIdentity>(da, v, l, w, b, m, i, slope);
+    if (from_input) out = bn_act_backward_impl<scalar_t, kFromInput>(da, v, l, w, b, m, i, input_slope);
+    else if (act == kLeakyRelu) out = bn_act_backward_impl<scalar_t, kFromOutputLeaky>(da, v, l, w, b, m, i, slope);
+    else out = bn_act_backward_impl<scalar_t, kFromOutputIdentity>(da, v, l, w, b, m, i, slope);
   });
   return out;
 }
@@ -1217,6 +1316,7 @@ struct TrainBN : public torch::autograd::Function<TrainBN> {
     ctx->save_for_backward({x, weight.value_or(at::Tensor()), out[1], out[3]});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["bias_dtype"] = bias.has_value() && bias->defined() ? int64_t(bias->scalar_type()) : int64_t(-1);
+    if (bias.has_value() && bias->defined() && bias->dim() != 1) ctx->saved_data["bias_sizes"] = bias->sizes().vec();
     ctx->set_materialize_grads(false);
     return out[0];
   }
@@ -1256,8 +1356,12 @@ struct TrainBN : public torch::autograd::Function<TrainBN> {
     // right after a large kernel has flushed the caches)
     auto as = [](const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); };
     if (need_dx) result[0] = as(dx, x.scalar_type());
-    if (need_dw && dw.defined()) result[1] = as(dw, weight.scalar_type());
-    if (need_db && db.defined() && bias_dtype >= 0) result[2] = as(db, at::ScalarType(bias_dtype));
+    // a weight of another shape with C values (torch.nn accepts (1, C)) gets its gradient in that shape
+    if (need_dw && dw.defined()) result[1] = as(dw, weight.scalar_type()).view(weight.sizes());
+    if (need_db && db.defined() && bias_dtype >= 0) {
+      result[2] = as(db, at::ScalarType(bias_dtype));
+      if (ctx->saved_data.count("bias_sizes")) result[2] = result[2].view(ctx->saved_data["bias_sizes"].toIntVector());
+    }
     return result;
   }
 };
@@ -1286,7 +1390,11 @@ std::atomic<int64_t> fast_forward_calls{0}, fast_eval_calls{0};
 std::atomic<bool> fast_enabled{true};
 
 inline bool per_channel_ok(const c10::optional<at::Tensor>& t, int64_t C) {
-  return !t.has_value() || !t->defined() || (t->dim() <= 1 && t->numel() == C && t->device().is_cpu());
+  return !t.has_value() || !t->defined() || channel_layout_ok(*t, C);
+}
+
+inline bool running_ok(const c10::optional<at::Tensor>& t, int64_t C) {
+  return !t.has_value() || !t->defined() || running_layout_ok(*t, C);
 }
 
 inline bool requires_grad(const c10::optional<at::Tensor>& t) {
@@ -1294,7 +1402,8 @@ inline bool requires_grad(const c10::optional<at::Tensor>& t) {
 }
 
 // The conditions both calls share; `training` adds "more than one value per channel".
-bool fast_call_ok(const at::Tensor& x, bool training, std::initializer_list<const c10::optional<at::Tensor>*> per_channel) {
+bool fast_call_ok(const at::Tensor& x, bool training, std::initializer_list<const c10::optional<at::Tensor>*> per_channel,
+                  const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var) {
   if (!fast_enabled.load(std::memory_order_relaxed)) return false;
   // functorch transforms: the test torch._C._are_functorch_transforms_active makes
   const auto included = c10::impl::tls_local_dispatch_key_set().included_;
@@ -1313,7 +1422,7 @@ bool fast_call_ok(const at::Tensor& x, bool training, std::initializer_list<cons
   const int64_t C = x.size(1);
   for (const auto* t : per_channel)
     if (!per_channel_ok(*t, C)) return false;
-  return true;
+  return running_ok(running_mean, C) && running_ok(running_var, C);
 }
 
 py::object batch_norm_train_fast(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
@@ -1323,7 +1432,8 @@ py::object batch_norm_train_fast(const at::Tensor& x, const c10::optional<at::Te
   if (!graph_backward() || graph_backward().is_none()) return py::none();
   if (!at::GradMode::is_enabled() || !(x.requires_grad() || requires_grad(weight) || requires_grad(bias)))
     return py::none();                                           // nothing to record: not this call's case
-  if (!fast_call_ok(x, /*training=*/true, {&weight, &bias, &running_mean, &running_var})) return py::none();
+  if (!(eps > 0)) return py::none();                            // the Python path raises
+  if (!fast_call_ok(x, /*training=*/true, {&weight, &bias}, running_mean, running_var)) return py::none();
   fast_forward_calls.fetch_add(1);
   return py::cast(batch_norm_train(x, weight, bias, eps, running_mean, running_var, momentum, unbiased));
 }
@@ -1335,7 +1445,7 @@ py::object batch_norm_eval_fast(const at::Tensor& x, const c10::optional<at::Ten
     return py::none();
   if (at::GradMode::is_enabled() && (x.requires_grad() || requires_grad(weight) || requires_grad(bias)))
     return py::none();                                           // a graph to record: not this call's case
-  if (!fast_call_ok(x, /*training=*/false, {&weight, &bias, &running_mean, &running_var})) return py::none();
+  if (!fast_call_ok(x, /*training=*/false, {&weight, &bias}, running_mean, running_var)) return py::none();
   fast_eval_calls.fetch_add(1);
   return py::cast(forward_eval(x, *running_mean, *running_var, weight, bias, eps, 0, 0.0));
 }
@@ -1409,7 +1519,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_graph_backward", [](py::object fn) { graph_backward() = fn; },
         "the differentiable backward batch_norm_train's node calls under create_graph=True");
   m.def("bench_pass", &bench_pass, "one pass alone (0 statistics, 1 normalize, 2 gradient sums, 3 dx), for benchmarks");
-  m.def("bn_act_backward", &bn_act_backward, "fused BN+activation backward from the output");
+  m.def("bn_act_backward", &bn_act_backward, "fused BN+activation backward from the output or the input",
+        py::arg("da"), py::arg("v"), py::arg("mean"), py::arg("invstd"), py::arg("weight"), py::arg("bias"),
+        py::arg("act"), py::arg("slope"), py::arg("from_input"));
   m.def("empty_cache", &empty_cache, "release the pooled output regions; returns bytes released");
   m.def("cache_info", &cache_info, "(regions, bytes, cap) of the output pool");
 }

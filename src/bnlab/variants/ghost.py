@@ -26,7 +26,13 @@ from torch import Tensor
 from .. import functional as BF
 from ..batchnorm import BatchNorm1d, BatchNorm2d
 
-__all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "ghost_splits"]
+__all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "ghost_splits", "check_virtual_batch_size"]
+
+
+def check_virtual_batch_size(size) -> None:
+    """A virtual batch holds a whole number ≥ 2 of examples (one example has no statistics)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 2:
+        raise ValueError(f"virtual_batch_size must be an integer ≥ 2, got {size!r}")
 
 
 def ghost_splits(n: int, size: int) -> list[int]:
@@ -44,8 +50,7 @@ class _GhostMixin:
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
                  virtual_batch_size: int = 32, running_stats: str = "batch", **kwargs) -> None:
-        if virtual_batch_size < 2:
-            raise ValueError(f"virtual_batch_size must be ≥ 2, got {virtual_batch_size}")
+        check_virtual_batch_size(virtual_batch_size)
         if running_stats not in ("batch", "virtual"):
             raise ValueError(f"running_stats must be 'batch' or 'virtual', got {running_stats!r}")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
@@ -57,6 +62,7 @@ class _GhostMixin:
             return super().forward(input)                 # one virtual batch: plain BN
         self._check_input_dim(input)
         BF.check_batch_size(input)
+        self._check_finite(input)
         chunks = input.split(ghost_splits(input.shape[0], self.virtual_batch_size))
         per_chunk = self.running_stats == "virtual" and self.track_running_stats
         out = torch.cat([BF.batch_norm(c, self.running_mean if per_chunk else None,

@@ -25,6 +25,7 @@ running_var = σ² − ε, so a BN checkpoint loads as it is and √(running_var
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -32,6 +33,7 @@ from torch import Tensor
 
 from .. import functional as BF
 from ..batchnorm import BatchNorm1d, BatchNorm2d
+from .ghost import check_virtual_batch_size, ghost_splits
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "batch_renorm", "renorm_limits"]
 
@@ -71,12 +73,22 @@ class _RenormMixin:
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.01, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, rmax: float = 3.0,
                  dmax: float = 5.0, warmup: bool = True, warmup_steps: int = 5000, rmax_steps: int = 40000,
-                 dmax_steps: int = 25000, virtual_batch_size: Optional[int] = None) -> None:
+                 dmax_steps: int = 25000, virtual_batch_size: Optional[int] = None,
+                 check_finite: bool = False) -> None:
         if not track_running_stats:
             raise ValueError("Batch Renorm needs its moving averages: track_running_stats=True")
         if momentum is None:
             raise ValueError("Batch Renorm needs a momentum (the paper's α = 0.01)")
-        super().__init__(num_features, eps, momentum, affine, True, device, dtype)
+        if not (isinstance(rmax, (int, float)) and rmax >= 1 and math.isfinite(rmax)):
+            raise ValueError(f"rmax must be a finite number ≥ 1 (r is clipped to [1/rmax, rmax]), got {rmax!r}")
+        if not (isinstance(dmax, (int, float)) and dmax >= 0 and math.isfinite(dmax)):
+            raise ValueError(f"dmax must be a finite number ≥ 0 (d is clipped to [−dmax, dmax]), got {dmax!r}")
+        for name, v in (("warmup_steps", warmup_steps), ("rmax_steps", rmax_steps), ("dmax_steps", dmax_steps)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an integer ≥ 0, got {v!r}")
+        if virtual_batch_size is not None:
+            check_virtual_batch_size(virtual_batch_size)
+        super().__init__(num_features, eps, momentum, affine, True, device, dtype, check_finite=check_finite)
         self.rmax, self.dmax, self.warmup = rmax, dmax, warmup
         self.warmup_steps, self.rmax_steps, self.dmax_steps = warmup_steps, rmax_steps, dmax_steps
         self.virtual_batch_size = virtual_batch_size
@@ -89,9 +101,11 @@ class _RenormMixin:
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         if not self.training or self.frozen:
+            self._check_finite(input)
             return BF.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                                  training=False, eps=self.eps)
         BF.check_batch_size(input)
+        self._check_finite(input)
         self.num_batches_tracked.add_(1)
         rmax, dmax = self.limits()
         acc = BF.accumulation_dtype(input.dtype)
@@ -100,7 +114,6 @@ class _RenormMixin:
         bias = None if self.bias is None else self.bias.to(acc)
         groups = [input.to(acc)]
         if self.virtual_batch_size is not None and input.shape[0] > self.virtual_batch_size:
-            from .ghost import ghost_splits
             groups = list(input.to(acc).split(ghost_splits(input.shape[0], self.virtual_batch_size)))
         results = [batch_renorm(g, self.running_mean.to(acc), running_std, weight, bias, rmax, dmax, self.eps)
                    for g in groups]

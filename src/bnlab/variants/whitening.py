@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as BF
+from ..errors import NonFiniteError
 
 __all__ = ["DecorrelatedBatchNorm", "IterNorm", "inv_sqrtm", "whitening_matrix", "iternorm_matrix",
            "group_covariance"]
@@ -108,7 +109,13 @@ class _Whitening(nn.Module):
                  affine: bool = True, track_running_stats: bool = True, group_size: Optional[int] = None,
                  device=None, dtype=None) -> None:
         super().__init__()
+        if not eps > 0:
+            raise ValueError(f"eps must be positive (it keeps Σ + εI invertible), got {eps}")
+        if momentum is None or not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
         if group_size is not None:
+            if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+                raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
             if num_features % group_size:
                 raise ValueError(f"num_features {num_features} is not a multiple of group_size {group_size}")
             groups = num_features // group_size
@@ -135,9 +142,18 @@ class _Whitening(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         BF.check_input(x, self.num_features)
         C = self.num_features
+        if x.numel() == 0:                       # nothing to whiten (N = 0): no statistics change
+            y = x * 1.0
+            if self.weight is not None:
+                y = y * BF.channel_view(self.weight, y) + BF.channel_view(self.bias, y)
+            return y
         if self.training or self.running_mean is None:
             BF.check_batch_size(x)
             Xc, mean, sigma = group_covariance(x, self.groups, self.eps)
+            if not torch.isfinite(sigma).all():
+                raise NonFiniteError(
+                    f"{type(self).__name__}: NaN/Inf in the input — its covariance has no "
+                    f"eigendecomposition or inverse square root; no statistics were updated")
             W = self._matrix(sigma)                                          # g, G, G
             Y = W @ Xc                                                       # g, G, m
             if self.training and self.running_mean is not None:
@@ -184,6 +200,8 @@ class IterNorm(_Whitening):
     def __init__(self, num_features: int, groups: int = 1, T: int = 5, eps: float = 1e-5,
                  momentum: float = 0.1, affine: bool = True, track_running_stats: bool = True,
                  group_size: Optional[int] = None, device=None, dtype=None) -> None:
+        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+            raise ValueError(f"T (Newton iterations) must be an integer ≥ 1, got {T!r}")
         super().__init__(num_features, groups, eps, momentum, affine, track_running_stats, group_size,
                          device, dtype)
         self.T = T
