@@ -7,10 +7,12 @@ channels_last, and no graph of the backward requested). Why C++ through
 (``torch.set_num_threads`` applies, no second OpenMP runtime), handles bfloat16 natively, and can
 give the large outputs huge-page memory — which no torch-level code can (docs/performance.md).
 
-The build runs once per machine (``bnlab kernels --build`` does it ahead of time, ~1 minute)
-into ``~/.cache/bnlab/kernels/<key>``, the key covering the source, torch's version and the CPU
-(the code is compiled for the host CPU). Without a compiler the fast path is off and bnlab
-says so once; ``BNLAB_KERNELS=0`` turns it off on purpose. ``calls`` counts dispatches.
+The build runs once per machine (``bnlab kernels --build`` does it ahead of time, < 1 min) into
+``~/.cache/bnlab/kernels/<key>``, the key covering everything that makes builds differ (source,
+flags, compiler, torch and its ABI, Python, CPU), so environments sharing the cache never rebuild
+each other's; concurrent builds are serialized by a lock no killed process can leave stale.
+Without a compiler the fast path is off and bnlab says so in one line; ``BNLAB_KERNELS=0`` turns
+it off on purpose. ``calls`` counts dispatches.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import shutil
+import subprocess
+import sys
 import warnings
 from collections import Counter
 from collections.abc import MutableMapping
@@ -99,7 +104,19 @@ _triton = None
 _triton_failed: Optional[str] = None
 
 
-def _cpu_key() -> str:
+def _compiler() -> Optional[str]:
+    """The C++ compiler torch's build would use ($CXX, else c++), if it is on this machine."""
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
+def _compiler_id(path: str) -> str:
+    try:
+        return subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return path
+
+
+def _cpu_flags() -> str:
     flags = ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -110,31 +127,76 @@ def _cpu_key() -> str:
                         break
     except OSError:
         pass
+    return flags
+
+
+def _cpu_key() -> str:
+    """Everything that makes one build differ from another: the source, the flags, the compiler
+    (path and version), torch (version and C++ ABI), Python (implementation and version, through
+    the extension suffix), the machine and its CPU (the code is compiled for the host). Builds with
+    different keys live in different directories, so virtual environments and checkouts that share
+    ~/.cache/bnlab never rebuild each other's."""
+    import sysconfig
+    compiler = _compiler() or "none"
     h = hashlib.sha256()
-    h.update(SOURCE.read_bytes())
-    h.update(" ".join(FLAGS).encode())
-    h.update(torch.__version__.encode())
-    h.update(platform.machine().encode())
-    h.update(flags.encode())
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(), _compiler_id(compiler).encode(),
+                 torch.__version__.encode(), str(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", "")).encode(),
+                 str(sysconfig.get_config_var("EXT_SUFFIX")).encode(), platform.machine().encode(),
+                 _cpu_flags().encode()):
+        h.update(part)
+        h.update(b"\0")
     return h.hexdigest()[:16]
 
 
+_KEY: Optional[str] = None
+
+
 def build_dir() -> Path:
+    global _KEY
+    if _KEY is None:
+        _KEY = _cpu_key()
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bnlab" / "kernels"
-    return root / _cpu_key()
+    return root / _KEY
+
+
+# How long a process waits for another that is compiling into the same directory (then it runs
+# the torch-ops path); env BNLAB_KERNEL_BUILD_WAIT in seconds.
+BUILD_WAIT_S = float(os.environ.get("BNLAB_KERNEL_BUILD_WAIT", "900"))
 
 
 def build(verbose: bool = False):
-    """Compile (or load the cached build of) the extension; raises on failure."""
+    """Compile (or load the cached build of) the extension; raises on failure.
+
+    Builds into the same directory are serialized by a lock (``<dir>.lock``, an flock the system
+    releases when its holder dies, however it dies); a waiting process says on stderr whom it waits
+    for. torch's own lock file inside the directory, which a killed build leaves behind and on
+    which torch would wait for ever, is removed by whoever holds the flock. The first build of a
+    directory says so on stderr (it takes about half a minute).
+    """
     from torch.utils.cpp_extension import load as cpp_load
+
+    from .._files import FileLock
+    if _compiler() is None:
+        raise RuntimeError(f"no C++ compiler found ({os.environ.get('CXX', 'c++')}): install g++ "
+                           f"(or set CXX) to enable the CPU kernels")
     d = build_dir()
     d.mkdir(parents=True, exist_ok=True)
-    return cpp_load(name="bnlab_cpu_kernels", sources=[str(SOURCE)], extra_cflags=FLAGS,
-                    extra_ldflags=["-fopenmp"], build_directory=str(d), verbose=verbose)
+    with FileLock(d.parent / f"{d.name}.lock", f"compiling bnlab CPU kernels into {d}", timeout=BUILD_WAIT_S):
+        (d / "lock").unlink(missing_ok=True)        # torch's FileBaton of a build that was killed
+        fresh = not (d / "bnlab_cpu_kernels.so").exists()
+        if fresh and not verbose:
+            print(f"bnlab: compiling CPU kernels (first use, under a minute) into {d}", file=sys.stderr,
+                  flush=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")          # torch's compiler banners: the error says enough
+            return cpp_load(name="bnlab_cpu_kernels", sources=[str(SOURCE)], extra_cflags=FLAGS,
+                            extra_ldflags=["-fopenmp"], build_directory=str(d), verbose=verbose)
 
 
 def load():
-    """The compiled module, or None (no compiler, disabled, or not on this platform)."""
+    """The compiled module, or None (no compiler, disabled, or not on this platform).
+
+    A failed build is said once, in one line on stderr, with what to do about it."""
     global _module, _failed
     if _module is not None or _failed is not None:
         return _module
@@ -144,8 +206,11 @@ def load():
     try:
         _module = build()
     except Exception as e:                      # no compiler, no ninja, ...: the torch-ops path works
-        _failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        warnings.warn(f"bnlab: CPU kernels unavailable ({_failed}); using the torch-ops path", stacklevel=3)
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        _failed = first[:300]
+        print(f"bnlab: CPU kernels off ({_failed}); using the torch-ops path. "
+              f"`bnlab kernels --build --verbose` shows the build; BNLAB_KERNELS=0 silences this.",
+              file=sys.stderr, flush=True)
     return _module
 
 
