@@ -60,6 +60,10 @@ def test_recalibrate_cli_on_a_generic_module(tmp_path):
     from bnlab.cli import main
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 26 * 26, 10))
     torch.save(model, tmp_path / "m.pt")
-    assert main(["recalibrate", str(tmp_path / "m.pt"), "--out", str(tmp_path / "m2.pt"), "--num-batches", "2"]) == 0
+    # a whole pickled module runs code when loaded: refused unless the user says it is trusted
+    assert main(["recalibrate", str(tmp_path / "m.pt"), "--out", str(tmp_path / "m2.pt"), "--num-batches", "2"]) == 2
+    assert not (tmp_path / "m2.pt").exists()
+    assert main(["recalibrate", str(tmp_path / "m.pt"), "--out", str(tmp_path / "m2.pt"), "--num-batches", "2",
+                 "--trust-checkpoint"]) == 0
     m2 = torch.load(tmp_path / "m2.pt", weights_only=False)
     assert m2[1].running_mean.abs().sum() > 0

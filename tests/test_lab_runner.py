@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from bnlab.errors import UsageError
 from bnlab.lab import io as lab_io
 from bnlab.lab import verdict as V
 from bnlab.lab.config import parse_overrides
@@ -79,7 +80,7 @@ def test_json_writes_nan_as_null(tmp_path):
 
 def test_typed_overrides():
     e1 = get("E1")
-    cfg = e1.config("quick", parse_overrides(["steps=123", "lr=0.05", "widths=784,50,10",
+    cfg = e1.config("quick", parse_overrides(["steps=123", "eval_every=100", "lr=0.05", "widths=784,50,10",
                                               "data.name=idx", "data.path=/tmp/x", "seeds=1"]))
     assert cfg.steps == 123 and cfg.lr == 0.05 and cfg.widths == (784, 50, 10)
     assert cfg.data.name == "idx" and cfg.data.path == "/tmp/x" and cfg.seeds == 1
@@ -97,7 +98,7 @@ def test_registry_discovers_experiment_modules():
     assert ids[0] == "E1" and len(ids) == len(set(ids))
     for e in all_experiments():
         assert e.claim and e.paper and set(e.profiles) >= {"quick", "tiny"}
-    with pytest.raises(KeyError, match="unknown experiment"):
+    with pytest.raises(UsageError, match="unknown experiment"):
         get("E99")
 
 

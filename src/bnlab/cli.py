@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
 from ._version import __version__
+from .errors import UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,6 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bnlab",
         description="Batch Normalization from the math to the measurement.")
     parser.add_argument("--version", action="version", version=f"bnlab {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also: BNLAB_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="train a small sigmoid MLP on MNIST with and without BN")
@@ -58,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--estimator", default="pooled", choices=["pooled", "algorithm2"])
     rec.add_argument("--correction", default="unbiased", choices=["unbiased", "biased"])
     rec.add_argument("--input-shape", default=None, help="e.g. 784 or 1,28,28 (default: detected)")
+    rec.add_argument("--trust-checkpoint", action="store_true",
+                     help="allow a whole pickled nn.Module: loading it RUNS CODE from the file "
+                          "(only for files you made); lab checkpoints never need it")
     rec.set_defaults(func=_recalibrate)
 
     bench = sub.add_parser("bench", help="benchmarks: BatchNorm vs torch.nn (default), probe overhead, E1 loops")
@@ -178,7 +185,7 @@ def _bench(args) -> int:
     modes = [m for m in args.modes.split(",") if m]
     unknown = set(modes) - set(bench.MODES)
     if unknown:
-        raise SystemExit(f"bnlab bench: unknown modes {sorted(unknown)}; choose from {bench.MODES}")
+        raise UsageError(f"bench: unknown modes {sorted(unknown)}; choose from {bench.MODES}")
     if args.malloc == "keep":
         bench.keep_freed_memory()
     shapes = bench.QUICK_SHAPES if args.quick else bench.DEFAULT_SHAPES
@@ -242,7 +249,8 @@ def _recalibrate(args) -> int:
     shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else None
     recalibrate(args.checkpoint, args.out, data=args.data, data_dir=args.data_dir,
                 batch_size=args.batch_size, num_batches=args.num_batches, upstream=args.upstream,
-                estimator=args.estimator, correction=args.correction, input_shape=shape)
+                estimator=args.estimator, correction=args.correction, input_shape=shape,
+                trust_code=args.trust_checkpoint)
     return 0
 
 
@@ -252,15 +260,44 @@ def _demo(args) -> int:
     return 0
 
 
+def _exit_status(e: BaseException) -> int:
+    """2 for usage and data errors (the command cannot run as given: a bad argument or file, a
+    directory that cannot be written), 1 for failures (including a disk that fills up)."""
+    import errno
+    from .errors import DataError, UsageError
+    if isinstance(e, (UsageError, DataError)):
+        return 2
+    if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT,
+                                              errno.ENOTDIR, errno.EISDIR):
+        return 2
+    return 1
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line. Errors are one line, ``bnlab: error: <message>``, with exit status 2 for
+    usage and data errors and 1 for failures; ``--debug`` or ``BNLAB_DEBUG=1`` shows the traceback."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)            # argparse's own usage errors: its message, status 2
     args._argv = argv
     if args.command is None:
         parser.print_help()
         return 0
-    return args.func(args)
+    debug = args.debug or os.environ.get("BNLAB_DEBUG", "") not in ("", "0")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("bnlab: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        from .errors import BnlabError
+        message = str(e).strip() or type(e).__name__
+        if not isinstance(e, (BnlabError, OSError)):
+            message = f"{type(e).__name__}: {message} (--debug shows where)"
+        print(f"bnlab: error: {' '.join(message.split())}", file=sys.stderr)
+        return _exit_status(e)
 
 
 if __name__ == "__main__":

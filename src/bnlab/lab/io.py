@@ -12,16 +12,12 @@ from typing import Any, Iterable
 
 import torch
 
-from .data import atomic_write_bytes
+from .._files import atomic_write_bytes, atomic_write_text, clear_directory
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
-           "read_json", "write_metrics_csv", "read_metrics_csv", "METRIC_COLUMNS"]
+           "clear_directory", "read_json", "write_metrics_csv", "read_metrics_csv", "METRIC_COLUMNS"]
 
 METRIC_COLUMNS = ("step", "seed", "arm", "metric", "value")
-
-
-def atomic_write_text(path: Path | str, text: str) -> None:
-    atomic_write_bytes(Path(path), text.encode("utf-8"))
 
 
 def _json_default(o: Any):
@@ -78,15 +74,3 @@ def read_metrics_csv(path: Path | str) -> list[dict]:
         reader = csv.DictReader(f)
         return [dict(step=int(r["step"]), seed=int(r["seed"]), arm=r["arm"], metric=r["metric"],
                      value=float(r["value"])) for r in reader]
-
-
-def remove_tree(path: Path) -> None:
-    """rm -r that tolerates a missing path."""
-    if not path.exists():
-        return
-    for child in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        if child.is_dir() and not child.is_symlink():
-            child.rmdir()
-        else:
-            child.unlink()
-    path.rmdir()

@@ -17,12 +17,14 @@ recalibrate``).
 from __future__ import annotations
 
 import math
+import pickle
 from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import Tensor, nn
 
 from .. import batchnorm as bn_mod
+from ..errors import DataError
 from .io import atomic_torch_save
 
 __all__ = ["BatchedLinear", "SeedBatched", "Activation", "build_mlp", "to_plain", "NORMS",
@@ -284,17 +286,36 @@ def save_checkpoint(path, model: nn.Module, spec: dict, meta: dict) -> Any:
     return path
 
 
-def load_checkpoint(path) -> tuple[nn.Module, dict]:
-    """Load a lab checkpoint (rebuilt from its spec) or any torch.save'd module.
+def load_checkpoint(path, trust_code: bool = False) -> tuple[nn.Module, dict]:
+    """Load a lab checkpoint (rebuilt from its spec) or, with ``trust_code=True``, any
+    torch.save'd module.
+
+    Files are read with ``torch.load(weights_only=True)``: tensors and plain containers only, so
+    a file cannot run code while it is read. A lab checkpoint is such a file. A whole pickled
+    ``nn.Module`` is not — unpickling it imports and runs whatever the file names — so it loads
+    only when the caller says the file is trusted (``bnlab recalibrate --trust-checkpoint``).
 
     Returns (model, info) where info holds "spec"/"meta" for lab checkpoints ({} otherwise).
+    Raises DataError for a file that is neither, or that needs ``trust_code`` to load.
     """
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if not trust_code:
+            raise DataError(
+                f"{path}: refusing to unpickle it — it holds Python objects beyond tensors (a whole "
+                f"pickled nn.Module, or something else), and loading those runs code from the "
+                f"file. If you made this file, pass --trust-checkpoint (API: trust_code=True); "
+                f"otherwise save the model as a lab checkpoint or a state_dict") from None
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError) as e:
+        raise DataError(f"{path}: not a readable torch file ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if isinstance(obj, nn.Module):
         return obj, {"kind": "module"}
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         model = build_plain(obj["spec"])
         model.load_state_dict(obj["state_dict"])
         return model, {"kind": "lab", "spec": obj["spec"], "meta": obj.get("meta", {})}
-    raise ValueError(f"{path}: not a bnlab lab checkpoint ({CHECKPOINT_FORMAT}) nor a torch.save'd "
-                     f"nn.Module (a bare state_dict needs the model's code to rebuild it)")
+    raise DataError(f"{path}: not a bnlab lab checkpoint ({CHECKPOINT_FORMAT}) nor a torch.save'd "
+                    f"nn.Module (a bare state_dict needs the model's code to rebuild it)")

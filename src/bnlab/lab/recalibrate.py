@@ -52,8 +52,8 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, shape) -> Opti
 def recalibrate(checkpoint: str, out: str, data: str = "mnist", data_dir: Optional[str] = None,
                 batch_size: Optional[int] = None, num_batches: Optional[int] = None,
                 upstream: str = "population", estimator: str = "pooled", correction: str = "unbiased",
-                input_shape: Optional[Sequence[int]] = None, log=print) -> dict:
-    model, info = load_checkpoint(checkpoint)
+                input_shape: Optional[Sequence[int]] = None, trust_code: bool = False, log=print) -> dict:
+    model, info = load_checkpoint(checkpoint, trust_code=trust_code)
     ds = data_mod.load(data, data_dir)
     shape = _shape_for(model, ds.train_x, input_shape)
     if batch_size is None:

@@ -8,7 +8,8 @@ import importlib
 import pkgutil
 from typing import TYPE_CHECKING, Any, Dict, Type
 
-from .config import PROFILES, BaseConfig, apply_overrides
+from ..errors import UsageError
+from .config import PROFILES, BaseConfig, apply_overrides, validate
 
 if TYPE_CHECKING:
     from .runner import RunContext
@@ -41,11 +42,13 @@ class Experiment:
 
     def config(self, profile: str = "quick", overrides: Dict[str, Any] | None = None) -> BaseConfig:
         if profile not in PROFILES:
-            raise ValueError(f"unknown profile {profile!r}; choose from {PROFILES}")
+            raise UsageError(f"unknown profile {profile!r}; choose from {PROFILES}")
         cfg = self.Config()
         if profile != "paper":
             cfg = apply_overrides(cfg, self.profiles.get(profile, {}))
-        return apply_overrides(cfg, overrides or {})
+        cfg = apply_overrides(cfg, overrides or {})
+        validate(cfg)
+        return cfg
 
     def run(self, cfg: Any, ctx: "RunContext") -> None:
         raise NotImplementedError
@@ -82,5 +85,5 @@ def get(eid: str) -> Experiment:
     _load()
     key = eid.upper()
     if key not in REGISTRY:
-        raise KeyError(f"unknown experiment {eid!r}; known: {', '.join(e.id for e in all_experiments())}")
+        raise UsageError(f"unknown experiment {eid!r}; known: {', '.join(e.id for e in all_experiments())}")
     return REGISTRY[key]

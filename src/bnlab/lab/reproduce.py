@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .._progress import format_seconds
+from .._files import FileLock, LockBusy
+from ..errors import UsageError
 from .config import parse_overrides
 from .io import atomic_write_text, read_json
 from .registry import all_experiments
@@ -47,6 +49,26 @@ def _finished(out: Path, eid: str, profile: str) -> bool:
     return f.exists() and read_json(f).get("profile") == profile
 
 
+def _run_logged(cmd: list[str], log_path: Path, echo: bool) -> int:
+    """Run ``cmd`` with its stdout and stderr written to ``log_path`` (and echoed to ours)."""
+    # every process of the lab runs with the same BLAS/OpenMP thread settings (cli.main sets them
+    # for `bnlab run` too), so reproduce and run give bit-identical numbers
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        assert proc.stdout is not None
+        while True:
+            chunk = proc.stdout.read1(65536) if hasattr(proc.stdout, "read1") else proc.stdout.read(65536)
+            if not chunk:
+                break
+            log.write(chunk)
+            log.flush()
+            if echo:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+        return proc.wait()
+
+
 def reproduce(profile: str = "quick", out: str | Path = "runs", only: Optional[Sequence[str]] = None,
               resume: bool = False, data_dir: Optional[str] = None, jobs: Optional[int] = None,
               overrides: Sequence[str] = (), progress: bool = True) -> int:
@@ -58,10 +80,27 @@ def reproduce(profile: str = "quick", out: str | Path = "runs", only: Optional[S
         known = {e.id for e in experiments}
         unknown = [x for x in only if x not in known]
         if unknown:
-            raise SystemExit(f"bnlab reproduce: unknown experiments {unknown}; known: {sorted(known)}")
+            raise UsageError(f"reproduce: unknown experiments {unknown}; known: {sorted(known)}")
         experiments = [e for e in experiments if e.id in only]
     ov = parse_overrides(overrides)
+    if jobs is not None and jobs < 1:
+        raise UsageError(f"--jobs {jobs}: need at least 1")
     jobs = jobs or min(2, os.cpu_count() or 1)
+    for e in experiments:                # refuse what would fail in every child, before any runs
+        e.config(profile, parse_overrides(_overrides_for(e, ov)))
+        if (out / e.id).is_symlink():
+            raise UsageError(f"{out / e.id} is a symbolic link; bnlab does not write or clear results "
+                             f"through a link: remove it or choose another --out")
+    try:
+        with FileLock(out / ".reproduce.lock", f"bnlab reproduce --out {out}"):
+            return _reproduce(experiments, profile, out, only, resume, data_dir, jobs, ov, progress)
+    except LockBusy as e:
+        raise UsageError(f"another bnlab reproduce is writing {out} ({e}): wait for it to finish or "
+                         f"choose another --out") from None
+
+
+def _reproduce(experiments, profile, out: Path, only, resume, data_dir, jobs: int, ov: dict,
+               progress: bool) -> int:
     todo = [e for e in experiments if not (resume and _finished(out, e.id, profile))]
     skipped = len(experiments) - len(todo)
     print(f"bnlab reproduce: {len(todo)} experiment(s), profile {profile}, {jobs} in parallel"
@@ -81,16 +120,16 @@ def reproduce(profile: str = "quick", out: str | Path = "runs", only: Optional[S
         (out / e.id).mkdir(parents=True, exist_ok=True)
         log_path = out / e.id / "log.txt"
         start = time.perf_counter()
-        env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-        if jobs > 1:
-            with open(log_path, "w") as log:
-                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-        else:
-            rc = subprocess.run(cmd, env=env).returncode
+        # the child keeps log.txt when it clears its directory (runner._LAUNCHER_FILES); with one
+        # job its output also goes to this terminal
+        rc = _run_logged(cmd, log_path, echo=jobs == 1)
         error = out / e.id / "error.txt"
         if rc != 0:
-            tail = log_path.read_text()[-4000:] if log_path.exists() and jobs > 1 else ""
-            atomic_write_text(error, f"exit code {rc}\n{tail}")
+            # the child wrote its traceback to error.txt when it could (an exception); a process
+            # killed by a signal could not, and then the log's tail is what there is
+            child = error.read_text() if error.exists() else ""
+            tail = log_path.read_text(errors="replace")[-4000:] if log_path.exists() else ""
+            atomic_write_text(error, f"exit code {rc}\n\n" + (child or f"last output:\n{tail}"))
         elif error.exists():
             error.unlink()
         return e.id, rc, time.perf_counter() - start

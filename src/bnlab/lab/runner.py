@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
 
@@ -29,10 +30,12 @@ import torch
 
 from .._progress import Progress
 from .._version import __version__
+from ..errors import DataError
 from . import data as data_mod
 from .config import config_to_dict, parse_overrides
-from .io import (atomic_torch_save, atomic_write_json, read_json, remove_tree,
-                 write_metrics_csv)
+from .._files import FileLock, LockBusy, clear_directory
+from ..errors import UsageError
+from .io import atomic_torch_save, atomic_write_json, atomic_write_text, read_json, write_metrics_csv
 from .registry import Experiment, get
 
 __all__ = ["Trainer", "RunContext", "run_experiment", "git_sha", "versions"]
@@ -65,8 +68,37 @@ def versions() -> dict:
                 cpus=os.cpu_count(), torch_threads=torch.get_num_threads())
 
 
+@contextmanager
+def thread_limits(threads: int):
+    """Every thread pool the run can use set to ``threads``: torch's intra-op pool and the BLAS
+    libraries loaded in the process (NumPy's OpenBLAS reads OMP/OPENBLAS_NUM_THREADS only when it
+    loads, which ``import bnlab`` has already done). Without this, ``bnlab run`` and ``bnlab
+    reproduce`` (which sets those variables for its children) summed in different orders and
+    differed in the 4th digit."""
+    from threadpoolctl import threadpool_limits
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    try:
+        with threadpool_limits(limits=max(1, int(threads))):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _unit_seed(experiment: str, unit: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{experiment}/{unit}".encode()).digest()[:4], "little")
+
+
+def _load_unit(path: Path) -> dict:
+    """A unit's checkpoint, read with weights_only=True: tensors and plain containers only, so a
+    file planted in ``state/`` cannot run code when a run is resumed."""
+    import pickle
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise DataError(f"--resume: {path} is not a checkpoint this run wrote ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); delete it, or rerun without "
+                        f"--resume") from None
 
 
 class RunContext:
@@ -101,7 +133,14 @@ class RunContext:
     def data(self) -> data_mod.Dataset:
         if self._data is None:
             d = self.cfg.data
-            self._data = data_mod.load(d.name, d.path or (self.data_dir if d.name == "mnist" else None))
+            data = data_mod.load(d.name, d.path or (self.data_dir if d.name == "mnist" else None))
+            widths = getattr(self.cfg, "widths", None)
+            if widths and (widths[0] != data.num_features or widths[-1] < data.num_classes):
+                raise UsageError(
+                    f"widths={','.join(map(str, widths))} do not fit {d.name} at {data.source}: its "
+                    f"images have {data.num_features} values and its labels {data.num_classes} classes; "
+                    f"--set widths={data.num_features},...,{data.num_classes}")
+            self._data = data
         return self._data
 
     def record(self, step: int, seed: int, arm: str, metric: str, value: float) -> None:
@@ -143,7 +182,7 @@ class RunContext:
         (trainer state and metrics) instead of retrained.
         """
         path = self._unit_path(name)
-        saved = torch.load(path, weights_only=False) if (self.resume and path.exists()) else None
+        saved = _load_unit(path) if (self.resume and path.exists()) else None
         torch.manual_seed(_unit_seed(self.experiment.id, name))
         trainer = make_trainer()
         eval_at = set(int(s) for s in eval_steps)
@@ -204,15 +243,25 @@ class RunContext:
         return save_checkpoint(self.path(name), model, spec, meta)
 
 
+# Files in an experiment directory that belong to whoever launched the run, not to the run:
+# ``bnlab reproduce`` writes the child's output to log.txt, so clearing the directory keeps it.
+_LAUNCHER_FILES = ("log.txt",)
+
+
 def run_experiment(eid: str, profile: str = "quick", out: str | Path = "runs", seeds: Optional[int] = None,
                    overrides: Sequence[str] | dict = (), resume: bool = False, data_dir: Optional[str] = None,
                    progress: bool = True, hooks: Sequence[Callable[[str, int], None]] = (),
                    log: Callable[[str], None] = print) -> dict:
-    """Run one experiment end to end and write its directory; returns result.json's content."""
+    """Run one experiment end to end and write its directory; returns result.json's content.
+
+    The directory ``out/<id>`` is locked for the run (a second run on it fails at once, naming the
+    first); a symbolic link there is refused, never followed. On failure the traceback is written
+    to ``out/<id>/error.txt`` before the exception propagates.
+    """
     from . import dist as lab_dist
     distributed = lab_dist.init_from_env()
     try:
-        result = _run_experiment(eid, profile, out, seeds, overrides, resume, data_dir, progress, hooks, log)
+        result = _run_locked(eid, profile, out, seeds, overrides, resume, data_dir, progress, hooks, log)
         # every rank leaves the group together, once rank 0 has analyzed and written: a rank that
         # tore its gloo group down while rank 0 still held the connections aborted (SIGABRT) once
         # in a test run, after all its work was done
@@ -223,49 +272,93 @@ def run_experiment(eid: str, profile: str = "quick", out: str | Path = "runs", s
             lab_dist.shutdown()
 
 
-def _run_experiment(eid, profile, out, seeds, overrides, resume, data_dir, progress, hooks, log) -> dict:
+def _run_locked(eid, profile, out, seeds, overrides, resume, data_dir, progress, hooks, log) -> dict:
+    from . import dist as lab_dist
+    experiment = get(eid)
+    out_dir = Path(out) / experiment.id
+    if out_dir.is_symlink():
+        raise UsageError(f"{out_dir} is a symbolic link (to {os.readlink(out_dir)}); bnlab does not write "
+                         f"or clear results through a link: remove it or choose another --out")
+    if not lab_dist.is_main():
+        return _run_experiment(experiment, profile, out_dir, seeds, overrides, resume, data_dir, progress,
+                               hooks, log)
+    try:
+        with FileLock(Path(out) / f".{experiment.id}.lock", f"bnlab run {experiment.id} --out {out}"):
+            return _run_experiment(experiment, profile, out_dir, seeds, overrides, resume, data_dir,
+                                   progress, hooks, log)
+    except LockBusy as e:
+        raise UsageError(f"another bnlab run is writing {out_dir} ({e}): wait for it to finish or "
+                         f"choose another --out") from None
+
+
+def _check_resumable(out_dir: Path, cfg: Any) -> float:
+    """Seconds already spent, after checking that ``out_dir`` was started with this very config
+    (config.json is written before the first unit runs, so a killed run has it)."""
+    saved = out_dir / "config.json"
+    state = out_dir / "state"
+    has_state = state.is_dir() and any(state.glob("*.pt"))
+    if not saved.exists():
+        if has_state:
+            raise UsageError(f"--resume: {out_dir} has checkpoints but no config.json to check them "
+                             f"against; rerun without --resume to start over")
+        return 0.0
+    if read_json(saved) != json.loads(json.dumps(config_to_dict(cfg))):
+        raise UsageError(f"--resume: {out_dir} was started with a different config (see its "
+                         f"config.json); rerun with the same --profile/--set/--seeds, or without "
+                         f"--resume to start over")
+    progress_file = state / "elapsed.json"
+    return read_json(progress_file)["seconds"] if progress_file.exists() else 0.0
+
+
+def _run_experiment(experiment, profile, out_dir: Path, seeds, overrides, resume, data_dir, progress, hooks,
+                    log) -> dict:
     from . import dist as lab_dist
     main = lab_dist.is_main()
-    experiment = get(eid)
     ov = parse_overrides(overrides) if not isinstance(overrides, dict) else dict(overrides)
     if seeds is not None:
         ov["seeds"] = seeds
     cfg = experiment.config(profile, ov)
-    out_dir = Path(out) / experiment.id
-    if main and out_dir.exists() and not resume:
-        remove_tree(out_dir)
+    previous = 0.0
+    if main:
+        if out_dir.exists() and not resume:
+            clear_directory(out_dir, keep=_LAUNCHER_FILES)
+        elif resume:
+            previous = _check_resumable(out_dir, cfg)
+            (out_dir / "error.txt").unlink(missing_ok=True)
     lab_dist.barrier()
     out_dir.mkdir(parents=True, exist_ok=True)
-    previous = 0.0
-    progress_file = out_dir / "state" / "elapsed.json"
-    if resume and progress_file.exists():
-        previous = read_json(progress_file)["seconds"]
-        saved_cfg = read_json(out_dir / "config.json") if (out_dir / "config.json").exists() else None
-        if saved_cfg is not None and saved_cfg != json.loads(json.dumps(config_to_dict(cfg))):
-            raise ValueError(f"--resume: {out_dir} was started with a different config; "
-                             f"rerun without --resume to start over")
     if main:
         atomic_write_json(out_dir / "config.json", config_to_dict(cfg))
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(cfg.threads)))
     ctx = RunContext(experiment, cfg, out_dir, resume, data_dir, progress, hooks, log)
     started = time.time()
     t0 = time.perf_counter()
     try:
-        ctx.log(f"{experiment.title} — profile {profile}, {cfg.seeds} seed(s)")
-        try:
-            experiment.run(cfg, ctx)
-        finally:
-            if main:
-                (out_dir / "state").mkdir(parents=True, exist_ok=True)
-                atomic_write_json(progress_file, dict(seconds=previous + time.perf_counter() - t0))
-        lab_dist.barrier()
-        if not main:                              # rank 0 analyzes and writes; the others are done
-            return {}
-        ctx.log("analysis and figures")
-        verdict = experiment.analyze(cfg, ctx)
+        with thread_limits(cfg.threads):
+            return _run_and_write(experiment, profile, cfg, ctx, out_dir, previous, started, t0)
+    except (Exception, KeyboardInterrupt):
+        if main:                                  # the traceback survives the process (reproduce reads it)
+            import traceback
+            atomic_write_text(out_dir / "error.txt", traceback.format_exc())
+        raise
+
+
+def _run_and_write(experiment, profile, cfg, ctx, out_dir: Path, previous: float, started: float,
+                   t0: float) -> dict:
+    from . import dist as lab_dist
+    main = lab_dist.is_main()
+    progress_file = out_dir / "state" / "elapsed.json"
+    ctx.log(f"{experiment.title} — profile {profile}, {cfg.seeds} seed(s)")
+    try:
+        experiment.run(cfg, ctx)
     finally:
-        torch.set_num_threads(torch_threads)
+        if main:
+            (out_dir / "state").mkdir(parents=True, exist_ok=True)
+            atomic_write_json(progress_file, dict(seconds=previous + time.perf_counter() - t0))
+    lab_dist.barrier()
+    if not main:                              # rank 0 analyzes and writes; the others are done
+        return {}
+    ctx.log("analysis and figures")
+    verdict = experiment.analyze(cfg, ctx)
     write_metrics_csv(out_dir / "metrics.csv", ctx.rows)
     seconds = previous + time.perf_counter() - t0
     result = dict(
