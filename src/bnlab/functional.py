@@ -592,13 +592,13 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     if bias is not None and bias.dim() != 1:
         bias = bias.reshape(-1)
     if training:
-        if not eps > 0:
+        check_batch_size(input)
+        if eps <= 0.0:                       # torch.nn's checks, in its order (a NaN eps passes both)
             raise ArgumentError(f"batch_norm eps must be positive during training, but got {eps}")
         if momentum is None:
             raise TypeError(
                 "batch_norm's momentum must be a float; the module form's momentum=None "
                 "(cumulative average) passes momentum = 1/num_batches_tracked")
-        check_batch_size(input)
         if input.numel() == 0:
             return _empty_output(input, weight, bias)
         if running_var_correction not in VAR_CORRECTIONS:
@@ -619,6 +619,8 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
             return _BatchNormTrain.apply(input, weight, bias, eps, running)
         # nothing to differentiate: skip the autograd.Function machinery (~25 µs a call)
         return train_forward_(input, weight, bias, eps, running)[0].to(input.dtype)
+    if eps < 0.0:
+        raise ArgumentError(f"batch_norm eps must be non-negative, but got {eps}")
     if running_mean is None or running_var is None:
         raise ModeError(
             "running_mean must be defined in evaluation mode: pass the running statistics, or "

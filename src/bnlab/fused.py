@@ -135,10 +135,13 @@ class BatchNormAct2d(_BatchNorm):
         self._check_finite(input)
         act = ACTIVATIONS[self.activation]
         if not self._uses_batch_stats():                               # eval / frozen: fused transform
+            if torch.is_grad_enabled() and (input.requires_grad or w.requires_grad or b.requires_grad):
+                # the fused eval kernel records no graph: with gradients wanted, BN's (autograd) path
+                return _activation(self._forward_with(input, w, b), self.activation, self.negative_slope)
             return kernels.forward_eval(input, self.running_mean, self.running_var, w.detach(), b.detach(),
                                         self.eps, act, self.negative_slope)
         BF.check_batch_size(input)
-        if not self.eps > 0:
+        if self.eps <= 0.0:
             raise ArgumentError(f"batch_norm eps must be positive during training, but got {self.eps}")
         running = None
         if self.training and self.track_running_stats and not self.frozen:

@@ -473,7 +473,7 @@ avec<T> tiled(const std::vector<T>& v, int64_t k) {
 
 template <typename acc_t, int ACT>
 inline acc_t activate(acc_t z, acc_t slope) {
-  if (ACT == kRelu) return z > acc_t(0) ? z : acc_t(0);
+  if (ACT == kRelu) return z <= acc_t(0) ? acc_t(0) : z;           // NaN stays NaN, as torch's relu
   if (ACT == kLeakyRelu) return z * (z >= acc_t(0) ? acc_t(1) : slope);
   return z;
 }
@@ -526,7 +526,7 @@ struct StreamVec {
   static V set1(float v) { return _mm512_set1_ps(v); }
   static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static void stream(float* p, V v) { _mm512_stream_ps(p, v); }
-  static V relu(V z) { return _mm512_max_ps(z, _mm512_setzero_ps()); }
+  static V relu(V z) { return _mm512_max_ps(_mm512_setzero_ps(), z); }   // max(0, NaN) = NaN: 2nd operand
   static V leaky(V z, V slope) {                                   // z·slope where z < 0
     return _mm512_mask_mul_ps(z, _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ), z, slope);
   }
@@ -537,7 +537,7 @@ struct StreamVec {
   static V set1(float v) { return _mm256_set1_ps(v); }
   static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static void stream(float* p, V v) { _mm256_stream_ps(p, v); }
-  static V relu(V z) { return _mm256_max_ps(z, _mm256_setzero_ps()); }
+  static V relu(V z) { return _mm256_max_ps(_mm256_setzero_ps(), z); }
   static V leaky(V z, V slope) {
     return _mm256_blendv_ps(z, _mm256_mul_ps(z, slope), _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_LT_OQ));
   }
@@ -1095,7 +1095,9 @@ bool dy_dead_for(const at::Tensor& dy, const at::Tensor& x) {
 // Two passes, like BN's backward: the sums, then dx (recomputing dz, x̂ on the fly).
 // ---------------------------------------------------------------------------------------------
 
-enum Recovery { kFromOutputIdentity = 0, kFromInput = 1, kFromOutputLeaky = 2 };
+enum Recovery { kFromOutputIdentity = 0, kFromInput = 1, kFromOutputLeaky = 2, kFromInputRelu = 3 };
+// At z = NaN the masks follow torch's backward: ReLU's passes the gradient (threshold_backward
+// zeroes it only where z ≤ 0), the leaky ReLU's scales it by the slope (it passes it only where z > 0).
 
 // The recovery is a template parameter and every per-element step is a multiply or a select of
 // constants (no division, no data-dependent branch), so the loops vectorize.
@@ -1105,7 +1107,11 @@ struct Recover {
   // (dz, x̂) for one element: g = upstream gradient, v = a (from the output) or x (from the input)
   inline void operator()(acc_t g, acc_t v, acc_t gamma, acc_t inv_gamma, acc_t beta, acc_t mu, acc_t invstd,
                          acc_t& dz, acc_t& xh) const {
-    if (MODE == kFromInput) {
+    if (MODE == kFromInputRelu) {
+      xh = (v - mu) * invstd;
+      const acc_t z = gamma * xh + beta;
+      dz = g * static_cast<acc_t>(!(z <= acc_t(0)));
+    } else if (MODE == kFromInput) {
       xh = (v - mu) * invstd;
       const acc_t z = gamma * xh + beta;
       const acc_t pos = static_cast<acc_t>(z > acc_t(0));
@@ -1113,7 +1119,7 @@ struct Recover {
     } else if (MODE == kFromOutputLeaky) {
       // the sign as arithmetic (a compare mask), not a branch: random signs would mispredict half
       // the time and keep the loop scalar — measured 40× slower than this form
-      const acc_t neg = static_cast<acc_t>(v < acc_t(0));
+      const acc_t neg = static_cast<acc_t>(!(v >= acc_t(0)));
       const acc_t z = v * (acc_t(1) + neg * (inv_slope - acc_t(1)));
       dz = g * (acc_t(1) + neg * (slope - acc_t(1)));
       xh = (z - beta) * inv_gamma;
@@ -1259,7 +1265,8 @@ std::vector<at::Tensor> bn_act_backward(const at::Tensor& da_in, const at::Tenso
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, v.scalar_type(), "bnlab_bn_act_backward", [&] {
     const auto w = to_vec(weight, l.C), b = to_vec(bias, l.C), m = to_vec(mean, l.C), i = to_vec(invstd, l.C);
-    if (from_input) out = bn_act_backward_impl<scalar_t, kFromInput>(da, v, l, w, b, m, i, input_slope);
+    if (from_input && act == kRelu) out = bn_act_backward_impl<scalar_t, kFromInputRelu>(da, v, l, w, b, m, i, 0.0);
+    else if (from_input) out = bn_act_backward_impl<scalar_t, kFromInput>(da, v, l, w, b, m, i, input_slope);
     else if (act == kLeakyRelu) out = bn_act_backward_impl<scalar_t, kFromOutputLeaky>(da, v, l, w, b, m, i, slope);
     else out = bn_act_backward_impl<scalar_t, kFromOutputIdentity>(da, v, l, w, b, m, i, slope);
   });
@@ -1432,7 +1439,7 @@ py::object batch_norm_train_fast(const at::Tensor& x, const c10::optional<at::Te
   if (!graph_backward() || graph_backward().is_none()) return py::none();
   if (!at::GradMode::is_enabled() || !(x.requires_grad() || requires_grad(weight) || requires_grad(bias)))
     return py::none();                                           // nothing to record: not this call's case
-  if (!(eps > 0)) return py::none();                            // the Python path raises
+  if (eps <= 0) return py::none();                              // the Python path raises (as torch.nn)
   if (!fast_call_ok(x, /*training=*/true, {&weight, &bias}, running_mean, running_var)) return py::none();
   fast_forward_calls.fetch_add(1);
   return py::cast(batch_norm_train(x, weight, bias, eps, running_mean, running_var, momentum, unbiased));
@@ -1445,6 +1452,7 @@ py::object batch_norm_eval_fast(const at::Tensor& x, const c10::optional<at::Ten
     return py::none();
   if (at::GradMode::is_enabled() && (x.requires_grad() || requires_grad(weight) || requires_grad(bias)))
     return py::none();                                           // a graph to record: not this call's case
+  if (eps < 0) return py::none();                               // the Python path raises (as torch.nn)
   if (!fast_call_ok(x, /*training=*/false, {&weight, &bias}, running_mean, running_var)) return py::none();
   fast_eval_calls.fetch_add(1);
   return py::cast(forward_eval(x, *running_mean, *running_var, weight, bias, eps, 0, 0.0));
