@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import Variable
 
-from bnlab import bench
+from bnlab.bench._common import node_kernels
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--turns", type=int, default=60)
     args = ap.parse_args()
-    k = bench.node_kernels(args.threads)
+    k = node_kernels(args.threads)
     x = torch.randn(*map(int, args.shape.split(",")))
     if args.channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)

@@ -3,7 +3,7 @@
 
     python benchmarks/bench_batchnorm.py [--threads 1,2] [--quick] [--markdown] [--json out.json]
 
-Same as ``bnlab bench``. See bnlab/bench.py for what each mode measures.
+Same as ``bnlab bench``. See bnlab/bench/batchnorm.py for what each mode measures.
 """
 
 import sys

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from bnlab import bench
+from bnlab.bench._common import node_kernels
 
 
 def main() -> None:
@@ -22,7 +22,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    k = bench.node_kernels(args.threads)
+    k = node_kernels(args.threads)
     x = torch.randn(64, 64, 28, 28).contiguous(memory_format=torch.channels_last)   # N,C,H,W
     C = x.shape[1]
     dy = torch.randn_like(x)

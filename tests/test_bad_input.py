@@ -33,9 +33,20 @@ def test_batch_of_one_in_training_raises_and_says_what_to_do(layer, shape):
     assert layer.num_batches_tracked.item() == 0       # nothing was updated
 
 
-def test_batch_of_one_is_fine_with_spatial_extent_and_in_eval():
-    bnlab.BatchNorm2d(3)(torch.randn(1, 3, 2, 2))      # 4 values per channel
-    bnlab.BatchNorm1d(3).eval()(torch.randn(1, 3))
+def test_batch_of_one_with_spatial_extent_and_in_eval_normalizes_as_torch_does():
+    """One example with 4 values per channel has batch statistics; in eval a single example
+    uses the running statistics. Both give torch.nn's numbers."""
+    x2 = torch.randn(1, 3, 2, 2)
+    ours, ref = bnlab.BatchNorm2d(3), nn.BatchNorm2d(3)
+    torch.testing.assert_close(ours(x2), ref(x2))
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    x1 = torch.randn(1, 3)
+    ours1, ref1 = bnlab.BatchNorm1d(3).eval(), nn.BatchNorm1d(3).eval()
+    with torch.no_grad():
+        for m in (ours1, ref1):
+            m.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+            m.running_var.copy_(torch.tensor([4.0, 0.25, 1.0]))
+    torch.testing.assert_close(ours1(x1), ref1(x1))
 
 
 def test_batch_of_one_option_uses_running_statistics():

@@ -2,7 +2,7 @@
 
 train/eval × affine × track_running_stats × momentum {0.1, None} × dtype {float64, float32,
 bfloat16} × {contiguous, channels_last}: outputs, input and parameter gradients, and every
-buffer after several steps, with the tolerances of conftest.TOL per dtype.
+buffer after several steps, with the tolerances of conftest.TOLERANCES per dtype.
 """
 
 import itertools
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import bnlab
-from conftest import TOL
+from conftest import TOLERANCES
 
 LAYERS = [
     (nn.BatchNorm1d, bnlab.BatchNorm1d, (6, 4)),
@@ -48,7 +48,7 @@ def test_parity_grid(layer, training, affine, track, momentum, dtype, channels_l
     ours.to(dtype).train(training)
     fmt = (torch.channels_last if len(shape) == 4 else torch.channels_last_3d) if channels_last \
         else torch.contiguous_format
-    tol = TOL[dtype]
+    tol = TOLERANCES[dtype]
 
     for step in range(3):
         x = (torch.randn(*shape, dtype=torch.float64) * 2 + 0.5).to(dtype)

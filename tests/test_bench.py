@@ -16,13 +16,14 @@ def _python(code: str) -> str:
                           check=True, timeout=300).stdout
 
 
+@pytest.mark.slow
 def test_keep_freed_memory_stops_large_outputs_from_page_faulting():
     """After keep_freed_memory() a freed 64 MB output's pages are reused by the next one: no
     page faults (glibc's default here returns it to the OS: one fault per 4 KiB page)."""
     out = _python("""
         import resource, statistics, torch
-        from bnlab import bench
-        bench.keep_freed_memory()
+        from bnlab.bench._common import keep_freed_memory
+        keep_freed_memory()
         x = torch.randn(4096, 4096)
         faults = []
         for _ in range(5):
@@ -35,6 +36,7 @@ def test_keep_freed_memory_stops_large_outputs_from_page_faulting():
     assert float(out) < 100            # 64 MB is 16384 pages of 4 KiB
 
 
+@pytest.mark.slow
 def test_bench_command_runs_with_both_allocators(tmp_path):
     for malloc in ("default", "keep"):
         path = tmp_path / f"{malloc}.json"
@@ -56,17 +58,18 @@ def test_single_passes_run_the_kernels_code():
     for x in (torch.randn(300, 37), torch.randn(4, 5, 6, 7), torch.randn(4, 5, 6, 7).to(memory_format=torch.channels_last)):
         dy = torch.randn_like(x)
         out = torch.full_like(x, float("nan"))
-        k.bench_pass(1, x, dy, out)
+        k.control.bench_pass(1, x, dy, out)
         assert torch.equal(out, x)
-        k.bench_pass(3, x, dy, out)
+        k.control.bench_pass(3, x, dy, out)
         assert torch.allclose(out, dy + x, atol=1e-6)
-        k.bench_pass(0, x, dy, out)            # reductions: run without error, leave out alone
-        k.bench_pass(2, x, dy, out)
+        k.control.bench_pass(0, x, dy, out)            # reductions: run without error, leave out alone
+        k.control.bench_pass(2, x, dy, out)
         assert torch.allclose(out, dy + x, atol=1e-6)
     with pytest.raises(RuntimeError, match="share dtype and strides"):
-        k.bench_pass(1, x, dy.contiguous(), out)
+        k.control.bench_pass(1, x, dy.contiguous(), out)
 
 
+@pytest.mark.slow
 def test_passes_command_reports_every_pass():
     out = subprocess.run([sys.executable, "-m", "bnlab", "bench", "passes", "--quick", "--threads", "1", "--markdown"],
                          check=True, capture_output=True, text=True, timeout=600).stdout
@@ -77,6 +80,7 @@ def test_passes_command_reports_every_pass():
     assert all(float(cells[4]) > 0 for cells in totals)
 
 
+@pytest.mark.slow
 def test_chain_benchmark_times_both_and_writes_dx_over_dy(tmp_path):
     """`bnlab bench chain`: both implementations timed forward and backward, and inside the chain
     every bnlab BN backward wrote dx over its incoming gradient (ReLU's fresh, unshared output)."""
@@ -97,10 +101,12 @@ def test_chain_benchmark_times_both_and_writes_dx_over_dy(tmp_path):
     assert all(r["ratio_without"] is None for r in rows)
 
 
+@pytest.mark.slow
 def test_chain_ablation_times_bnlab_without_dx_over_dy():
     """--ablate adds bnlab with dx over dy off as a third contender; the share of bnlab's own
     backwards that wrote over dy is still all of them (the ablated turns are not counted)."""
-    from bnlab import bench_chain, kernels
+    from bnlab import kernels
+    from bnlab.bench import chain as bench_chain
     if not kernels.available():
         pytest.skip(f"no CPU kernels: {kernels.failure()}")
     rows = bench_chain.run(bench_chain.QUICK_SHAPES, (1,), min_turns=3, max_turns=3, block=1, ablate=True, log=None)
@@ -111,6 +117,7 @@ def test_chain_ablation_times_bnlab_without_dx_over_dy():
     assert "without it" in bench_chain.markdown(rows)
 
 
+@pytest.mark.slow
 def test_backward_split_script_splits_both_implementations():
     """benchmarks/backward_split.py (quoted in docs/performance.md) runs and reports all five rows."""
     from pathlib import Path
@@ -125,6 +132,7 @@ def test_backward_split_script_splits_both_implementations():
     assert all(float(line.split("total")[1]) > 0 for line in rows)
 
 
+@pytest.mark.slow
 def test_call_overhead_script_times_every_caller():
     """benchmarks/call_overhead.py (quoted in docs/performance.md) runs and reports the three
     callers for training and inference on each shape."""
@@ -139,3 +147,13 @@ def test_call_overhead_script_times_every_caller():
     assert len(rows) == 4 and sum("train" in r for r in rows) == 2 and sum("eval" in r for r in rows) == 2
     assert all(all(name in r for name in ("batch_norm +", "Python path +", "lambda +")) for r in rows)
     assert all(float(r.split("direct")[1].split("µs")[0]) > 0 for r in rows)
+
+
+def test_every_registered_benchmark_has_a_command():
+    """`bnlab bench NAME` is a lookup: every name in the registry resolves to a module's command."""
+    import importlib
+
+    from bnlab.bench import BENCHMARKS
+    assert {"batchnorm", "chain", "passes", "variants", "memory", "probes", "e1", "ddp"} <= set(BENCHMARKS)
+    for name in BENCHMARKS:
+        assert callable(importlib.import_module(f"bnlab.bench.{name}").command), name

@@ -1,4 +1,4 @@
-"""Closed-form expectations (SPEC §1): one EMA step by hand, the cumulative average, identity
+"""Closed-form expectations (docs/batchnorm.md): one EMA step by hand, the cumulative average, identity
 recovery, scale invariance, and the unbiased/biased running-variance option."""
 
 import pytest

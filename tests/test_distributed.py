@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 import bnlab
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]     # real gloo processes: make test-all
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
 import dist_workers  # noqa: E402

@@ -53,6 +53,13 @@ def test_cannot_freeze_without_running_statistics():
         bnlab.BatchNorm1d(3, track_running_stats=False).freeze()
 
 
-def test_frozen_batch_of_one_is_fine():
-    bn = _warm(bnlab.BatchNorm1d(3), (8, 3)).freeze()
-    bn(torch.randn(1, 3))
+def test_frozen_batch_of_one_normalizes_with_the_running_statistics():
+    """A frozen layer in train mode takes a single example (no batch statistics needed) and
+    normalizes it with its running statistics, changing nothing."""
+    bn = _warm(bnlab.BatchNorm1d(3), (8, 3)).freeze().train()
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    x = torch.randn(1, 3)
+    expected = (x - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+    torch.testing.assert_close(bn(x), expected)
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -10,8 +10,11 @@ from torch import nn
 from torch.nn import functional as F
 
 import bnlab
+from conftest import TOLERANCES
+from bnlab import definition as D
 from bnlab import functional as BF
 from bnlab import kernels
+from bnlab.kernels import dispatch, torch_ops
 
 pytestmark = pytest.mark.skipif(platform.system() != "Linux", reason="the CPU kernels are built for Linux")
 
@@ -27,7 +30,7 @@ SHAPES = [((7, 5), None), ((13, 3, 17), None), ((5, 6, 7, 9), None), ((5, 6, 7, 
           # several row chunks per thread: the rows layout's shifted one-pass chunks run
           ((3001, 37), None), ((9, 16, 11, 13), torch.channels_last),
           ((1500, 1), None), ((41, 600), None)]                      # one channel; C above the wide-row width
-TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}
+TOL = {dtype: tol["out"][0] for dtype, tol in TOLERANCES.items()}
 
 
 def _both(fn):
@@ -40,14 +43,44 @@ def _both(fn):
     return fast, ref
 
 
+@pytest.mark.parametrize("shape,fmt", [((6, 4), None), ((5, 3, 7), None), ((17, 5, 3, 3), None),
+                                       ((17, 5, 3, 3), torch.channels_last)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_torch_ops_backend_equals_the_definition(shape, fmt, dtype):
+    """The memory-planned torch-ops backend (no compiler, other devices, float16 on the CPU)."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(*shape, generator=g, dtype=torch.float64) * 2 + 1).to(dtype)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    C = shape[1]
+    w, b = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g)
+    rm, rv = torch.zeros(C), torch.ones(C)
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    y, mean, var, invstd = torch_ops.forward_train(x, w, b, 1e-5, 0, 0.0, rm, rv, 0.1, True)
+    y_ref = D.batch_norm(x, rm_ref, rv_ref, w, b, True, 0.1, 1e-5)
+    tol = TOLERANCES[dtype]["out"]
+    assert y.dtype == dtype and y.shape == x.shape
+    torch.testing.assert_close(y, y_ref, atol=tol[0], rtol=tol[1])
+    torch.testing.assert_close((rm, rv), (rm_ref, rv_ref), atol=1e-6, rtol=1e-6)
+    dy = torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+    planned = torch_ops.backward_train(dy, x, mean, invstd, w)
+    definition = D.batch_norm_backward(dy, x, mean, invstd, w, True)
+    tol = TOLERANCES[dtype]["grad"]
+    for got, ref in zip(planned, definition):
+        torch.testing.assert_close(got.double(), ref.double(), atol=tol[0], rtol=tol[1])
+    y_eval = torch_ops.forward_eval(x, rm, rv, w, b, 1e-5)
+    torch.testing.assert_close(y_eval, D.batch_norm(x, rm, rv, w, b, False, 0.0, 1e-5),
+                               atol=TOLERANCES[dtype]["out"][0], rtol=TOLERANCES[dtype]["out"][1])
+
+
 @pytest.fixture(params=["cached", "streamed"])
 def store_mode(request):
     """Run float32 outputs through the normal stores and through the non-temporal (streaming)
     stores that large outputs use (threshold forced to 0 bytes)."""
     module = kernels.load()
-    old = module.set_stream_threshold(0 if request.param == "streamed" else -1)
+    old = module.control.set_stream_threshold(0 if request.param == "streamed" else -1)
     yield request.param
-    module.set_stream_threshold(old)
+    module.control.set_stream_threshold(old)
 
 
 @pytest.mark.parametrize("shape,fmt", SHAPES)
@@ -126,7 +159,7 @@ def test_non_contiguous_input_falls_back_and_is_still_correct():
     before = sum(kernels.calls.values())
     y = BF.batch_norm(x, None, None, training=True)
     assert sum(kernels.calls.values()) == before
-    torch.testing.assert_close(y, BF.reference_batch_norm(x, None, None, training=True))
+    torch.testing.assert_close(y, D.batch_norm(x, None, None, None, None, True, 0.0, 1e-5))
 
 
 def test_modules_take_the_fast_path():
@@ -340,7 +373,8 @@ def test_cpu_training_records_the_cpp_node_and_matches_the_python_function(affin
     x2 = x.detach().clone().requires_grad_()
     w2, b2 = (t.detach().clone().requires_grad_() if t is not None else None for t in (w, b))
     rm2, rv2 = torch.zeros_like(rm), torch.ones_like(rv)
-    y2 = BF._BatchNormTrain.apply(x2, w2, b2, 1e-5, (rm2, rv2, 0.2, "unbiased"))
+    # the same kernels through the Python autograd Function the other backends use
+    y2 = dispatch._TrainFn.apply(x2, w2, b2, 1e-5, (rm2, rv2, 0.2, "unbiased"), dispatch.cpu_module())
     grads2 = torch.autograd.grad(y2, [t for t in (x2, w2, b2) if t is not None], dy)
     torch.testing.assert_close(y, y2, atol=0, rtol=0)
     torch.testing.assert_close((rm, rv), (rm2, rv2), atol=0, rtol=0)
@@ -544,13 +578,12 @@ def test_dx_over_dy_in_float32_and_bfloat16(shape, fmt, dtype):
 # -- functional.batch_norm's training path in one C++ call ---------------------------------------------
 
 def _fast_calls() -> int:
-    return kernels.load().fast_forward_calls()
+    return kernels.load().control.fast_forward_calls()
 
 
 def _warm_node() -> None:
-    """The one-call path is armed by the first call that reaches the node."""
-    BF.batch_norm(torch.randn(4, 3, requires_grad=True), None, None, training=True)
-    assert BF._TRAIN_FAST is not None
+    """The C++ module is loaded and wired up (its one-call entries armed)."""
+    assert dispatch.cpu_module() is not None and dispatch._Cpu.train_fast is not None
 
 
 @pytest.mark.parametrize("shape,fmt", [((9, 5, 4, 3), torch.contiguous_format), ((9, 5, 4, 3), torch.channels_last),
@@ -580,7 +613,7 @@ def test_one_call_path_equals_the_python_path(shape, fmt, affine, correction, mo
     before = _fast_calls()
     fast = run((x, w, b, rm, rv))
     assert _fast_calls() == before + 1
-    monkeypatch.setattr(BF, "_TRAIN_FAST", None)
+    monkeypatch.setattr(dispatch._Cpu, "train_fast", None)
     slow = run((x, w, b, rm, rv))
     assert _fast_calls() == before + 1
     torch.testing.assert_close(fast[0], slow[0], atol=0, rtol=0)
@@ -641,7 +674,7 @@ def test_one_call_path_declines_and_the_python_path_decides():
 
 
 def _fast_eval_calls() -> int:
-    return kernels.load().fast_eval_calls()
+    return kernels.load().control.fast_eval_calls()
 
 
 @pytest.mark.parametrize("shape,fmt", [((9, 5, 4, 3), torch.contiguous_format), ((9, 5, 4, 3), torch.channels_last),
@@ -662,7 +695,7 @@ def test_one_call_eval_equals_the_python_path(shape, fmt, affine, dtype, monkeyp
     before = _fast_eval_calls()
     fast = BF.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-3)
     assert _fast_eval_calls() == before + 1
-    monkeypatch.setattr(BF, "_EVAL_FAST", None)
+    monkeypatch.setattr(dispatch._Cpu, "eval_fast", None)
     slow = BF.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-3)
     assert _fast_eval_calls() == before + 1
     torch.testing.assert_close(fast, slow, atol=0, rtol=0)

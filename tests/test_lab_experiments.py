@@ -1,5 +1,6 @@
 """Every experiment's tiny config runs in seconds and produces a well-formed result.json,
-metrics.csv and figures; experiment-specific mechanisms are checked where they matter."""
+metrics.csv and figures; experiment-specific mechanisms are checked where they matter. Whole
+experiments: make test-all (the fast tier runs E1's in the runner's tests)."""
 
 import json
 
@@ -20,6 +21,7 @@ def tiny_runs(tmp_path_factory):
     return out, results
 
 
+@pytest.mark.slow
 def test_every_experiment_writes_well_formed_results(tiny_runs):
     out, results = tiny_runs
     for eid, result in results.items():
@@ -33,6 +35,7 @@ def test_every_experiment_writes_well_formed_results(tiny_runs):
             assert (d / fig).read_bytes()[:4] == b"\x89PNG", (eid, fig)
 
 
+@pytest.mark.slow
 def test_e2_saves_checkpoints_that_recalibrate_accepts(tiny_runs, tmp_path):
     from bnlab.lab.models import load_checkpoint
     from bnlab.lab.recalibrate import recalibrate
@@ -48,6 +51,7 @@ def test_e2_saves_checkpoints_that_recalibrate_accepts(tiny_runs, tmp_path):
     assert not torch.equal(bn_old.running_var, bn_new.running_var)
 
 
+@pytest.mark.slow
 def test_e2_batch_of_one_gives_beta_only_predictions(tiny_runs):
     out, results = tiny_runs
     acc1 = results["E2"]["numbers"]["accuracy"]["b60/batch1"]

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import bnlab
-from bnlab.lab import fast_mlp
+from bnlab.lab import trainers
 from bnlab.lab.data import Dataset
-from bnlab.lab.fast_mlp import FastMLPTrainer, supports
+from bnlab.lab.trainers import FastMLPTrainer, supports
 from bnlab.lab.models import build_mlp, to_plain
-from bnlab.lab.train import ClassifierTrainer, make_trainer
+from bnlab.lab.trainers import ClassifierTrainer, make_trainer
 
 
 def _toy_data(n=300, d=20, k=4, seed=0):
@@ -73,7 +73,7 @@ def test_one_seed_extracts_to_an_equivalent_plain_model(spec):
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
 @pytest.mark.parametrize("spec", SPECS)
 def test_explicit_step_equals_autograd(spec, backend, monkeypatch):
-    monkeypatch.setattr(fast_mlp, "MATMUL_BACKEND", backend)
+    monkeypatch.setattr(trainers, "MATMUL_BACKEND", backend)
     data = _toy_data()
     m1 = build_mlp(spec, 2)
     m2 = copy.deepcopy(m1)

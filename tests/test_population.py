@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import bnlab
-from bnlab.population import Moments
+from bnlab.population import PopulationMoments as Moments
 
 
 def _mlp(bn_cls=bnlab.BatchNorm1d, mixed=False):

@@ -20,11 +20,14 @@ from torch import nn
 
 import bnlab
 
-# (atol, rtol) for outputs/buffers and for gradients
-TOL = {torch.float64: ((1e-9, 1e-9), (1e-8, 1e-8)),
-       torch.float32: ((5e-5, 5e-5), (5e-4, 5e-4)),
-       torch.bfloat16: ((6e-2, 3e-2), (2e-1, 1e-1)),
-       torch.float16: ((1e-2, 1e-2), (5e-2, 5e-2))}
+from conftest import TOLERANCES
+
+# Two different approximations meet here (torch.nn's low-precision statistics and bnlab's
+# float32 ones; different summation orders), so conftest's table is widened: ×10 in float64
+# (several steps of running statistics), ×2.5 in float32, ×3 in float16 and bfloat16.
+_WIDEN = {torch.float64: 10.0, torch.float32: 2.5, torch.float16: 3.0, torch.bfloat16: 3.0}
+TOL = {dtype: (tuple(v * _WIDEN[dtype] for v in tol["out"]), tuple(v * _WIDEN[dtype] for v in tol["grad"]))
+       for dtype, tol in TOLERANCES.items()}
 
 DIFFERENCES = {
     "float16_tiny_eps": "float16 with an eps below float16's normal range: torch.nn forms σ² + ε in "
@@ -241,4 +244,25 @@ def test_pinned_edge_cases(case):
 def test_fused_and_ghost_layers_equal_their_torch_nn_composition(case, seed, name):
     assume(case["kind"] == 2 and case["dtype"] != torch.float16)       # 4-D; the kernels' dtypes
     assume(case["shape"][0] <= 64)                                     # Ghost: one virtual batch
+    assume(not _near_the_kink(case, seed))
     _check(case, seed, FUSED[name])
+
+
+def _near_the_kink(case, seed) -> bool:
+    """Whether a pre-activation lies within the input's own quantization error of the
+    activation's kink at 0: there the two implementations may legitimately land on different
+    sides (and the gradient of the whole batch differs through BN's sums)."""
+    x = _input(case, seed).double()
+    if x.numel() == 0 or not (case["eps"] == case["eps"]):
+        return False
+    dims = [0] + list(range(2, x.dim()))
+    batch = case["training"] or not case["track"]
+    mean = x.mean(dim=dims) if batch else torch.zeros(x.shape[1], dtype=torch.float64)
+    var = x.var(dim=dims, unbiased=False) if batch else torch.ones(x.shape[1], dtype=torch.float64)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    z = (x - mean.view(shape)) / (var + max(case["eps"], 0.0)).sqrt().view(shape)
+    if case["affine"]:
+        C = x.shape[1]
+        z = z * torch.linspace(0.5, 1.5, C, dtype=torch.float64).view(shape) \
+            + torch.linspace(-0.2, 0.3, C, dtype=torch.float64).view(shape)
+    return bool((z.abs() < 100 * _tolerances(case, x)[0][0]).any())

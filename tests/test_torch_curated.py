@@ -18,11 +18,12 @@ import torch.nn.functional as F
 
 import bnlab
 import bnlab.functional as BF
+from conftest import TOLERANCES
 
 common_methods = pytest.importorskip("torch.testing._internal.common_methods_invocations")
 common_modules = pytest.importorskip("torch.testing._internal.common_modules")
 
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
+TOL = {dtype: tol["out"][0] for dtype, tol in TOLERANCES.items()}
 
 
 def _op_samples(dtype):

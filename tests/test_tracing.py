@@ -1,7 +1,7 @@
 """bnlab's modules under PyTorch's tracers — torch.jit.trace, torch.export and torch.compile —
 give what torch.nn gives: the compiled kernels are opaque to a tracer (a trace would record their
 output as a constant; export's fake tensors have no data), so traced calls take the definition
-in torch operations (functional._batch_norm_traceable)."""
+in torch operations (bnlab.definition)."""
 
 import warnings
 

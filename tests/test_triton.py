@@ -29,12 +29,11 @@ def test_triton_kernels_equal_the_definition_under_the_interpreter():
 
 def test_cpu_tensors_do_not_take_the_triton_path_by_default():
     import torch
-    from bnlab import functional as BF
-    from bnlab import kernels
+    from bnlab.kernels import dispatch, torch_ops
     if os.environ.get("BNLAB_KERNELS") == "triton":
         pytest.skip("routing forced by the environment")
-    k = BF.fast_kernels(torch.randn(4, 3))
-    assert k is None or k is kernels.load()
+    k = dispatch.select(torch.randn(4, 3))
+    assert k is dispatch.cpu_module() or k is torch_ops
 
 
 def test_gpu_benchmark_script_runs_its_checks_in_smoke_mode(tmp_path):

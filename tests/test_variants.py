@@ -38,7 +38,7 @@ def test_whitened_batch_has_identity_covariance_per_group(method):
 
 
 def test_pca_swaps_axes_between_batches_while_zca_barely_moves():
-    """The axis-swap metric (SPEC E11): ‖W₁ − W₂‖/‖W₁‖ for two batches of the same data."""
+    """The axis-swap metric (E11): ‖W₁ − W₂‖/‖W₁‖ for two batches of the same data."""
     g = torch.Generator().manual_seed(1)
     scales = torch.tensor([1.0, 1.05, 1.1, 1.15, 2.0, 2.05], dtype=DT)        # near-equal eigenvalues
     data = torch.randn(20_000, 6, generator=g, dtype=DT) * scales
@@ -238,3 +238,23 @@ def test_frozen_loads_a_bn_state_dict_and_gradchecks():
     x = torch.randn(4, 3, dtype=DT, requires_grad=True)
     fz = fz.double()
     assert torch.autograd.gradcheck(lambda x: fz(x), (x,))
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: bnlab.GhostBatchNorm1d(4, virtual_batch_size=8, **kw),
+    lambda **kw: bnlab.DetachedNorm(4, scale=True, **kw),
+    lambda **kw: bnlab.NoisyBatchNorm1d(4, **kw),
+])
+def test_every_variant_honours_the_ema_options_as_batchnorm_does(make):
+    """One momentum helper for every layer: with ema="debiased" the first running mean is the
+    batch's own (m_1 = 1), with momentum=None the running mean is the cumulative average. Ghost
+    BN's own copy of the momentum logic once ignored ema="debiased"."""
+    x1, x2 = torch.randn(32, 4) + 3, torch.randn(32, 4) - 1
+    layer = make(ema="debiased", momentum=0.1)
+    layer(x1)
+    torch.testing.assert_close(layer.running_mean, x1.mean(0))
+    layer = make(momentum=None)
+    layer(x1)
+    layer(x2)
+    torch.testing.assert_close(layer.running_mean, (x1.mean(0) + x2.mean(0)) / 2)
+    assert int(layer.num_batches_tracked) == 2

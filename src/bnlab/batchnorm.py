@@ -11,7 +11,7 @@ precise-BN utilities) see bnlab's layers. ``BatchNorm1d/2d/3d`` are also instanc
 first in the MRO. The forward is bnlab's own. Layers whose forward is not plain BN
 (``BatchNormAct2d``) derive from ``_BatchNorm`` only.
 
-Semantics match ``torch.nn`` by default (SPEC §1): momentum 0.1 EMA of the mean and the
+Semantics match ``torch.nn`` by default: momentum 0.1 EMA of the mean and the
 *unbiased* batch variance; ``momentum=None`` gives the cumulative average 1/num_batches_tracked;
 ε inside the square root; ``num_batches_tracked`` increments on every training forward;
 ``track_running_stats=False`` normalizes with batch statistics in eval too.
@@ -40,6 +40,7 @@ from torch import Tensor
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
+from . import definition as D
 from . import functional as BF
 from .errors import ModeError, NonFiniteError, ShapeError
 
@@ -59,8 +60,8 @@ class _BatchNorm(_TorchBatchNorm):
                  *, bias: bool = True, running_var_correction: str = "unbiased",
                  batch_of_one: str = "raise", check_finite: bool = False,
                  ema: str = "pytorch") -> None:
-        if running_var_correction not in BF.VAR_CORRECTIONS:
-            raise ValueError(f"running_var_correction must be one of {BF.VAR_CORRECTIONS}, "
+        if running_var_correction not in D.VAR_CORRECTIONS:
+            raise ValueError(f"running_var_correction must be one of {D.VAR_CORRECTIONS}, "
                              f"got {running_var_correction!r}")
         if batch_of_one not in BATCH_OF_ONE:
             raise ValueError(f"batch_of_one must be one of {BATCH_OF_ONE}, got {batch_of_one!r}")
@@ -136,14 +137,21 @@ class _BatchNorm(_TorchBatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         return self._forward_with(input, self.weight, self.bias)
 
+    def _updates_running_stats(self) -> bool:
+        return self.training and self.track_running_stats and not self.frozen and self.num_batches_tracked is not None
+
     def _momentum_step(self) -> float:
-        """Count a training step (num_batches_tracked) and return its EMA momentum (0 if none)."""
-        if not (self.training and self.track_running_stats and not self.frozen) or self.num_batches_tracked is None:
+        """Count a training step (num_batches_tracked) and return its EMA momentum m_t (the layer's
+        momentum, 1/t for momentum=None, or the debiased m/(1 − (1 − m)^t) for ema="debiased").
+        The one place every layer deriving _BatchNorm (variants, SyncBatchNorm, BatchNormAct2d)
+        turns its options into a momentum; returns the plain momentum (0 if None) when no step is
+        counted."""
+        if not self._updates_running_stats():
             return 0.0 if self.momentum is None else self.momentum
         self.num_batches_tracked.add_(1)
         if self.momentum is None or self.ema != "pytorch":               # cumulative or debiased EMA
-            return BF.effective_momentum("cumulative" if self.momentum is None else self.ema, self.momentum,
-                                         int(self.num_batches_tracked))
+            return D.momentum_at("cumulative" if self.momentum is None else self.ema, self.momentum,
+                                 int(self.num_batches_tracked))
         return self.momentum
 
     def _forward_with(self, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
@@ -158,7 +166,7 @@ class _BatchNorm(_TorchBatchNorm):
             BF.check_batch_size(input)
         self._check_finite(input)
 
-        update = (self.training and self.track_running_stats and not self.frozen)
+        update = self._updates_running_stats()
         momentum = self._momentum_step()
         return BF.batch_norm(
             input,

@@ -8,7 +8,6 @@ import sys
 from typing import Optional, Sequence
 
 from ._version import __version__
-from .errors import UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,14 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "(only for files you made); lab checkpoints never need it")
     rec.set_defaults(func=_recalibrate)
 
-    bench = sub.add_parser("bench", help="benchmarks: BatchNorm vs torch.nn (default), probe overhead, E1 loops")
-    bench.add_argument("what", nargs="?", default="batchnorm", choices=["batchnorm", "chain", "passes", "probes", "e1", "variants", "ddp", "memory"],
-                       help="batchnorm: bnlab vs torch.nn BN; passes: each pass of the CPU kernels vs a torch "
-                            "op moving the same bytes, and torch's native forward/backward; probes: probe overhead on the E1 MLP; "
-                            "e1: E1's training loop vs plain PyTorch vs NumPy; chain: 4 x (BN, ReLU) trained, "
-                            "bnlab's BN vs torch.nn's, forward and backward timed apart; variants: each "
-                            "normalization variant vs bnlab BatchNorm; ddp: E1 step time in 1 and "
-                            "2 processes; memory: BatchNormAct2d vs torch BN + activation")
+    from .bench import BENCHMARKS
+    bench = sub.add_parser("bench", help="benchmarks, each against a baseline in the same process",
+                           description="\n".join(f"{b.name}: {b.help}" for b in BENCHMARKS.values()),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_argument("what", nargs="?", default="batchnorm", choices=list(BENCHMARKS),
+                       help="which benchmark (default: batchnorm)")
     bench.add_argument("--threads", default=None,
                        help="comma-separated thread counts (default 1,2 for batchnorm, 2 for chain; the "
                             "other benchmarks use the last one)")
@@ -130,72 +127,8 @@ def _kernels(args) -> int:
 
 
 def _bench(args) -> int:
-    if args.threads is None:
-        args.threads = "2" if args.what == "chain" else "1,2"
-    if args.what == "probes":
-        from . import bench_probes
-        rows = bench_probes.run(steps=100 if args.quick else 300)
-        if args.markdown:
-            print(bench_probes.markdown(rows))
-        return 0
-    if args.what == "passes":
-        from . import bench, bench_passes
-        if args.malloc == "keep":
-            bench.keep_freed_memory()
-        rows = bench_passes.run(bench_passes.QUICK_SHAPES if args.quick else bench_passes.SHAPES,
-                                threads=int(args.threads.split(",")[-1]), repeats=5 if args.quick else 60)
-        if args.markdown:
-            print(bench_passes.markdown(rows))
-        return 0
-    if args.what == "chain":
-        from . import bench, bench_chain
-        if args.malloc == "keep":
-            bench.keep_freed_memory()
-        threads = [int(t) for t in args.threads.split(",")]
-        kwargs = dict(min_turns=2, max_turns=3, budget_s=0.1, block=1) if args.quick else {}
-        rows = bench_chain.run(bench_chain.QUICK_SHAPES if args.quick else bench_chain.SHAPES, threads,
-                               ablate=args.ablate, **kwargs)
-        if args.markdown:
-            print(bench_chain.markdown(rows))
-        if args.json:
-            bench_chain.save_json(rows, args.json)
-        return 0
-    if args.what == "memory":
-        from . import bench_memory
-        bench_memory.run(steps=3 if args.quick else 10, threads=int(args.threads.split(",")[-1]))
-        return 0
-    if args.what == "ddp":
-        from .lab import bench_ddp
-        bench_ddp.run(steps=100 if args.quick else 500)
-        return 0
-    if args.what == "variants":
-        import torch
-        from . import bench_variants
-        torch.set_num_threads(int(args.threads.split(",")[-1]))
-        rows = bench_variants.run(repeats=5 if args.quick else 15)
-        if args.markdown:
-            print(bench_variants.markdown(rows))
-        return 0
-    if args.what == "e1":
-        from .lab import bench_e1
-        bench_e1.run(steps=500 if args.quick else 5000, markdown=args.markdown)
-        return 0
     from . import bench
-    threads = [int(t) for t in args.threads.split(",")]
-    modes = [m for m in args.modes.split(",") if m]
-    unknown = set(modes) - set(bench.MODES)
-    if unknown:
-        raise UsageError(f"bench: unknown modes {sorted(unknown)}; choose from {bench.MODES}")
-    if args.malloc == "keep":
-        bench.keep_freed_memory()
-    shapes = bench.QUICK_SHAPES if args.quick else bench.DEFAULT_SHAPES
-    kwargs = dict(min_repeats=3, max_repeats=5, budget_s=0.2) if args.quick else {}
-    rows = bench.run(shapes, threads, modes, block=args.block, **kwargs)
-    if args.markdown:
-        print(bench.markdown(rows))
-    if args.json:
-        bench.save_json(rows, args.json)
-    return 0
+    return bench.run(args.what, args)
 
 
 def _add_run_args(p) -> None:

@@ -28,7 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from .batchnorm import is_batchnorm
-from .functional import EMA_CONVENTIONS, effective_momentum
+from .definition import EMA_CONVENTIONS
+from .definition import momentum_at as effective_momentum
 
 __all__ = ["effective_momentum", "EMA_CONVENTIONS", "ImportedStatistics", "from_framework",
            "load_statistics"]

@@ -1,7 +1,7 @@
 r"""Fold batch norm into the linear or convolution layer before it, for deployment.
 
 In eval mode BN is a fixed per-channel affine map (Algorithm 2), so a Linear/Conv followed by
-BN is one Linear/Conv (SPEC §1)::
+BN is one Linear/Conv::
 
     s  = γ · rsqrt(σ² + ε)                    per output channel
     W′ = W · s                                (scaled along the output-channel axis)

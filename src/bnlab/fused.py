@@ -33,9 +33,11 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from . import definition as D
 from . import functional as BF
 from .batchnorm import BatchNorm2d, _BatchNorm
 from .errors import ArgumentError
+from .kernels import dispatch
 
 __all__ = ["BatchNormAct2d", "ACTIVATIONS"]
 
@@ -117,7 +119,7 @@ class BatchNormAct2d(_BatchNorm):
         self.memory_efficient = memory_efficient
 
     def _scale_shift(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        acc = BF.accumulation_dtype(x.dtype)
+        acc = D.accumulation_dtype(x.dtype)
         w = self.weight if self.weight is not None else torch.ones(self.num_features, dtype=acc)
         b = self.bias if self.bias is not None else torch.zeros(self.num_features, dtype=acc)
         if self.memory_efficient and _invertible(ACTIVATIONS[self.activation], self.negative_slope):
@@ -126,9 +128,9 @@ class BatchNormAct2d(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         w, b = self._scale_shift(input)
-        kernels = BF.fast_kernels(input) if self.memory_efficient else None
+        kernels = dispatch.select(input) if self.memory_efficient else None
         if kernels is not None and not hasattr(kernels, "bn_act_backward"):
-            kernels = None                                             # the GPU kernels fuse no activation
+            kernels = None                                 # only the C++ backend fuses the activation
         if kernels is None:                                            # BN, then the activation
             return _activation(self._forward_with(input, w, b), self.activation, self.negative_slope)
         self._check_input_dim(input)

@@ -48,9 +48,9 @@ from ._progress import Progress
 from .batchnorm import is_batchnorm
 from .errors import BnlabError, ModeError
 from .isolation import isolated
-from .functional import reduction_dims, values_per_channel
+from .definition import batch_moments, merge_moments, values_per_channel
 
-__all__ = ["population_statistics", "train_eval_gap", "Moments", "LayerStatistics",
+__all__ = ["population_statistics", "train_eval_gap", "PopulationMoments", "LayerStatistics",
            "default_forward", "batchnorm_layers"]
 
 ESTIMATORS = ("pooled", "algorithm2")
@@ -59,11 +59,11 @@ CORRECTIONS = ("unbiased", "biased")
 
 
 # ----------------------------------------------------------------------------------------------
-# Moments: (count, mean, M2) per channel, merged exactly (Chan, Golub & LeVeque 1979)
+# Moments of the population: (count, mean, M2) per channel and Algorithm 2's sums, merged exactly
 # ----------------------------------------------------------------------------------------------
 
 @dataclass
-class Moments:
+class PopulationMoments:
     """Per-channel count n, mean and M2 = Σ(x − mean)², in float64.
 
     Also accumulates Algorithm 2's literal sums: Σ_B m_B·μ_B, Σ_B m_B·σ²_B (biased),
@@ -79,35 +79,31 @@ class Moments:
     alg2_var_unbiased: Optional[Tensor] = None
 
     @staticmethod
-    def empty(channels: int) -> "Moments":
+    def empty(channels: int) -> "PopulationMoments":
         z = torch.zeros(channels, dtype=torch.float64)
-        return Moments(0.0, z.clone(), z.clone(), 0, 0.0, z.clone(), z.clone())
+        return PopulationMoments(0.0, z.clone(), z.clone(), 0, 0.0, z.clone(), z.clone())
 
     @staticmethod
     @torch.no_grad()
-    def of_batch(x: Tensor) -> "Moments":
+    def of_batch(x: Tensor) -> "PopulationMoments":
         """Two-pass moments of one batch x (N, C, *) in float64."""
         x = x.detach().to(torch.float64)
-        dims = reduction_dims(x)
         m = values_per_channel(x)
-        mean = x.mean(dim=dims)
-        m2 = (x - mean.view((1, -1) + (1,) * (x.dim() - 2))).square().sum(dim=dims)
-        biased = m2 / m
+        mean, biased = batch_moments(x)
+        m2 = biased * m
         unbiased = m2 / (m - 1) if m > 1 else torch.zeros_like(m2)
         weight = float(m) if m > 1 else 0.0
-        return Moments(float(m), mean, m2, 1, weight, biased * weight, unbiased * weight)
+        return PopulationMoments(float(m), mean, m2, 1, weight, biased * weight, unbiased * weight)
 
-    def merge(self, other: "Moments") -> "Moments":
-        """Chan's parallel update: exact for any split of the data."""
-        n = self.count + other.count
+    def merge(self, other: "PopulationMoments") -> "PopulationMoments":
+        """Chan's parallel update (bnlab.definition.merge_moments): exact for any split of the data."""
         if other.count == 0:
             return self
         if self.count == 0:
             return other
-        delta = other.mean - self.mean
-        mean = self.mean + delta * (other.count / n)
-        m2 = self.m2 + other.m2 + delta.square() * (self.count * other.count / n)
-        return Moments(n, mean, m2, self.batches + other.batches,
+        counts = torch.tensor([[self.count], [other.count]], dtype=torch.float64)
+        n, mean, m2 = merge_moments(counts, torch.stack([self.mean, other.mean]), torch.stack([self.m2, other.m2]))
+        return PopulationMoments(float(n[0]), mean, m2, self.batches + other.batches,
                        self.alg2_weight + other.alg2_weight,
                        self.alg2_var_biased + other.alg2_var_biased,
                        self.alg2_var_unbiased + other.alg2_var_unbiased)
@@ -130,12 +126,12 @@ class Moments:
         return torch.cat([head, self.mean, self.m2, self.alg2_var_biased, self.alg2_var_unbiased])
 
     @staticmethod
-    def unpack(flat: Tensor, channels: int) -> "Moments":
+    def unpack(flat: Tensor, channels: int) -> "PopulationMoments":
         c = channels
         count, batches, w = flat[0].item(), int(flat[1].item()), flat[2].item()
         mean, m2 = flat[3:3 + c].clone(), flat[3 + c:3 + 2 * c].clone()
         vb, vu = flat[3 + 2 * c:3 + 3 * c].clone(), flat[3 + 3 * c:3 + 4 * c].clone()
-        return Moments(count, mean, m2, batches, w, vb, vu)
+        return PopulationMoments(count, mean, m2, batches, w, vb, vu)
 
 
 @dataclass
@@ -223,15 +219,15 @@ def _measure_pass(model: nn.Module, batches: Iterable, layers: "OrderedDict[str,
                   forward: Callable, num_batches: Optional[int], progress: bool, desc: str,
                   stop_after: Optional[int] = None, keep_batch_moments: bool = False,
                   skip_single: bool = True,
-                  ) -> tuple[dict[str, Moments], dict[str, list[Moments]], int]:
+                  ) -> tuple[dict[str, PopulationMoments], dict[str, list[PopulationMoments]], int]:
     """One pass over the batches, recording each listed layer's input moments.
 
     ``skip_single``: abandon batches with one value per feature (a train-mode model cannot
     normalize them); in eval mode they are ordinary data and are merged like any other.
     """
-    totals = {name: Moments.empty(m.num_features) for name, m in layers.items()}
-    per_batch: dict[str, list[Moments]] = {name: [] for name in layers}
-    pending: dict[str, Moments] = {}
+    totals = {name: PopulationMoments.empty(m.num_features) for name, m in layers.items()}
+    per_batch: dict[str, list[PopulationMoments]] = {name: [] for name in layers}
+    pending: dict[str, PopulationMoments] = {}
     calls = [0]
 
     def make_hook(name: str, module: nn.Module):
@@ -242,7 +238,7 @@ def _measure_pass(model: nn.Module, batches: Iterable, layers: "OrderedDict[str,
             if x.shape[1] != module.num_features:
                 raise ModeError(f"{name}: input has {x.shape[1]} channels, the layer {module.num_features}")
             if x.numel() > 0:
-                moments = Moments.of_batch(x)
+                moments = PopulationMoments.of_batch(x)
                 pending[name] = pending[name].merge(moments) if name in pending else moments
             calls[0] += 1
             if stop_after is not None and calls[0] >= stop_after:
@@ -274,8 +270,8 @@ def _measure_pass(model: nn.Module, batches: Iterable, layers: "OrderedDict[str,
     return totals, per_batch, skipped
 
 
-def _allreduce_moments(totals: dict[str, Moments], layers: "OrderedDict[str, nn.Module]",
-                       process_group=None) -> dict[str, Moments]:
+def _allreduce_moments(totals: dict[str, PopulationMoments], layers: "OrderedDict[str, nn.Module]",
+                       process_group=None) -> dict[str, PopulationMoments]:
     """Gather every rank's moments and merge them in rank order (identical on all ranks)."""
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):
@@ -291,14 +287,14 @@ def _allreduce_moments(totals: dict[str, Moments], layers: "OrderedDict[str, nn.
     flat = flat.to(device)
     gathered = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat, group=process_group)
-    merged: dict[str, Moments] = {}
+    merged: dict[str, PopulationMoments] = {}
     for rank_flat in gathered:
         rank_flat = rank_flat.cpu()
         offset = 0
         for n in names:
             c = layers[n].num_features
             size = 3 + 4 * c
-            m = Moments.unpack(rank_flat[offset:offset + size], c)
+            m = PopulationMoments.unpack(rank_flat[offset:offset + size], c)
             merged[n] = merged[n].merge(m) if n in merged else m
             offset += size
     return merged
@@ -436,9 +432,9 @@ def population_statistics(model: nn.Module, batches: Iterable, *, num_batches: O
     return result
 
 
-def _estimates(totals: dict[str, Moments], layers, estimator: str, correction: str,
-               skipped: int) -> "OrderedDict[str, tuple[Moments, Tensor, Tensor]]":
-    out: "OrderedDict[str, tuple[Moments, Tensor, Tensor]]" = OrderedDict()
+def _estimates(totals: dict[str, PopulationMoments], layers, estimator: str, correction: str,
+               skipped: int) -> "OrderedDict[str, tuple[PopulationMoments, Tensor, Tensor]]":
+    out: "OrderedDict[str, tuple[PopulationMoments, Tensor, Tensor]]" = OrderedDict()
     measured = [n for n, m in totals.items() if m.count > 0]
     if not measured:
         if skipped:
@@ -478,7 +474,7 @@ def _population_mode(model, batches, layers, forward, num_batches, progress, est
             for h in hooks:
                 h.remove()
         depths = OrderedDict((n, i) for i, n in enumerate(order))
-    estimates: "OrderedDict[str, tuple[Moments, Tensor, Tensor]]" = OrderedDict()
+    estimates: "OrderedDict[str, tuple[PopulationMoments, Tensor, Tensor]]" = OrderedDict()
     for level in sorted(set(depths.values())):
         names = [n for n, d in depths.items() if d == level]
         level_layers = OrderedDict((n, layers[n]) for n in names)

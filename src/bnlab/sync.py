@@ -27,9 +27,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import definition as D
 from . import functional as BF
 from .batchnorm import _BatchNorm
 from .errors import BatchSizeError
+from .kernels import dispatch
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm", "distributed_world"]
 
@@ -46,41 +48,27 @@ def _device_for(group, like: Tensor) -> torch.device:
 
 
 def _gather_moments(x: Tensor, group) -> tuple[Tensor, Tensor, float]:
-    """(global mean, global biased var) in float64, and the global count."""
+    """(global mean, global biased var) in float64, and the global count: every rank's Moments
+    all-gathered and merged in rank order (identical on every rank)."""
     C = x.shape[1]
-    if x.numel() > 0:
-        local = BF.values_per_channel(x)
-        xd = x.detach().to(torch.float64)
-        dims = BF.reduction_dims(xd)
-        mean = xd.mean(dim=dims)
-        m2 = (xd - BF.channel_view(mean, xd)).square().sum(dim=dims)
-    else:
-        local = 0
-        mean = torch.zeros(C, dtype=torch.float64, device=x.device)
-        m2 = torch.zeros(C, dtype=torch.float64, device=x.device)
-    packed = torch.cat([torch.tensor([float(local)], dtype=torch.float64, device=x.device), mean, m2])
-    device = _device_for(group, x)
-    packed = packed.to(device)
+    local = D.Moments.of_batch(x) if x.numel() > 0 else D.Moments.empty(C, device=x.device)
+    packed = torch.cat([local.count.reshape(1), local.mean, local.m2]).to(_device_for(group, x))
     parts = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, packed, group=group)
-    n, mu, M2 = 0.0, torch.zeros(C, dtype=torch.float64), torch.zeros(C, dtype=torch.float64)
-    for p in parts:                                   # Chan et al., in rank order: identical everywhere
-        p = p.cpu()
-        nb, mb, m2b = p[0].item(), p[1:1 + C], p[1 + C:]
-        if nb == 0:
-            continue
-        tot = n + nb
-        delta = mb - mu
-        mu = mu + delta * (nb / tot)
-        M2 = M2 + m2b + delta.square() * (n * nb / tot)
-        n = tot
-    return mu.to(x.device), (M2 / max(n, 1.0)).to(x.device), n
+    stacked = torch.stack(parts).cpu()                                   # W, 1 + 2C
+    n, mean, m2 = D.merge_moments(stacked[:, :1], stacked[:, 1:1 + C], stacked[:, 1 + C:])
+    count = float(n[0])
+    return mean.to(x.device), (m2 / max(count, 1.0)).to(x.device), count
+
+
+def _detached(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.detach()
 
 
 class _SyncBatchNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, group):
-        acc = BF.accumulation_dtype(x.dtype)
+        acc = D.accumulation_dtype(x.dtype)
         mean64, var64, count = _gather_moments(x, group)
         if count <= 1:
             raise BatchSizeError(
@@ -88,9 +76,10 @@ class _SyncBatchNormFn(torch.autograd.Function):
                 f"use larger per-rank batches or call model.eval()")
         mean, var = mean64.to(acc), var64.to(acc)
         invstd = torch.rsqrt(var + eps)
-        if x.numel() > 0:
-            y = BF.eval_forward_(x, None if weight is None else weight.to(acc),
-                                 None if bias is None else bias.to(acc), mean, invstd).to(x.dtype)
+        if x.numel() > 0:                        # the local examples, normalized with the global statistics
+            k = dispatch.select(x)
+            y = (k.forward_eval(x, mean, var, _detached(weight), _detached(bias), eps, 0, 0.0) if k is not None
+                 else D.normalize(x, mean, var, eps, weight, bias).to(x.dtype))
         else:
             y = x * 1.0
         ctx.save_for_backward(x, weight, mean, invstd)
@@ -108,27 +97,21 @@ class _SyncBatchNormFn(torch.autograd.Function):
         if dy is None:
             dy = torch.zeros_like(x)
         if x.numel() > 0:
-            dims = BF.reduction_dims(x)
             dy_acc = dy.to(acc)
-            x_hat = (x.to(acc) - BF.channel_view(mean, x)) * BF.channel_view(invstd, x)
-            sums = torch.cat([dy_acc.sum(dim=dims), (dy_acc * x_hat).sum(dim=dims)])       # 2C: local
+            x_hat = (x.to(acc) - D.channel_view(mean, x)) * D.channel_view(invstd, x)
+            sums = torch.cat(D.backward_sums(dy_acc, x_hat))                              # 2C: local
         else:
             x_hat = None
             sums = torch.zeros(2 * C, dtype=acc, device=x.device)
         local_dbeta, local_dgamma = sums[:C].clone(), sums[C:].clone()
-        device = _device_for(ctx.group, x)
-        total = sums.to(device)
+        total = sums.to(_device_for(ctx.group, x))
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)                     # global sums
         total = total.to(x.device)
-        sum_dy, sum_dy_xhat = total[:C], total[C:]
-        n = ctx.count
         dx = None
         if ctx.needs_input_grad[0]:
             if x.numel() > 0:
                 scale = invstd if weight is None else invstd * weight.to(acc)
-                dx = (dy.to(acc) - BF.channel_view(sum_dy / n, x)
-                      - x_hat * BF.channel_view(sum_dy_xhat / n, x)) * BF.channel_view(scale, x)
-                dx = dx.to(x.dtype)
+                dx = D.input_gradient(dy_acc, x_hat, total[:C], total[C:], ctx.count, scale).to(x.dtype)
             else:
                 dx = torch.zeros_like(x)
         dweight = local_dgamma.to(weight.dtype) if (weight is not None and ctx.needs_input_grad[1]) else None
@@ -141,8 +124,8 @@ def sync_batch_norm(x: Tensor, running_mean: Optional[Tensor], running_var: Opti
                     group=None, running_var_correction: str = "unbiased") -> Tensor:
     """Training-mode BN over the global batch of ``group`` (see the module docstring)."""
     y, mean, var, count = _SyncBatchNormFn.apply(x, weight, bias, eps, group)
-    BF.update_running_stats(running_mean, running_var, mean, var, int(count.item()), momentum,
-                            running_var_correction)
+    D.update_running_stats(running_mean, running_var, mean, var, int(count.item()), momentum,
+                           running_var_correction)
     return y
 
 
@@ -170,15 +153,9 @@ class SyncBatchNorm(_BatchNorm):
         if not use_batch_stats or not self.training or distributed_world(self.process_group) == 1:
             return super().forward(input)
         BF.check_input(input, self.num_features)
-        if self.check_finite and not torch.isfinite(input).all():
-            return super().forward(input)          # raises NonFiniteError with the details
-        momentum = 0.0 if self.momentum is None else self.momentum
-        update = self.track_running_stats and not self.frozen
-        if update and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None or self.ema != "pytorch":
-                momentum = BF.effective_momentum("cumulative" if self.momentum is None else self.ema,
-                                                 self.momentum, int(self.num_batches_tracked))
+        self._check_finite(input)
+        update = self._updates_running_stats()
+        momentum = self._momentum_step()
         return sync_batch_norm(input, self.running_mean if update else None,
                                self.running_var if update else None, self.weight, self.bias, momentum,
                                self.eps, self.process_group, self.running_var_correction)

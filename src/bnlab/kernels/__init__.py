@@ -1,8 +1,9 @@
-"""bnlab's compiled CPU kernels (batchnorm_cpu.cpp), built on first use and cached.
+"""bnlab's kernels: the backends that compute bnlab.definition's expressions fast, and their build.
 
-The readable path in bnlab.functional is the definition; this is the fast path it dispatches to
-when it computes exactly the same thing (CPU tensor, float32/float64/bfloat16, contiguous or
-channels_last, and no graph of the backward requested). Why C++ through
+Three backends share one interface (``forward_train``, ``forward_eval``, ``backward_train``):
+the compiled CPU module (batchnorm_cpu.cpp, built on first use and cached), the Triton module
+(triton_bn.py, CUDA tensors) and the memory-planned torch-ops module (torch_ops.py, anything
+else dense). :mod:`bnlab.kernels.dispatch` picks one per call. Why C++ through
 ``torch.utils.cpp_extension`` rather than numba or torch ops: it shares ATen's thread pool
 (``torch.set_num_threads`` applies, no second OpenMP runtime), handles bfloat16 natively, and can
 give the large outputs huge-page memory — which no torch-level code can (docs/performance.md).
@@ -43,53 +44,49 @@ FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-
          "-fno-trapping-math", "-std=c++17", "-fopenmp"]
 
 class _Calls(MutableMapping):
-    """Dispatches to the compiled kernels, by entry point (a Counter: missing keys read 0): the
-    Python-side counts, plus what the C++ module counts itself: ``forward_train`` and
-    ``forward_eval`` made by its one-call entries (``batch_norm_train_fast``,
-    ``batch_norm_eval_fast``, which functional.batch_norm tries first), and what the C++ autograd
-    node runs without returning to Python: ``backward_train`` (its backward passes) and
-    ``backward_train_inplace`` (those of them that wrote dx over an incoming gradient nothing else
-    referenced)."""
+    """Dispatches to the backends, by entry point (reads like a Counter: missing keys read 0):
+    what the dispatch counts in Python (``dispatch.calls``) plus what the C++ module counts itself —
+    ``forward_train``/``forward_eval`` made by its one-call entries, and ``backward_train`` (its
+    autograd node's backward passes) and ``backward_train_inplace`` (those that wrote dx over an
+    incoming gradient nothing else referenced). The two are added only when read."""
 
     _NODE = {"forward_train": "fast_forward_calls", "forward_eval": "fast_eval_calls",
              "backward_train": "node_backward_calls", "backward_train_inplace": "node_inplace_calls"}
 
     def __init__(self) -> None:
-        self._counts: Counter = Counter()
         self._node_base: Counter = Counter()    # node calls already cleared away, per key
+
+    @staticmethod
+    def _py() -> Counter:
+        from .dispatch import calls as py_calls
+        return py_calls
 
     def _node(self, key: str) -> int:
         name = self._NODE.get(key)
-        if name is None or _module is None or not hasattr(_module, name):
+        if name is None or _module is None:
             return 0
-        return int(getattr(_module, name)()) - self._node_base[key]
+        return int(getattr(_module.control, name)()) - self._node_base[key]
 
     def __getitem__(self, key: str) -> int:
-        return self._counts[key] + self._node(key)
+        return self._py()[key] + self._node(key)
 
     def __setitem__(self, key: str, value: int) -> None:
-        self._counts[key] = value - self._node(key)
+        self._py()[key] = value - self._node(key)
 
     def __delitem__(self, key: str) -> None:
         if key in self._NODE:
             self._node_base[key] += self._node(key)
-            self._counts.pop(key, None)
+            self._py().pop(key, None)
         else:
-            del self._counts[key]
-
-    def bump(self, key: str) -> None:
-        """calls[key] += 1 for a Python-side key, in one step: the per-call cost matters, as every
-        dispatch counts itself (``calls[key] += 1`` is two mapping calls, each asking the module
-        for its node counts)."""
-        self._counts[key] += 1
+            del self._py()[key]
 
     def clear(self) -> None:
         for key in self._NODE:
             self._node_base[key] += self._node(key)
-        self._counts.clear()
+        self._py().clear()
 
     def __iter__(self):
-        keys = set(self._counts) | {key for key in self._NODE if self._node(key)}
+        keys = {k for k, v in self._py().items() if v} | {key for key in self._NODE if self._node(key)}
         return iter(sorted(keys))
 
     def __len__(self) -> int:
@@ -253,13 +250,13 @@ def disabled():
     before = _enabled
     _enabled = False
     # the module's own switch too: functional.batch_norm's training path asks it first
-    module_before = _module.set_enabled(False) if _module is not None else None
+    module_before = _module.control.set_enabled(False) if _module is not None else None
     try:
         yield
     finally:
         _enabled = before
         if module_before is not None:
-            _module.set_enabled(module_before)
+            _module.control.set_enabled(module_before)
 
 
 @contextmanager
@@ -267,14 +264,14 @@ def dx_over_dy(enabled: bool):
     """Whether the C++ autograd node may write dx over an incoming gradient nothing else holds
     (on by default; off only to measure what it is worth — ``bnlab bench chain --ablate``)."""
     k = load()
-    if k is None or not hasattr(k, "set_dx_over_dy"):
+    if k is None:
         yield
         return
-    before = k.set_dx_over_dy(bool(enabled))
+    before = k.control.set_dx_over_dy(bool(enabled))
     try:
         yield
     finally:
-        k.set_dx_over_dy(before)
+        k.control.set_dx_over_dy(before)
 
 
 def failure() -> Optional[str]:

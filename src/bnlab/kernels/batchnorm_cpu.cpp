@@ -1490,17 +1490,15 @@ void bench_pass(int64_t pass, const at::Tensor& x, const at::Tensor& dy, at::Ten
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "bnlab CPU batch-norm kernels";
+  // the backend interface (bnlab.kernels.dispatch)
   m.def("forward_train", &forward_train, "training forward: (y, mean, var, invstd); updates running stats if given",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("act") = 0, py::arg("slope") = 0.0,
         py::arg("running_mean") = py::none(), py::arg("running_var") = py::none(), py::arg("momentum") = 0.0,
         py::arg("unbiased") = true);
-  m.def("forward_eval", &forward_eval, "eval forward with given statistics");
+  m.def("forward_eval", &forward_eval, "eval forward with given statistics", py::arg("x"), py::arg("running_mean"),
+        py::arg("running_var"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("act") = 0,
+        py::arg("slope") = 0.0);
   m.def("backward_train", &backward_train, "training backward: (dx, dgamma, dbeta)");
-  m.def("set_stream_threshold", [](int64_t bytes) {
-    const int64_t before = stream_threshold_bytes;
-    stream_threshold_bytes = bytes;
-    return before;
-  }, "outputs of at least this many bytes are written with non-temporal stores (-1: never); returns the old value");
   m.def("batch_norm_train", &batch_norm_train, "training BN as a C++ autograd node (forward_train / backward_train)",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("running_mean"),
         py::arg("running_var"), py::arg("momentum"), py::arg("unbiased"));
@@ -1508,28 +1506,37 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "batch_norm_train when functional.batch_norm's training path would call it, else None (all its checks in one call)",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("running_mean"),
         py::arg("running_var"), py::arg("momentum"), py::arg("unbiased"));
-  m.def("fast_forward_calls", [] { return fast_forward_calls.load(); },
-        "how many times batch_norm_train_fast recorded the node");
   m.def("batch_norm_eval_fast", &batch_norm_eval_fast,
         "forward_eval when functional.batch_norm's inference path would call it, else None (all its checks in one call)",
         py::arg("x"), py::arg("running_mean"), py::arg("running_var"), py::arg("weight"), py::arg("bias"),
         py::arg("eps"));
-  m.def("fast_eval_calls", [] { return fast_eval_calls.load(); },
-        "how many times batch_norm_eval_fast ran forward_eval");
-  m.def("set_enabled", [](bool on) { return fast_enabled.exchange(on); },
-        "whether batch_norm_train_fast and batch_norm_eval_fast may run (kernels.disabled() turns them off); returns the old setting");
-  m.def("node_backward_calls", [] { return node_backward_calls.load(); },
-        "how many times batch_norm_train's node ran backward_train");
-  m.def("node_inplace_calls", [] { return node_inplace_calls.load(); },
-        "how many of those wrote dx over the incoming gradient (no other reference) or its converted copy");
-  m.def("set_dx_over_dy", [](bool on) { return dx_over_dy.exchange(on); },
-        "whether the node may write dx over the incoming gradient (default True); returns the old setting");
   m.def("set_graph_backward", [](py::object fn) { graph_backward() = fn; },
         "the differentiable backward batch_norm_train's node calls under create_graph=True");
-  m.def("bench_pass", &bench_pass, "one pass alone (0 statistics, 1 normalize, 2 gradient sums, 3 dx), for benchmarks");
   m.def("bn_act_backward", &bn_act_backward, "fused BN+activation backward from the output or the input",
         py::arg("da"), py::arg("v"), py::arg("mean"), py::arg("invstd"), py::arg("weight"), py::arg("bias"),
         py::arg("act"), py::arg("slope"), py::arg("from_input"));
   m.def("empty_cache", &empty_cache, "release the pooled output regions; returns bytes released");
   m.def("cache_info", &cache_info, "(regions, bytes, cap) of the output pool");
+
+  // switches and counters for bnlab.kernels (disabled(), dx_over_dy(), calls), its tests and
+  // benchmarks: not part of the backend interface
+  py::module_ c = m.def_submodule("control", "switches, counters and single passes (bnlab.kernels, tests, benchmarks)");
+  c.def("set_enabled", [](bool on) { return fast_enabled.exchange(on); },
+        "whether batch_norm_train_fast and batch_norm_eval_fast may run (kernels.disabled() turns them off); returns the old setting");
+  c.def("set_dx_over_dy", [](bool on) { return dx_over_dy.exchange(on); },
+        "whether the node may write dx over the incoming gradient (default True); returns the old setting");
+  c.def("set_stream_threshold", [](int64_t bytes) {
+    const int64_t before = stream_threshold_bytes;
+    stream_threshold_bytes = bytes;
+    return before;
+  }, "outputs of at least this many bytes are written with non-temporal stores (-1: never); returns the old value");
+  c.def("fast_forward_calls", [] { return fast_forward_calls.load(); },
+        "how many times batch_norm_train_fast recorded the node");
+  c.def("fast_eval_calls", [] { return fast_eval_calls.load(); },
+        "how many times batch_norm_eval_fast ran forward_eval");
+  c.def("node_backward_calls", [] { return node_backward_calls.load(); },
+        "how many times batch_norm_train's node ran backward_train");
+  c.def("node_inplace_calls", [] { return node_inplace_calls.load(); },
+        "how many of those wrote dx over the incoming gradient (no other reference) or its converted copy");
+  c.def("bench_pass", &bench_pass, "one pass alone (0 statistics, 1 normalize, 2 gradient sums, 3 dx), for benchmarks");
 }

@@ -1,9 +1,8 @@
 """Triton kernels for Batch Normalization on GPUs: training forward, backward and eval, for
 (N, C, *) contiguous (NCHW) and channels_last / (N, C) layouts.
 
-The same interface as the compiled CPU module (``forward_train``, ``forward_eval``,
-``backward_train``), so bnlab.functional dispatches CUDA tensors here exactly as it dispatches
-CPU tensors to C++. The design follows the memory floor: statistics and gradient sums in one
+The backend interface of bnlab.kernels (``forward_train``, ``forward_eval``,
+``backward_train``), so the dispatch sends CUDA tensors here as it sends CPU tensors to C++. The design follows the memory floor: statistics and gradient sums in one
 read of the tensor(s) — per (channel, chunk) partial (count, mean, M2) with the corrected
 two-pass algorithm inside each block, merged exactly in float64 — and one elementwise pass for
 the output (y = x·α + b, dx = dy·k1 + x·k2 + k3). Two addressing schemes: NCHW walks each
@@ -22,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from ..definition import merge_moments, update_running_stats
 
 __all__ = ["forward_train", "forward_eval", "backward_train", "supported"]
 
@@ -216,15 +217,6 @@ def _partial_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return cnt.double(), mean.double(), m2.double()
 
 
-def _merge(cnt: Tensor, mean: Tensor, m2: Tensor) -> tuple[Tensor, Tensor]:
-    """Exact merge of per-chunk (count, mean, M2) over the chunk axis, in float64:
-    n = Σn_k, μ = Σn_k μ_k / n, M2 = Σ M2_k + Σ n_k (μ_k − μ)²."""
-    n = cnt.sum(1)
-    mu = (cnt * mean).sum(1) / n
-    M2 = m2.sum(1) + (cnt * (mean - mu[:, None]).square()).sum(1)
-    return mu, M2
-
-
 def _coeff(t: Optional[Tensor], C: int, fill: float, device) -> Tensor:
     return torch.full((C,), fill, dtype=torch.float64, device=device) if t is None else t.detach().double()
 
@@ -250,19 +242,14 @@ def forward_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], e
     if act != 0:
         raise NotImplementedError("the Triton path fuses no activation")
     C = x.shape[1]
-    mu, M2 = _merge(*_partial_stats(x))
+    _, mu, M2 = merge_moments(*_partial_stats(x), dim=1)         # the chunks' (n, μ, M2), exactly
     n = x.numel() // C                                   # values per channel, known on the host
     var = M2 / n
     invstd = torch.rsqrt(var + eps)
     alpha = invstd * _coeff(weight, C, 1.0, x.device)
     beta = _coeff(bias, C, 0.0, x.device) - mu * alpha
     y = _elementwise_affine(x, alpha, beta)
-    with torch.no_grad():
-        if running_mean is not None:
-            running_mean.lerp_(mu.to(running_mean.dtype), momentum)
-        if running_var is not None:
-            factor = n / (n - 1) if (unbiased and n > 1) else 1.0
-            running_var.lerp_((var * factor).to(running_var.dtype), momentum)
+    update_running_stats(running_mean, running_var, mu, var, n, momentum, "unbiased" if unbiased else "biased")
     acc, _ = _acc(x)
     return y, mu.to(acc), var.to(acc), invstd.to(acc)
 
@@ -279,7 +266,7 @@ def forward_eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: O
 
 
 def backward_train(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor]):
-    """(dx, dγ, dβ) of training-mode BN (see bnlab.functional.train_backward_)."""
+    """(dx, dγ, dβ) of training-mode BN (bnlab.kernels.torch_ops.backward_train derives the form)."""
     if dy.stride() != x.stride() or dy.dtype != x.dtype:
         dy = torch.empty_like(x).copy_(dy)               # x's dtype and (dense) memory layout
     N, C, L, sN, sC, sL, rows = _layout(x)

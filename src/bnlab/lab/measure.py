@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..isolation import isolated
 from ..probes import Monitor
-from .train import ClassifierTrainer
+from .trainers import ClassifierTrainer
 
 __all__ = ["preactivations", "moments", "drift", "DriftEval", "ProbedTrainer", "batched_ce"]
 

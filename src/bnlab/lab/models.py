@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import batchnorm as bn_mod
+from ..probes.base import register_activation
 from ..errors import DataError
 from .io import atomic_torch_save
 
@@ -116,6 +117,9 @@ class Activation(nn.Module):
 
     def extra_repr(self) -> str:
         return self.name
+
+
+register_activation(Activation, lambda module: module.name)      # the probes see it as an activation
 
 
 # Normalization layers by name: factory(num_features, seeds, **kwargs) -> module on (N, C).

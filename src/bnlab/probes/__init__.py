@@ -6,7 +6,7 @@ HessianTopEig, driven by a Monitor from any training loop; records are tidy
 """
 
 from .activations import ActivationStats
-from .base import Evaluator, Probe, simulate_optimizer_step
+from .base import Evaluator, Probe, register_activation, simulate_optimizer_step
 from .gradient_flow import GradientFlow
 from .hessian import HessianTopEig
 from .ics import ICS
@@ -15,4 +15,4 @@ from .monitor import Monitor
 from .plot import plot
 
 __all__ = ["Monitor", "Probe", "GradientFlow", "ActivationStats", "ICS", "Landscape",
-           "HessianTopEig", "plot", "Evaluator", "simulate_optimizer_step"]
+           "HessianTopEig", "plot", "Evaluator", "simulate_optimizer_step", "register_activation"]

@@ -112,18 +112,30 @@ _ACTIVATIONS = (nn.Sigmoid, nn.Tanh, nn.ReLU, nn.LeakyReLU, nn.Softsign, nn.ELU,
                 nn.Hardtanh, nn.ReLU6, nn.Softplus)
 
 
+# Activation module classes beyond torch's, and how to name their kind ("sigmoid", "relu"...):
+# code with its own activation modules registers them (the lab's models do).
+_REGISTERED: dict[type, Callable[[nn.Module], str]] = {}
+
+
+def register_activation(cls: type, kind: Callable[[nn.Module], str]) -> None:
+    """Make the probes treat modules of ``cls`` as activations; ``kind(module)`` names the
+    function ("sigmoid", "tanh", "relu", ...), which decides what counts as saturation."""
+    _REGISTERED[cls] = kind
+
+
 def activation_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Activation modules (torch's and the lab's), whose *input* is the pre-activation."""
+    """Activation modules (torch's and registered ones), whose *input* is the pre-activation."""
     out = {}
     for name, m in model.named_modules():
-        if isinstance(m, _ACTIVATIONS) or type(m).__name__ == "Activation":
+        if isinstance(m, _ACTIVATIONS) or isinstance(m, tuple(_REGISTERED)):
             out[name or "<root>"] = m
     return out
 
 
 def activation_kind(module: nn.Module) -> str:
-    if type(module).__name__ == "Activation":
-        return module.name
+    for cls, kind in _REGISTERED.items():
+        if isinstance(module, cls):
+            return kind(module)
     return {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.ReLU: "relu", nn.ReLU6: "relu",
             nn.LeakyReLU: "relu", nn.Softsign: "softsign", nn.Hardtanh: "tanh"}.get(type(module), "other")
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 from torch import nn
 
-from ..lab.io import atomic_write_text
+from .._files import atomic_write_text
 from .base import Probe
 
 __all__ = ["Monitor"]

@@ -27,7 +27,7 @@ def plot(records: Iterable[dict], kind: str, path: Optional[str | Path] = None, 
     layer, log scale), "ics" (ics_l2 and ics_cos per layer), "landscape" (loss band, gradient
     predictiveness, β-smoothness), "hessian" (top eigenvalue). Returns the matplotlib Figure.
     """
-    from ..lab.plots import COLORS, plt, save
+    from ..plotting import COLORS, plt, save
     records = list(records)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")

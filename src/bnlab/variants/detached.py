@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import definition as D
 from .. import functional as BF
 from ..batchnorm import BatchNorm1d, BatchNorm2d, _BatchNorm
 
@@ -29,21 +30,17 @@ __all__ = ["DetachedNorm", "DetachedNorm2d", "detached_norm"]
 def detached_norm(x: Tensor, mean: Tensor, var: Optional[Tensor], weight: Optional[Tensor],
                   bias: Optional[Tensor], eps: float) -> Tensor:
     """y = (x − mean)·rsqrt(var + ε) (if var is given) · γ + β, with mean/var constants."""
-    y = x - BF.channel_view(mean.detach().to(x.dtype), x)
+    y = x - D.channel_view(mean.detach().to(x.dtype), x)
     if var is not None:
-        y = y * BF.channel_view(torch.rsqrt(var.detach().to(x.dtype) + eps), x)
-    if weight is not None:
-        y = y * BF.channel_view(weight, x)
-    if bias is not None:
-        y = y + BF.channel_view(bias, x)
-    return y
+        y = y * D.channel_view(torch.rsqrt(var.detach().to(x.dtype) + eps), x)
+    return D.affine(y, weight, bias)
 
 
 class _DetachedMixin:
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = False, track_running_stats: bool = True, device=None, dtype=None,
-                 *, center: bool = True, scale: bool = False) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+                 *, center: bool = True, scale: bool = False, **kwargs) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
         self.center, self.scale = center, scale
 
     def forward(self, input: Tensor) -> Tensor:
@@ -51,12 +48,11 @@ class _DetachedMixin:
         if self._uses_batch_stats():
             BF.check_batch_size(input)
             with torch.no_grad():
-                mean, var = BF.batch_mean_var(input)
-                if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-                    self.num_batches_tracked.add_(1)
-                    m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                    BF.update_running_stats(self.running_mean, self.running_var, mean, var,
-                                            BF.values_per_channel(input), m)
+                mean, var = D.batch_moments(input)
+                if self._updates_running_stats():
+                    D.update_running_stats(self.running_mean, self.running_var, mean, var,
+                                           D.values_per_channel(input), self._momentum_step(),
+                                           self.running_var_correction)
         else:
             mean, var = self.running_mean, self.running_var
         if not self.center:

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import definition as D
 from .. import functional as BF
 from ..batchnorm import BatchNorm1d, BatchNorm2d
 
@@ -63,27 +64,20 @@ class _GhostMixin:
         self._check_input_dim(input)
         BF.check_batch_size(input)
         self._check_finite(input)
+        update = self._updates_running_stats()
+        momentum = self._momentum_step()                  # one step per call, whatever the split
+        per_chunk = update and self.running_stats == "virtual"
         chunks = input.split(ghost_splits(input.shape[0], self.virtual_batch_size))
-        per_chunk = self.running_stats == "virtual" and self.track_running_stats
         out = torch.cat([BF.batch_norm(c, self.running_mean if per_chunk else None,
                                        self.running_var if per_chunk else None, self.weight, self.bias,
-                                       training=True, momentum=self._momentum_now(), eps=self.eps,
+                                       training=True, momentum=momentum, eps=self.eps,
                                        running_var_correction=self.running_var_correction)
                          for c in chunks])
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                if not per_chunk:
-                    mean, var = BF.batch_mean_var(input)
-                    BF.update_running_stats(self.running_mean, self.running_var, mean, var,
-                                            BF.values_per_channel(input), self._momentum_now(),
-                                            self.running_var_correction)
+        if update and not per_chunk:
+            mean, var = D.batch_moments(input.detach())
+            D.update_running_stats(self.running_mean, self.running_var, mean, var, D.values_per_channel(input),
+                                   momentum, self.running_var_correction)
         return out
-
-    def _momentum_now(self) -> float:
-        if self.momentum is not None:
-            return self.momentum
-        return 1.0 / float(self.num_batches_tracked + 1)
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"

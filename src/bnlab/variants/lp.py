@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .. import definition as D
 from .. import functional as BF
 from ..errors import ShapeError
 
@@ -64,12 +65,7 @@ def lp_norm(x: Tensor, mean: Tensor, scale: Tensor, weight: Optional[Tensor], bi
     """y = (x − mean) / (d_group + ε) · γ + β."""
     C = x.shape[1]
     d = scale.repeat_interleave(C // groups)                                     # C
-    y = (x - BF.channel_view(mean, x)) / BF.channel_view(d + eps, x)
-    if weight is not None:
-        y = y * BF.channel_view(weight, x)
-    if bias is not None:
-        y = y + BF.channel_view(bias, x)
-    return y
+    return D.affine((x - D.channel_view(mean, x)) / D.channel_view(d + eps, x), weight, bias)
 
 
 class _LpNorm(nn.Module):
@@ -101,8 +97,8 @@ class _LpNorm(nn.Module):
             raise ShapeError(f"{type(self).__name__} expects {self._expected_dims}-D input, got {x.dim()}-D")
         if self.training or self.running_mean is None:
             BF.check_batch_size(x)
-            mean = x.mean(dim=BF.reduction_dims(x))
-            scale = lp_scale(x - BF.channel_view(mean, x), self.p, self.groups)
+            mean = x.mean(dim=D.reduction_dims(x))
+            scale = lp_scale(x - D.channel_view(mean, x), self.p, self.groups)
             if self.training and self.running_mean is not None:
                 with torch.no_grad():
                     self.num_batches_tracked.add_(1)

@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import definition as D
 from .. import functional as BF
 from ..batchnorm import BatchNorm1d, BatchNorm2d
 from .ghost import check_virtual_batch_size, ghost_splits
@@ -54,19 +55,13 @@ def batch_renorm(x: Tensor, running_mean: Tensor, running_std: Tensor, weight: O
                  bias: Optional[Tensor], rmax: float, dmax: float, eps: float
                  ) -> tuple[Tensor, Tensor, Tensor]:
     """Training-mode Batch Renorm. Returns (y, μ_B, σ_B) with μ_B, σ_B detached for the averages."""
-    dims = BF.reduction_dims(x)
-    mean = x.mean(dim=dims)                                                 # C
-    std = torch.sqrt((x - BF.channel_view(mean, x)).square().mean(dim=dims) + eps)   # C: σ_B
+    mean, var = D.batch_moments(x)                                          # C, C
+    std = torch.sqrt(var + eps)                                             # C: σ_B
     with torch.no_grad():
         r = (std / running_std).clamp(1.0 / rmax, rmax)
         d = ((mean - running_mean) / running_std).clamp(-dmax, dmax)
-    x_hat = (x - BF.channel_view(mean, x)) / BF.channel_view(std, x) * BF.channel_view(r, x) \
-        + BF.channel_view(d, x)
-    if weight is not None:
-        x_hat = x_hat * BF.channel_view(weight, x)
-    if bias is not None:
-        x_hat = x_hat + BF.channel_view(bias, x)
-    return x_hat, mean.detach(), std.detach()
+    x_hat = (x - D.channel_view(mean, x)) / D.channel_view(std, x) * D.channel_view(r, x) + D.channel_view(d, x)
+    return D.affine(x_hat, weight, bias), mean.detach(), std.detach()
 
 
 class _RenormMixin:
@@ -106,9 +101,9 @@ class _RenormMixin:
                                  training=False, eps=self.eps)
         BF.check_batch_size(input)
         self._check_finite(input)
-        self.num_batches_tracked.add_(1)
+        momentum = self._momentum_step()                        # counts the step the schedule reads
         rmax, dmax = self.limits()
-        acc = BF.accumulation_dtype(input.dtype)
+        acc = D.accumulation_dtype(input.dtype)
         running_std = torch.sqrt(self.running_var.to(acc) + self.eps)
         weight = None if self.weight is None else self.weight.to(acc)
         bias = None if self.bias is None else self.bias.to(acc)
@@ -121,8 +116,8 @@ class _RenormMixin:
         mean = torch.stack([r[1] for r in results]).mean(0)
         std = torch.stack([r[2] for r in results]).mean(0)
         with torch.no_grad():
-            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
-            new_std = running_std + self.momentum * (std - running_std)
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+            new_std = running_std + momentum * (std - running_std)
             self.running_var.copy_((new_std.square() - self.eps).to(self.running_var.dtype))
         return y.to(input.dtype)
 

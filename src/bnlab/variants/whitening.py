@@ -39,6 +39,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .. import definition as D
 from .. import functional as BF
 from ..errors import NonFiniteError
 
@@ -143,10 +144,7 @@ class _Whitening(nn.Module):
         BF.check_input(x, self.num_features)
         C = self.num_features
         if x.numel() == 0:                       # nothing to whiten (N = 0): no statistics change
-            y = x * 1.0
-            if self.weight is not None:
-                y = y * BF.channel_view(self.weight, y) + BF.channel_view(self.bias, y)
-            return y
+            return D.affine(x * 1.0, self.weight, self.bias)
         if self.training or self.running_mean is None:
             BF.check_batch_size(x)
             Xc, mean, sigma = group_covariance(x, self.groups, self.eps)
@@ -166,9 +164,7 @@ class _Whitening(nn.Module):
             Y = self.running_whitening @ (X - self.running_mean.view(self.groups, -1, 1))
         rest = x.shape[2:]
         y = Y.reshape(C, x.shape[0], *rest).transpose(0, 1)                  # N, C, *
-        if self.weight is not None:
-            y = y * BF.channel_view(self.weight, y) + BF.channel_view(self.bias, y)
-        return y.contiguous()
+        return D.affine(y, self.weight, self.bias).contiguous()
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, groups={self.groups} (size {self.num_features // self.groups}), "

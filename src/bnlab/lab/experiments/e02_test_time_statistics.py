@@ -14,9 +14,9 @@ from ...isolation import isolated
 from ...population import population_statistics
 from ..config import BaseConfig
 from ..models import build_mlp, to_plain
-from ..plots import COLORS, plt, save
+from ...plotting import COLORS, plt, save
 from ..registry import Experiment, register
-from ..train import make_trainer
+from ..trainers import make_trainer
 from ..verdict import Verdict, all_seeds, combine, fmt
 
 METHODS = ("ema", "algorithm2", "population", "batch1", "batch4", "batch60")

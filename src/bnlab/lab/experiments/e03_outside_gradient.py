@@ -11,9 +11,9 @@ import torch
 from ...isolation import isolated
 from ..config import BaseConfig
 from ..models import BatchedLinear, build_mlp
-from ..plots import COLORS, mean_band, plt, save
+from ...plotting import COLORS, mean_band, plt, save
 from ..registry import Experiment, register
-from ..train import ClassifierTrainer
+from ..trainers import ClassifierTrainer
 from ..verdict import Verdict, all_seeds, combine, fmt
 
 ARMS = ("detached_mean", "detached_meanstd", "bn")

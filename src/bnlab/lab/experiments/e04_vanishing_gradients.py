@@ -12,7 +12,7 @@ from ...probes import ActivationStats, GradientFlow
 from ..config import BaseConfig
 from ..measure import ProbedTrainer
 from ..models import build_mlp
-from ..plots import COLORS, plt, save
+from ...plotting import COLORS, plt, save
 from ..registry import Experiment, register
 from ..verdict import Verdict, all_seeds, combine, fmt
 

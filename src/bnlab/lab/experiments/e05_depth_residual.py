@@ -12,9 +12,9 @@ import torch
 
 from ..config import BaseConfig
 from ..models import build_mlp
-from ..plots import COLORS, mean_band, plt, save
+from ...plotting import COLORS, mean_band, plt, save
 from ..registry import Experiment, register
-from ..train import ClassifierTrainer
+from ..trainers import ClassifierTrainer
 from ..verdict import Verdict, all_seeds, combine, fmt
 
 
@@ -63,7 +63,7 @@ class _GradRatio:
                 for i, seed in enumerate(trainer.seeds):
                     yield seed, "grad_ratio_first_last", med[i].item()
             self.values.clear()
-            from ..train import accuracy_per_seed
+            from ..trainers import accuracy_per_seed
             n = cfg.train_eval_examples
             acc = accuracy_per_seed(trainer.model, trainer.data.train_x[:n], trainer.data.train_y[:n])
             for i, seed in enumerate(trainer.seeds):

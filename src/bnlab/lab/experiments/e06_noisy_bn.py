@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from ..config import BaseConfig
 from ..measure import DriftEval
 from ..models import build_mlp
-from ..plots import COLORS, mean_band, plt, save
+from ...plotting import COLORS, mean_band, plt, save
 from ..registry import Experiment, register
-from ..train import make_trainer
+from ..trainers import make_trainer
 from ..verdict import Verdict, all_seeds, combine, fmt
 
 ARMS = ("none", "noise_only", "bn", "noisy_bn")

@@ -16,7 +16,7 @@ from ...probes import ICS, Monitor
 from ..config import BaseConfig
 from ..measure import ProbedTrainer
 from ..models import build_mlp
-from ..plots import COLORS, plt, save
+from ...plotting import COLORS, plt, save
 from ..registry import Experiment, register
 from ..verdict import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, Verdict, all_seeds, combine, fmt
 

@@ -17,7 +17,7 @@ from ...probes import Landscape
 from ..config import BaseConfig
 from ..measure import ProbedTrainer
 from ..models import build_mlp
-from ..plots import COLORS, mean_band, plt, save
+from ...plotting import COLORS, mean_band, plt, save
 from ..registry import Experiment, register
 from ..verdict import Verdict, all_seeds, combine, fmt
 

@@ -12,9 +12,9 @@ import torch
 from ...population import population_statistics
 from ..config import BaseConfig
 from ..models import build_mlp, to_plain
-from ..plots import COLORS, plt, save
+from ...plotting import COLORS, plt, save
 from ..registry import Experiment, register
-from ..train import ClassifierTrainer, EpochSampler
+from ..trainers import ClassifierTrainer, EpochSampler
 from ..verdict import Verdict, all_seeds, combine, fmt
 
 METHODS = ("bn", "ghost", "renorm")
@@ -110,7 +110,7 @@ class E10(Experiment):
              "recalibrating BN's statistics on the population, do better.")
     paper = ("Ioffe 2017, Fig. 3 [F]: with non-i.i.d. groups of 4 (2 classes × 2 images) on ImageNet, BN "
              "reaches 67% vs Batch Renorm 76% (i.i.d. groups of 4: BN 74.2% vs Batch Renorm 76.5% at "
-             "160k steps, SPEC); BN's train/inference mismatch grows as groups shrink.")
+             "160k steps); BN's train/inference mismatch grows as groups shrink.")
     source = "Ioffe 2017 (arXiv:1702.03275), §3–4; Hoffer et al. 2017 (Ghost BN); Wu & Johnson 2021"
     Config = Config
     profiles = {

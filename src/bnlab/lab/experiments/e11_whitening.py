@@ -12,9 +12,9 @@ import torch
 from ...variants.whitening import group_covariance, iternorm_matrix, whitening_matrix
 from ..config import BaseConfig
 from ..models import build_mlp
-from ..plots import COLORS, mean_band, plt, save
+from ...plotting import COLORS, mean_band, plt, save
 from ..registry import Experiment, register
-from ..train import ClassifierTrainer
+from ..trainers import ClassifierTrainer
 from ..verdict import Verdict, all_seeds, combine, fmt
 
 ARMS = ("none", "bn", "pca", "zca", "iternorm")

@@ -29,8 +29,6 @@ allocator such as jemalloc or tcmalloc would: torch.nn at its best. Report both.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import statistics
 import time
@@ -40,7 +38,8 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.nn.functional as F
 
-from . import functional as BF
+from .. import functional as BF
+from ._common import keep_freed_memory, median_alternating
 
 DEFAULT_SHAPES: list[tuple[tuple[int, ...], bool]] = [
     ((256, 1024), False),          # small: per-call overhead
@@ -73,60 +72,6 @@ class Row:
     torch_copy_fraction: float
     copy_gbs: float
     repeats: int
-
-
-def keep_freed_memory() -> None:
-    """glibc ``mallopt``: serve every allocation from the heap (M_MMAP_MAX = 0) and never trim it
-    (M_TRIM_THRESHOLD = 2 GiB), so freed outputs stay mapped and the next ones reuse faulted-in
-    pages. Process-wide and for the rest of the process (a benchmark process)."""
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4                   # <malloc.h>
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    if libc is None or not hasattr(libc, "mallopt"):
-        raise RuntimeError("--malloc keep needs glibc's mallopt (Linux with glibc)")
-    if not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
-        raise RuntimeError("glibc mallopt refused M_MMAP_MAX/M_TRIM_THRESHOLD")
-
-
-def node_kernels(threads: int):
-    """Setup of the scripts that time the C++ autograd node (benchmarks/profile_step.py,
-    backward_split.py): glibc keeps freed memory, ``threads`` intra-op threads, and the compiled
-    module with its node registered — or SystemExit saying why there is none."""
-    from . import kernels
-    keep_freed_memory()
-    torch.set_num_threads(threads)
-    k = kernels.load()
-    if k is None or not BF._has_autograd_node(k):
-        raise SystemExit(f"needs the compiled CPU kernels ({kernels.failure()})")
-    return k
-
-
-def _median_alternating(fns: list[Callable[[], object]], min_repeats: int, max_repeats: int,
-                        budget_s: float, paired: Optional[list] = None, block: int = 1,
-                        samples: Optional[list] = None) -> tuple[list[float], int]:
-    """Median time per call of each fn. Each repetition runs every fn in turn, ``block``
-    consecutive calls each; a repetition's sample is the median of its block. ``paired`` gets
-    the per-repetition ratios fns[1]/fns[0]; ``samples`` the per-repetition times of every fn."""
-    for fn in fns:                 # warm-up: allocator, thread pool, caches
-        for _ in range(max(2, block)):
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    start = time.perf_counter()
-    repeats = 0
-    while repeats < max_repeats and (repeats < min_repeats or time.perf_counter() - start < budget_s):
-        for i, fn in enumerate(fns):
-            calls = []
-            for _ in range(block):
-                t0 = time.perf_counter()
-                fn()
-                calls.append(time.perf_counter() - t0)
-            times[i].append(statistics.median(calls))
-        repeats += 1
-    if paired is not None and len(fns) >= 2:
-        paired.extend(b / a for a, b in zip(times[0], times[1]))
-    if samples is not None:
-        samples.extend(times)
-    return [statistics.median(t) for t in times], repeats
 
 
 def _case(impl: BatchNormFn, x: torch.Tensor, mode: str) -> Callable[[], object]:
@@ -175,7 +120,7 @@ def run(shapes: Iterable[tuple[tuple[int, ...], bool]] = DEFAULT_SHAPES,
                     # its bandwidth compares calls made in the same phase of a shared machine
                     ratios: list[float] = []
                     per_turn: list[list[float]] = []
-                    (t_torch, t_ours, t_copy), reps = _median_alternating(
+                    (t_torch, t_ours, t_copy), reps = median_alternating(
                         [_case(F.batch_norm, x, mode), _case(impl, x, mode), lambda: dst.copy_(x)],
                         min_repeats, max_repeats, budget_s, paired=ratios, block=block, samples=per_turn)
                     need = PASSES[mode] * nbytes
@@ -217,3 +162,23 @@ def markdown(rows: list[Row]) -> str:
 def save_json(rows: list[Row], path: str) -> None:
     with open(path, "w") as f:
         json.dump([asdict(r) for r in rows], f, indent=1)
+
+
+def command(args) -> int:
+    """``bnlab bench batchnorm``."""
+    from ..errors import UsageError
+    threads = [int(t) for t in (args.threads or "1,2").split(",")]
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise UsageError(f"bench: unknown modes {sorted(unknown)}; choose from {MODES}")
+    if args.malloc == "keep":
+        keep_freed_memory()
+    shapes = QUICK_SHAPES if args.quick else DEFAULT_SHAPES
+    kwargs = dict(min_repeats=3, max_repeats=5, budget_s=0.2) if args.quick else {}
+    rows = run(shapes, threads, modes, block=args.block, **kwargs)
+    if args.markdown:
+        print(markdown(rows))
+    if args.json:
+        save_json(rows, args.json)
+    return 0

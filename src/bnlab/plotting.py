@@ -1,4 +1,5 @@
-"""Matplotlib helpers for the lab's figures (Agg backend, atomic PNG writes)."""
+"""Matplotlib helpers for bnlab's figures — the probes' plots and the lab's (Agg backend, atomic
+PNG writes)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .io import atomic_write_bytes  # noqa: E402
+from ._files import atomic_write_bytes  # noqa: E402
 
 __all__ = ["plt", "save", "mean_band", "COLORS"]
 

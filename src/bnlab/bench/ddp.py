@@ -25,10 +25,10 @@ import time
 def _worker(steps: int, fast: bool, out: str, batch: int = 60) -> None:
     import torch
 
-    from . import data as data_mod
-    from . import dist as lab_dist
-    from .models import build_mlp
-    from .train import make_trainer
+    from ..lab import data as data_mod
+    from ..lab import dist as lab_dist
+    from ..lab.models import build_mlp
+    from ..lab.trainers import make_trainer
 
     torch.set_num_threads(1)
     lab_dist.init_from_env()
@@ -57,13 +57,13 @@ def run(steps: int = 500, log=print) -> list[dict]:
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        one = [sys.executable, "-m", "bnlab.lab.bench_ddp"]
+        one = [sys.executable, "-m", "bnlab.bench.ddp"]
         configs = [("1 process, explicit step", one, ["--fast"]),
                    ("1 process, autograd", one, []),
                    ("1 process, half batch (one rank's compute)", one, ["--batch", "30"]),
                    ("2 processes, DDP + SyncBatchNorm",
                     [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                     "-m", "bnlab.lab.bench_ddp"], [])]
+                     "-m", "bnlab.bench.ddp"], [])]
         for name, cmd, extra in configs:
             out = os.path.join(d, "r.json")
             proc = subprocess.run(cmd + ["--steps", str(steps), "--out", out] + extra, env=env,
@@ -91,3 +91,9 @@ if __name__ == "__main__":
     p.add_argument("--batch", type=int, default=60)
     a = p.parse_args()
     _worker(a.steps, a.fast, a.out, a.batch)
+
+
+def command(args) -> int:
+    """``bnlab bench ddp``."""
+    run(steps=100 if args.quick else 500)
+    return 0

@@ -11,8 +11,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from . import BatchNorm1d
-from .probes import ICS, ActivationStats, GradientFlow, HessianTopEig, Landscape, Monitor
+from ..batchnorm import BatchNorm1d
+from ..probes import ICS, ActivationStats, GradientFlow, HessianTopEig, Landscape, Monitor
 
 PROBES: dict[str, Callable] = {
     "GradientFlow": lambda: GradientFlow(),
@@ -57,7 +57,7 @@ def _seconds_per_step(probe_factory: Optional[Callable], every: int, steps: int,
 
 
 def run(everies=(1, 10, 100), steps: int = 300, log=print, data_dir=None) -> list[dict]:
-    from .lab import data as data_mod
+    from ..lab import data as data_mod
     torch.set_num_threads(1)
     ds = data_mod.load("mnist", data_dir)
     x, y = ds.train_x[:6000], ds.train_y[:6000]
@@ -82,3 +82,11 @@ def markdown(rows: list[dict]) -> str:
         ratios = {r["every"]: r["ratio"] for r in rows if r["probe"] == probe}
         lines.append(f"| {probe} | " + " | ".join(f"×{ratios[k]:.2f}" for k in everies) + " |")
     return "\n".join(lines)
+
+
+def command(args) -> int:
+    """``bnlab bench probes``."""
+    rows = run(steps=100 if args.quick else 300)
+    if args.markdown:
+        print(markdown(rows))
+    return 0

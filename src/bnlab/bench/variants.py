@@ -9,8 +9,8 @@ from typing import Callable
 
 import torch
 
-from . import BatchNorm1d, BatchNorm2d
-from . import variants as V
+from .. import variants as V
+from ..batchnorm import BatchNorm1d, BatchNorm2d
 
 SHAPES = ((256, 512), (64, 64, 28, 28))
 
@@ -82,3 +82,12 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| shape | layer | fwd+bwd ms | × bnlab BatchNorm |", "|---|---|---:|---:|"]
     lines += [f"| {r['shape']} | {r['layer']} | {r['ms']:.2f} | {r['ratio']:.2f} |" for r in rows]
     return "\n".join(lines)
+
+
+def command(args) -> int:
+    """``bnlab bench variants``."""
+    torch.set_num_threads(int((args.threads or "2").split(",")[-1]))
+    rows = run(repeats=5 if args.quick else 15)
+    if args.markdown:
+        print(markdown(rows))
+    return 0

@@ -35,7 +35,8 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.nn.functional as F
 
-from . import functional as BF
+from .. import functional as BF
+from ._common import keep_freed_memory
 
 PASSES = [("statistics", 0, "x.sum()", 1), ("normalize", 1, "z.copy_(x)", 2),
           ("grad sums", 2, "x.sum(); dy.sum()", 2), ("dx", 3, "add(x, dy, out=z)", 3)]
@@ -57,7 +58,7 @@ class PassRow:
 
 def run(shapes: Iterable[tuple[tuple[int, ...], bool]] = SHAPES, threads: int = 2, repeats: int = 60,
         log: Optional[Callable[[str], None]] = print) -> list[PassRow]:
-    from . import kernels
+    from .. import kernels
     k = kernels.load()
     if k is None:
         raise RuntimeError(f"bnlab bench passes needs the compiled CPU kernels ({kernels.failure()})")
@@ -94,7 +95,7 @@ def _one_shape(k, shape, channels_last, repeats, log) -> list[PassRow]:
 
     memory_ops = [lambda: x.sum(), lambda: z.copy_(x), lambda: (x.sum(), dy.sum()),
                   lambda: torch.add(x, dy, out=z)]
-    fns: list[Callable[[], object]] = [(lambda p=p: k.bench_pass(p, x, dy, out)) for _, p, _, _ in PASSES]
+    fns: list[Callable[[], object]] = [(lambda p=p: k.control.bench_pass(p, x, dy, out)) for _, p, _, _ in PASSES]
     fns += memory_ops + [torch_forward, torch_backward, bnlab_step_kernels,
                          _autograd_step(BF.batch_norm, x, dy), _autograd_step(F.batch_norm, x, dy)]
     times: list[list[float]] = [[] for _ in fns]
@@ -158,3 +159,14 @@ def markdown(rows: list[PassRow]) -> str:
         else:
             lines.append(f"| {r.shape} | {r.layout} | {r.name} | {r.ms:.3f} | {r.gbs:.0f} | | | |")
     return "\n".join(lines)
+
+
+def command(args) -> int:
+    """``bnlab bench passes``."""
+    if args.malloc == "keep":
+        keep_freed_memory()
+    rows = run(QUICK_SHAPES if args.quick else SHAPES, threads=int((args.threads or "2").split(",")[-1]),
+               repeats=5 if args.quick else 60)
+    if args.markdown:
+        print(markdown(rows))
+    return 0

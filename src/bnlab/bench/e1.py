@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import data as data_mod
-from .models import build_mlp
-from .train import make_trainer
+from ..lab import data as data_mod
+from ..lab.models import build_mlp
+from ..lab.trainers import make_trainer
 
 WIDTHS = (784, 100, 100, 100, 10)
 
@@ -143,7 +143,7 @@ def _subprocess(impl: str, bn: bool, steps: int, seeds: int) -> float:
     import subprocess
     import sys
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    code = ("import json,sys; from bnlab.lab.bench_e1 import _time_one; "
+    code = ("import json,sys; from bnlab.bench.e1 import _time_one; "
             f"print(json.dumps(_time_one({impl!r}, {bn!r}, {steps}, {seeds})))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -170,3 +170,9 @@ def run(steps: int = 5000, seeds: int = 3, markdown: bool = False, log=print) ->
             print(f"| {r['arm']} | {r['bnlab_50k_s']:.0f} | {r['torch_50k_s']:.0f} | {r['numpy_50k_s']:.0f} | "
                   f"{r['bnlab_ms'] / r['torch_ms']:.2f} | {r['bnlab_ms'] / r['numpy_ms']:.2f} |")
     return rows
+
+
+def command(args) -> int:
+    """``bnlab bench e1``."""
+    run(steps=500 if args.quick else 5000, markdown=args.markdown)
+    return 0

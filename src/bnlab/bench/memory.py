@@ -112,7 +112,7 @@ def run(steps: int = 10, threads: int = 2, log=print) -> list[dict]:
     rows = []
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     for config in CONFIGS:
-        out = subprocess.run([sys.executable, "-m", "bnlab.bench_memory", config, str(steps), str(threads)],
+        out = subprocess.run([sys.executable, "-m", "bnlab.bench.memory", config, str(steps), str(threads)],
                              env=env, capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     ms = _timing(steps, threads)
@@ -131,3 +131,9 @@ def run(steps: int = 10, threads: int = 2, log=print) -> list[dict]:
 
 if __name__ == "__main__":
     print(json.dumps(_worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))))
+
+
+def command(args) -> int:
+    """``bnlab bench memory``."""
+    run(steps=3 if args.quick else 10, threads=int((args.threads or "2").split(",")[-1]))
+    return 0

@@ -12,7 +12,7 @@ where the single-layer loop passes a dy the caller keeps. This benchmark runs
 with ``torch.nn.functional.batch_norm`` and with ``bnlab.functional.batch_norm`` (ReLU is
 torch's in both), and times the forward and the backward of each step separately.
 
-Method (as in bench.py): torch and bnlab take turns, each turn ``block`` consecutive steps, the
+Method (as in bench/batchnorm.py): torch and bnlab take turns, each turn ``block`` consecutive steps, the
 order rotating from repetition to repetition (whichever runs first after the switch pays for
 it, so none always does); a turn's sample is the median of its steps, and each ratio is the
 median over repetitions of bnlab's turn against the torch turn of the same repetition.
@@ -30,9 +30,10 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.nn.functional as F
 
-from . import bench
-from . import functional as BF
-from . import kernels
+from .. import functional as BF
+from .. import kernels
+from ._common import keep_freed_memory
+from .batchnorm import save_json as _save_json
 
 SHAPES: list[tuple[tuple[int, ...], bool]] = [
     ((256, 1024), False),
@@ -211,4 +212,18 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-save_json = bench.save_json          # rows of any dataclass
+save_json = _save_json               # rows of any dataclass
+
+
+def command(args) -> int:
+    """``bnlab bench chain``."""
+    if args.malloc == "keep":
+        keep_freed_memory()
+    threads = [int(t) for t in (args.threads or "2").split(",")]
+    kwargs = dict(min_turns=2, max_turns=3, budget_s=0.1, block=1) if args.quick else {}
+    rows = run(QUICK_SHAPES if args.quick else SHAPES, threads, ablate=args.ablate, **kwargs)
+    if args.markdown:
+        print(markdown(rows))
+    if args.json:
+        save_json(rows, args.json)
+    return 0
