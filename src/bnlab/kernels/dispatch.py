@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .. import definition as D
-from . import torch_ops
+from . import backend, enabled, load, load_triton, torch_ops     # the package: loaded before its modules
 
 __all__ = ["select", "train", "evaluate", "train_fast", "eval_fast", "graph_backward", "traced", "calls",
            "forward_train", "backward_train"]
@@ -55,7 +55,6 @@ class _Cpu:
 def cpu_module():
     """The C++ module, or None (no compiler, not Linux, or kernels off)."""
     if not _Cpu.tried:
-        from . import enabled, load
         if not enabled():
             return None
         _Cpu.tried = True
@@ -87,7 +86,6 @@ def traced(x: Tensor) -> bool:
 
 def select(x: Tensor, is_traced: Optional[bool] = None):
     """The backend module for this call, or None for the definition (see the module docstring)."""
-    from . import backend, enabled, load_triton
     if x.numel() == 0 or not enabled() or (traced(x) if is_traced is None else is_traced) or not _dense(x):
         return None
     device = x.device.type
