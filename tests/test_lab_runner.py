@@ -80,9 +80,9 @@ def test_json_writes_nan_as_null(tmp_path):
 
 def test_typed_overrides():
     e1 = get("E1")
-    cfg = e1.config("quick", parse_overrides(["steps=123", "eval_every=100", "lr=0.05", "widths=784,50,10",
+    cfg = e1.config("quick", parse_overrides(["steps=1230", "eval_every=100", "lr=0.05", "widths=784,50,10",
                                               "data.name=idx", "data.path=/tmp/x", "seeds=1"]))
-    assert cfg.steps == 123 and cfg.lr == 0.05 and cfg.widths == (784, 50, 10)
+    assert cfg.steps == 1230 and cfg.lr == 0.05 and cfg.widths == (784, 50, 10)
     assert cfg.data.name == "idx" and cfg.data.path == "/tmp/x" and cfg.seeds == 1
     with pytest.raises(ValueError, match="unknown config key"):
         e1.config("quick", {"stepz": "1"})
@@ -102,21 +102,7 @@ def test_registry_discovers_experiment_modules():
         get("E99")
 
 
-@pytest.mark.parametrize("a,b,expected", [([0.9, 0.91], [0.8, 0.85], V.SUPPORTED),
-                                          ([0.7, 0.72], [0.8, 0.85], V.NOT_SUPPORTED),
-                                          ([0.82, 0.9], [0.8, 0.85], V.INCONCLUSIVE),
-                                          ([], [0.8], V.INCONCLUSIVE)])
-def test_separated_goes_every_way(a, b, expected):
-    assert V.separated(a, b) == expected
-
-
-def test_all_seeds_and_combine_go_every_way():
-    assert V.all_seeds([True, True]) == V.SUPPORTED
-    assert V.all_seeds([False, False]) == V.NOT_SUPPORTED
-    assert V.all_seeds([True, False]) == V.INCONCLUSIVE
-    assert V.combine(V.SUPPORTED, V.SUPPORTED) == V.SUPPORTED
-    assert V.combine(V.SUPPORTED, V.NOT_SUPPORTED) == V.NOT_SUPPORTED
-    assert V.combine(V.SUPPORTED, V.INCONCLUSIVE) == V.INCONCLUSIVE
+def test_verdict_refuses_an_unknown_word():
     with pytest.raises(ValueError):
         V.Verdict("E", "c", "p", "m", "crit", "probably")
 
@@ -128,26 +114,29 @@ def test_fmt_reports_mean_and_spread():
     assert V.fmt([1.0, math.nan]) == "1 (n=1, 1 non-finite)"
 
 
-def test_e1_verdict_logic_on_synthetic_metrics(tmp_path):
-    """E1's analysis says 'supported' for BN-like numbers and 'not supported' for the reverse."""
+def test_e1_analysis_on_synthetic_metrics(tmp_path):
+    """E1's whole analysis (its statistics, parts and rule) says 'supported' for BN-like numbers and
+    'not supported' for the reverse."""
     from bnlab.lab.runner import RunContext
     e1 = get("E1")
-    cfg = e1.config("tiny")
+    cfg = e1.config("tiny", {"seeds": 5})
 
     def ctx_with(good_arm):
         ctx = RunContext(e1, cfg, tmp_path, resume=False, progress=False, log=lambda m: None)
         bad = "nobn" if good_arm == "bn" else "bn"
         for seed in ctx.seeds:
-            for step in (20, 40, 60):
-                ctx.record(step, seed, good_arm, "test_acc", 0.9 + step / 1000)
-                ctx.record(step, seed, bad, "test_acc", 0.5 + step / 1000)
+            for step in (0, 20, 40, 60):
+                ctx.record(step, seed, good_arm, "test_acc", 0.9 + step / 1000 + seed / 1000)
+                ctx.record(step, seed, bad, "test_acc", 0.5 + step / 1000 + seed / 1000)
                 for q, base in (("p15", -1.0), ("p50", 0.0), ("p85", 1.0)):
                     ctx.record(step, seed, good_arm, q, base + 0.001 * step)
                     ctx.record(step, seed, bad, q, base + (0.3 if step % 40 else -0.3))
         return ctx
 
+    e1.figures = lambda cfg, ctx: []                                  # this test is about the verdict
     assert e1.analyze(cfg, ctx_with("bn")).verdict == V.SUPPORTED
     assert e1.analyze(cfg, ctx_with("nobn")).verdict == V.NOT_SUPPORTED
+    del e1.figures
 
 
 def test_report_renders_with_sections_and_embedded_images(tmp_path):
@@ -176,16 +165,3 @@ def test_report_renders_with_sections_and_embedded_images(tmp_path):
     assert p.images and all(src.startswith("data:image/png;base64,") for src in p.images)
     md = md_path.read_text()
     assert "| E1 |" in md and "**error**" in md
-
-
-def test_e3_growth_criterion_both_ways():
-    """E3's 'b grows without bound': linear drift passes at any measurement schedule; a bias that
-    converges, or barely moves, fails."""
-    from bnlab.lab.experiments.e03_outside_gradient import _keeps_growing
-    for t0 in (300, 1000, 5000):                                   # first measurement's step
-        b = lambda t: 0.02 + 0.0002 * t                             # linear drift
-        assert _keeps_growing(b(t0), b(10_000), b(20_000), t0, 10_000, 20_000)
-    sat = lambda t: 3.0 * (1 - math.exp(-t / 2000))                 # converges to 3
-    assert not _keeps_growing(sat(1000), sat(10_000), sat(20_000), 1000, 10_000, 20_000)
-    assert not _keeps_growing(1.0, 1.1, 1.2, 1000, 10_000, 20_000)  # grows, but not 3×
-    assert not _keeps_growing(1.0, 4.0, 3.5, 1000, 10_000, 20_000)  # shrinks at the end

@@ -46,7 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="experiments run in parallel processes (default: min(2, CPUs))")
     rep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config field in every experiment that has it")
+    rep.add_argument("--executor", default="local", choices=["local", "ray"],
+                     help="local: --jobs child processes here; ray: one Ray task per experiment (bnlab[ray])")
+    rep.add_argument("--ray-address", default=None,
+                     help="the Ray cluster to use (default: RAY_ADDRESS, else a local Ray instance)")
     rep.set_defaults(func=_reproduce)
+
+    crit = sub.add_parser("criteria", help="the lab's declared verdict criteria, their hashes and lock status")
+    crit.add_argument("--lock", action="store_true",
+                      help="write docs/results/criteria.lock (a changed criterion needs its criteria-changes.md entry)")
+    crit.add_argument("--only", default=None, help="comma-separated experiment ids")
+    crit.set_defaults(func=_criteria)
 
     rec = sub.add_parser("recalibrate", help="replace a checkpoint's running BN statistics by exact "
                                              "population statistics over the training data")
@@ -139,6 +149,33 @@ def _add_run_args(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _criteria(args) -> int:
+    from .lab import criteria as C
+    from .lab.registry import all_parts
+    if args.lock:
+        parts = C.write_lock(all_parts())
+        print(f"locked {len(parts)} criteria in {C.LOCK_PATH}")
+        return 0
+    only = {x.strip().upper() for x in args.only.split(",")} if args.only else None
+    lock, changes = C.read_lock(), C.read_changes()
+    stale = 0
+    for pid, c, h in all_parts():
+        if only and pid.split(".")[0] not in only:
+            continue
+        entry = lock.get(pid)
+        if entry is None:
+            status = "not locked"
+        elif entry["hash"] == h:
+            status = f"locked {entry['locked']}"
+        elif h in changes.get(pid, []):
+            status = "changed (recorded in criteria-changes.md; relock)"
+        else:
+            status = "CHANGED, NOT RECORDED"
+            stale += 1
+        print(f"{pid}  [{h}]  {status}\n    {c.claim}\n    {c.describe()}")
+    return 1 if stale else 0
+
+
 def _list(args) -> int:
     from .lab.registry import all_experiments
     for e in all_experiments():
@@ -174,7 +211,7 @@ def _reproduce(args) -> int:
     only = [x.strip().upper() for x in args.only.split(",")] if args.only else None
     return reproduce(profile=args.profile, out=args.out, only=only, resume=args.resume,
                      data_dir=args.data_dir, jobs=args.jobs, overrides=args.overrides,
-                     progress=not args.quiet)
+                     progress=not args.quiet, executor=args.executor, ray_address=args.ray_address)
 
 
 def _recalibrate(args) -> int:

@@ -87,6 +87,23 @@ class Dataset:
     def num_features(self) -> int:
         return self.train_x.shape[1]
 
+    def holdout(self, validation: int) -> "Dataset":
+        """The training set split in two: its first N − ``validation`` images to train on and its
+        last ``validation`` as the "test" set (a validation set, for choosing hyperparameters
+        without looking at the test set)."""
+        if not 0 < validation < len(self.train_x):
+            raise DataError(f"a validation split of {validation} does not fit {len(self.train_x)} training images")
+        n = len(self.train_x) - validation
+        return Dataset(f"{self.name}[:{n}]", self.train_x[:n], self.train_y[:n], self.train_x[n:],
+                       self.train_y[n:], self.source)
+
+    def training_part(self, validation: int) -> "Dataset":
+        """The first N − ``validation`` training images with the real test set (what is trained on
+        once hyperparameters were chosen on :meth:`holdout`)."""
+        n = len(self.train_x) - validation
+        return Dataset(f"{self.name}[:{n}]", self.train_x[:n], self.train_y[:n], self.test_x, self.test_y,
+                       self.source)
+
 
 # ----------------------------------------------------------------------------------------------
 # IDX files

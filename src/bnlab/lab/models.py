@@ -28,7 +28,7 @@ from ..probes.base import register_activation
 from ..errors import DataError
 from .io import atomic_torch_save
 
-__all__ = ["BatchedLinear", "SeedBatched", "Activation", "build_mlp", "to_plain", "NORMS",
+__all__ = ["BatchedLinear", "SeedBatched", "Activation", "build_mlp", "build_cnn", "BatchedCNN", "to_plain", "NORMS",
            "register_norm", "init_weight", "save_checkpoint", "load_checkpoint", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "bnlab-model/1"
@@ -143,11 +143,16 @@ def _norms() -> Dict[str, Callable[..., nn.Module]]:
         # whitening groups of ``group_size`` features: a multiple of it per seed keeps seeds apart
         "zca": lambda c, seeds=1, group_size=20, **kw: V.DecorrelatedBatchNorm(c, whitening="zca", group_size=group_size, **kw),
         "pca": lambda c, seeds=1, group_size=20, **kw: V.DecorrelatedBatchNorm(c, whitening="pca", group_size=group_size, **kw),
+        "pca_aligned": lambda c, seeds=1, group_size=20, **kw: V.DecorrelatedBatchNorm(
+            c, whitening="pca_aligned", group_size=group_size, **kw),
+        "pca_stablegrad": lambda c, seeds=1, group_size=20, **kw: V.DecorrelatedBatchNorm(
+            c, whitening="pca_stablegrad", group_size=group_size, **kw),
         "iternorm": lambda c, seeds=1, group_size=20, **kw: V.IterNorm(c, group_size=group_size, **kw),
     }
 
 
 NORMS: Dict[str, Callable[..., nn.Module]] = _norms()
+_NOISY = ("noisy_bn", "noise_only")              # norms drawing random noise: one stream per layer
 
 
 def register_norm(name: str, factory: Callable[..., nn.Module]) -> None:
@@ -193,7 +198,10 @@ class BatchedMLP(nn.Module):
             linear = BatchedLinear(seeds, fan_in, fan_out, bias=not has_norm or not spec.get("drop_bias", True),
                                    init=spec.get("init", "normal"), std=spec.get("init_std", 0.1),
                                    generators=gens)
-            layer = SeedBatched(NORMS[norm](seeds * fan_out, seeds=seeds, **norm_kwargs), seeds) \
+            kwargs = dict(norm_kwargs)
+            if norm in _NOISY:                   # independent noise per layer (and per init_seed)
+                kwargs.setdefault("noise_seed", 1000 * int(spec.get("init_seed", 0)) + i)
+            layer = SeedBatched(NORMS[norm](seeds * fan_out, seeds=seeds, **kwargs), seeds) \
                 if has_norm else None
             residual = residual_from is not None and i >= residual_from and fan_in == fan_out
             blocks.append(MLPBlock(linear, layer, spec.get("activation", "sigmoid"), residual))
@@ -216,6 +224,92 @@ def build_mlp(spec: dict, seeds: int) -> BatchedMLP:
     """spec: widths, activation, norm (a NORMS key or "none"), norm_kwargs, init, init_std,
     init_seed, residual_from, drop_bias (BN makes the preceding bias redundant, Ioffe §3.2)."""
     return BatchedMLP(spec, seeds)
+
+
+# ----------------------------------------------------------------------------------------------
+# Seed-batched convolutional nets (He et al. 2015, §4.2's CIFAR design, scaled to MNIST)
+# ----------------------------------------------------------------------------------------------
+
+class BatchedCNN(nn.Module):
+    """S seeds of a He-et-al.-style CNN in one computation: every convolution is grouped by seed
+    (groups = S over S·C channels) and every BN normalizes S·C channels, each seed its own.
+
+    A 3×3 stem to ``widths[0]`` channels, then one stage per width with ``blocks`` basic blocks
+    each — two 3×3 conv → BN → ReLU layers, the second's ReLU after the (optional) identity
+    shortcut (option A: the shortcut of a downsampling block subsamples and zero-pads channels, so
+    plain and residual nets have the same parameters) — stride 2 at each new stage, then global
+    average pooling and a linear readout per seed. Depth: 2·blocks·stages + 2 layers.
+
+    Input (S, N, H·W) flat images (each seed its own batch) or (N, H·W) shared; output (S, N, K).
+    """
+
+    def __init__(self, spec: dict, seeds: int) -> None:
+        super().__init__()
+        self.spec, self.seeds = dict(spec), seeds
+        S = seeds
+        widths, self.side = list(spec["widths"]), int(spec.get("side", 28))
+        self.pool = int(spec.get("pool", 1))                    # average-pool the input first (CPU budget)
+        bn, self.residual = spec.get("norm", "bn") == "bn", bool(spec.get("residual", False))
+        gens = [torch.Generator().manual_seed(int(spec.get("init_seed", 0)) * 1000 + s) for s in range(S)]
+
+        def conv(cin: int, cout: int, stride: int) -> nn.Conv2d:
+            layer = nn.Conv2d(S * cin, S * cout, 3, stride=stride, padding=1, groups=S, bias=not bn)
+            with torch.no_grad():                               # He init per seed: N(0, 2/fan_in)
+                std = math.sqrt(2.0 / (cin * 9))
+                layer.weight.copy_(torch.cat([torch.randn((cout, cin, 3, 3), generator=g) * std for g in gens]))
+                if layer.bias is not None:
+                    layer.bias.zero_()
+            return layer
+
+        def norm(c: int) -> nn.Module:
+            return bn_mod.BatchNorm2d(S * c) if bn else nn.Identity()
+
+        self.stem, self.stem_norm = conv(1, widths[0], 1), norm(widths[0])
+        blocks, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            for j in range(int(spec["blocks"])):
+                stride = 2 if (i > 0 and j == 0) else 1
+                blocks.append(nn.ModuleDict(dict(conv1=conv(cin, w, stride), norm1=norm(w),
+                                                 conv2=conv(w, w, 1), norm2=norm(w))))
+                blocks[-1].shape = (cin, w, stride)
+                cin = w
+        self.blocks = nn.ModuleList(blocks)
+        self.readout = BatchedLinear(S, cin, int(spec.get("classes", 10)), init="standard", generators=gens)
+
+    def _shortcut(self, h: Tensor, cin: int, cout: int, stride: int) -> Tensor:
+        if stride == 1 and cin == cout:
+            return h
+        N, _, H, W = h.shape
+        h = h[:, :, ::stride, ::stride].reshape(N, self.seeds, cin, *h.shape[2:] if stride == 1 else
+                                                h[:, :, ::stride, ::stride].shape[2:])
+        pad = torch.zeros(N, self.seeds, cout - cin, *h.shape[3:], dtype=h.dtype, device=h.device)
+        return torch.cat([h, pad], dim=2).reshape(N, self.seeds * cout, *h.shape[3:])
+
+    def forward(self, x: Tensor) -> Tensor:
+        S, side = self.seeds, self.side
+        if x.dim() == 2:
+            x = x.unsqueeze(0).expand(S, -1, -1)
+        N = x.shape[1]
+        h = x.transpose(0, 1).reshape(N, S, side, side)                          # N, S, H, W
+        if self.pool > 1:
+            h = nn.functional.avg_pool2d(h, self.pool)
+        h = torch.relu(self.stem_norm(self.stem(h)))
+        for block in self.blocks:
+            cin, cout, stride = block.shape
+            z = torch.relu(block["norm1"](block["conv1"](h)))
+            z = block["norm2"](block["conv2"](z))
+            if self.residual:
+                z = z + self._shortcut(h, cin, cout, stride)
+            h = torch.relu(z)
+        C = h.shape[1] // S
+        h = h.mean((2, 3)).view(N, S, C).transpose(0, 1)                          # S, N, C
+        return self.readout(h)
+
+
+def build_cnn(spec: dict, seeds: int) -> BatchedCNN:
+    """spec: widths (one per stage), blocks (per stage), residual, norm ("bn" or "none"), pool,
+    init_seed."""
+    return BatchedCNN(spec, seeds)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -143,30 +143,64 @@ class RunContext:
             self._data = data
         return self._data
 
-    def record(self, step: int, seed: int, arm: str, metric: str, value: float) -> None:
-        self.rows.append(dict(step=int(step), seed=int(seed), arm=str(arm), metric=str(metric),
-                              value=float(value)))
+    def record(self, step: int, seed: int, arm: str, metric: str, value: float, layer: Optional[str] = None) -> None:
+        """One measurement; ``layer`` names the layer a per-layer metric belongs to (stored as
+        ``metric@layer`` in metrics.csv's tidy rows)."""
+        self.rows.append(dict(step=int(step), seed=int(seed), arm=str(arm),
+                              metric=str(metric) if layer is None else f"{metric}@{layer}", value=float(value)))
+
+    def _index(self) -> dict:
+        """(metric, arm, seed) → [(step, value)] sorted by step, rebuilt when rows were added."""
+        if getattr(self, "_indexed", -1) != len(self.rows):
+            index: dict = {}
+            for r in self.rows:
+                index.setdefault((r["metric"], r["arm"], r["seed"]), []).append((r["step"], r["value"]))
+            for v in index.values():
+                v.sort(key=lambda sv: sv[0])
+            self._index_cache, self._indexed = index, len(self.rows)
+        return self._index_cache
 
     def select(self, metric: str, arm: Optional[str] = None, seed: Optional[int] = None,
                step: Optional[int] = None) -> list[dict]:
         return [r for r in self.rows if r["metric"] == metric and (arm is None or r["arm"] == arm)
                 and (seed is None or r["seed"] == seed) and (step is None or r["step"] == step)]
 
-    def series(self, metric: str, arm: str, seed: int) -> tuple[list[int], list[float]]:
-        rows = sorted(self.select(metric, arm, seed), key=lambda r: r["step"])
-        return [r["step"] for r in rows], [r["value"] for r in rows]
+    def series(self, metric: str, arm: str, seed: int, layer: Optional[str] = None) -> tuple[list[int], list[float]]:
+        """(steps, values) of one seed's metric (of ``layer``, for per-layer metrics)."""
+        pairs = self._index().get((metric if layer is None else f"{metric}@{layer}", arm, seed), [])
+        return [s for s, _ in pairs], [v for _, v in pairs]
 
-    def seed_means(self, metric: str, arm: str) -> list[float]:
-        """The metric averaged over its recorded steps, one value per seed."""
-        return [statistics.fmean(self.series(metric, arm, seed)[1]) for seed in self.seeds]
+    def layers(self, metric: str, arm: str) -> list[str]:
+        """The layers a per-layer metric was recorded for in ``arm``, in recording order."""
+        prefix, seen = metric + "@", {}
+        for (m, a, _seed) in self._index():
+            if a == arm and m.startswith(prefix):
+                seen.setdefault(m[len(prefix):], None)
+        return list(seen)
 
-    def final(self, metric: str, arm: str) -> list[float]:
-        """The metric's value at its last recorded step, one per seed."""
+    def at(self, metric: str, arm: str, step: int) -> list[float]:
+        """The metric at ``step``, one value per seed in seed order (nan where a seed has none)."""
         out = []
         for seed in self.seeds:
             steps, values = self.series(metric, arm, seed)
-            if values:
-                out.append(values[-1])
+            out.append(values[steps.index(step)] if step in steps else float("nan"))
+        return out
+
+    def seed_means(self, metric: str, arm: str) -> list[float]:
+        """The metric averaged over its recorded steps, one value per seed (nan where none)."""
+        out = []
+        for seed in self.seeds:
+            values = self.series(metric, arm, seed)[1]
+            out.append(statistics.fmean(values) if values else float("nan"))
+        return out
+
+    def final(self, metric: str, arm: str) -> list[float]:
+        """The metric's value at its last recorded step, one per seed in seed order (nan where a
+        seed has none, so arms stay paired by seed)."""
+        out = []
+        for seed in self.seeds:
+            values = self.series(metric, arm, seed)[1]
+            out.append(values[-1] if values else float("nan"))
         return out
 
     # -- resumable units -----------------------------------------------------------------------
@@ -331,6 +365,7 @@ def _run_experiment(experiment, profile, out_dir: Path, seeds, overrides, resume
         atomic_write_json(out_dir / "config.json", config_to_dict(cfg))
     ctx = RunContext(experiment, cfg, out_dir, resume, data_dir, progress, hooks, log)
     started = time.time()
+    ctx.started_iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started))
     t0 = time.perf_counter()
     try:
         with thread_limits(cfg.threads):
@@ -361,13 +396,16 @@ def _run_and_write(experiment, profile, cfg, ctx, out_dir: Path, previous: float
     verdict = experiment.analyze(cfg, ctx)
     write_metrics_csv(out_dir / "metrics.csv", ctx.rows)
     seconds = previous + time.perf_counter() - t0
+    v = verdict.to_dict()
     result = dict(
         experiment=experiment.id, title=experiment.title, claim=experiment.claim,
-        verdict=verdict.verdict, criterion=verdict.criterion, paper=experiment.paper,
+        verdict=verdict.verdict, rule=v["rule"], parts=v["parts"], checks=v["checks"],
+        criterion=verdict.criterion, paper=experiment.paper, departures=verdict.departures,
         measured=verdict.measured, numbers=verdict.numbers, figures=verdict.figures,
         notes=verdict.notes, source=experiment.source, profile=profile, seeds=cfg.seeds,
+        criteria_hashes={p.id: p.hash for p in verdict.parts},
         config=config_to_dict(cfg), git_sha=git_sha(), versions=dict(versions(), processes=lab_dist.world()),
-        seconds=round(seconds, 2), started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        seconds=round(seconds, 2), started=ctx.started_iso,
         command=" ".join(["bnlab"] + sys.argv[1:]) if sys.argv and "bnlab" in sys.argv[0] else None)
     atomic_write_json(out_dir / "result.json", result)
     ctx.log(f"{verdict.verdict.upper()}: {verdict.measured}  ({seconds:.1f}s)")

@@ -23,7 +23,8 @@ from ..kernels import dispatch
 from .data import Dataset
 from .models import BatchedMLP
 
-__all__ = ["EpochSampler", "ClassifierTrainer", "FastMLPTrainer", "accuracy_per_seed", "make_optimizer",
+__all__ = ["EpochSampler", "ClassifierTrainer", "FastMLPTrainer", "accuracy_per_seed", "batch_loss_per_seed",
+           "make_optimizer",
            "make_trainer", "supports", "bmm", "MATMUL_BACKEND"]
 
 
@@ -96,6 +97,27 @@ def accuracy_per_seed(model: nn.Module, x: Tensor, y: Tensor, chunk: int = 5000)
         correct = hit if correct is None else correct + hit
     model.train(was)
     return correct / len(x)
+
+
+@torch.no_grad()
+def batch_loss_per_seed(model: nn.Module, x: Tensor, y: Tensor, chunk: int = 2500) -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy and error of each seed of a batched model on (x, y), in eval mode:
+    two (S,) tensors."""
+    was = model.training
+    model.eval()
+    loss = err = None
+    try:
+        for start in range(0, len(x), chunk):
+            logits = model(x[start:start + chunk])                                 # S, n, K
+            S, n, K = logits.shape
+            target = y[start:start + chunk]
+            l_ = nn.functional.cross_entropy(logits.reshape(S * n, K), target.repeat(S),
+                                             reduction="none").view(S, n).sum(1).double()
+            e_ = (logits.argmax(-1) != target).sum(-1).double()
+            loss, err = (l_, e_) if loss is None else (loss + l_, err + e_)
+    finally:
+        model.train(was)
+    return loss / len(x), err / len(x)
 
 
 class ClassifierTrainer:

@@ -85,14 +85,69 @@ def group_covariance(x: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor
     return Xc, mean, sigma
 
 
-def whitening_matrix(sigma: Tensor, method: str) -> Tensor:
-    """ZCA: D Λ^(−½) Dᵀ; PCA: Λ^(−½) Dᵀ (rows: principal axes, ascending eigenvalue)."""
+class _EighStable(torch.autograd.Function):
+    """eigh with its eigenvector derivative regularized: where the usual backward has
+    1/(λ_j − λ_i), this has (λ_j − λ_i)/((λ_j − λ_i)² + κ²), κ = 1e-3·mean(λ) — finite when two
+    eigenvalues meet (the control that tells PCA's unstable gradient from its axis swapping)."""
+
+    @staticmethod
+    def forward(ctx, sigma: Tensor):
+        lam, D = torch.linalg.eigh(sigma)
+        ctx.save_for_backward(lam, D)
+        return lam, D
+
+    @staticmethod
+    def backward(ctx, g_lam: Tensor, g_D: Tensor):
+        lam, D = ctx.saved_tensors
+        diff = lam.unsqueeze(-2) - lam.unsqueeze(-1)                        # [i, j] = λ_j − λ_i
+        kappa = 1e-3 * lam.abs().mean(-1, keepdim=True).unsqueeze(-1)
+        F = diff / (diff.square() + kappa.square())
+        F.diagonal(dim1=-2, dim2=-1).zero_()
+        inner = torch.diag_embed(g_lam if g_lam is not None else torch.zeros_like(lam))
+        if g_D is not None:
+            inner = inner + F * (D.transpose(-1, -2) @ g_D)
+        grad = D @ inner @ D.transpose(-1, -2)
+        return 0.5 * (grad + grad.transpose(-1, -2))
+
+
+def _aligned(W: Tensor, reference: Tensor) -> Tensor:
+    """W's rows (whitening axes) permuted and sign-flipped to match ``reference``'s rows one to one
+    (greedy on |cosine|), per group: PCA without axis swapping. (g, G, G) each."""
+    with torch.no_grad():
+        a = W / W.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        b = reference / reference.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        sim = b @ a.transpose(-1, -2)                                        # [ref row, W row]
+        g, G, _ = sim.shape
+        order = torch.empty(g, G, dtype=torch.long)
+        signs = torch.empty(g, G, dtype=W.dtype)
+        score = sim.abs().clone()
+        for _ in range(G):                                                   # greedy assignment
+            flat = score.view(g, -1).argmax(-1)
+            r, c = flat // G, flat % G
+            rows = torch.arange(g)
+            order[rows, r] = c
+            signs[rows, r] = torch.sign(sim[rows, r, c]).where(sim[rows, r, c] != 0, torch.ones_like(signs[rows, r]))
+            score[rows, r, :] = -1.0
+            score[rows, :, c] = -1.0
+    return W.gather(1, order.unsqueeze(-1).expand(-1, -1, W.shape[-1])) * signs.unsqueeze(-1)
+
+
+def whitening_matrix(sigma: Tensor, method: str, reference: Optional[Tensor] = None) -> Tensor:
+    """ZCA: D Λ^(−½) Dᵀ; PCA: Λ^(−½) Dᵀ (rows: principal axes, ascending eigenvalue). Two PCA controls:
+    "pca_aligned" matches the axes' order and signs to ``reference`` (no axis swapping, the same
+    eigenvector gradient), "pca_stablegrad" keeps PCA's axes with a regularized eigenvector gradient."""
     if method == "zca":
         return inv_sqrtm(sigma)
-    if method == "pca":
-        lam, D = torch.linalg.eigh(sigma)
-        return torch.diag_embed(lam.clamp_min(torch.finfo(lam.dtype).tiny).rsqrt()) @ D.transpose(-1, -2)
-    raise ValueError(f"whitening must be 'zca' or 'pca', got {method!r}")
+    if method in ("pca", "pca_aligned", "pca_stablegrad"):
+        lam, D = _EighStable.apply(sigma) if method == "pca_stablegrad" else torch.linalg.eigh(sigma)
+        W = torch.diag_embed(lam.clamp_min(torch.finfo(lam.dtype).tiny).rsqrt()) @ D.transpose(-1, -2)
+        if method == "pca_aligned" and reference is not None:
+            W = _aligned(W, reference)
+        return W
+    raise ValueError(f"whitening must be one of {WHITENINGS}, got {method!r}")
+
+
+WHITENINGS = ("zca", "pca", "pca_aligned", "pca_stablegrad")
 
 
 def iternorm_matrix(sigma: Tensor, T: int) -> Tensor:
@@ -177,14 +232,16 @@ class DecorrelatedBatchNorm(_Whitening):
     def __init__(self, num_features: int, groups: int = 1, whitening: str = "zca", eps: float = 1e-5,
                  momentum: float = 0.1, affine: bool = True, track_running_stats: bool = True,
                  group_size: Optional[int] = None, device=None, dtype=None) -> None:
-        if whitening not in ("zca", "pca"):
-            raise ValueError(f"whitening must be 'zca' or 'pca', got {whitening!r}")
+        if whitening not in WHITENINGS:
+            raise ValueError(f"whitening must be one of {WHITENINGS}, got {whitening!r}")
         super().__init__(num_features, groups, eps, momentum, affine, track_running_stats, group_size,
                          device, dtype)
         self.whitening = whitening
 
     def _matrix(self, sigma: Tensor) -> Tensor:
-        return whitening_matrix(sigma, self.whitening)
+        reference = self.running_whitening.detach() if self.running_whitening is not None else \
+            torch.eye(sigma.shape[-1], dtype=sigma.dtype, device=sigma.device).expand_as(sigma)
+        return whitening_matrix(sigma, self.whitening, reference)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", whitening={self.whitening!r}"
