@@ -1,9 +1,15 @@
 """``bnlab reproduce``: every experiment, then the report.
 
-Experiments run in worker processes (``--jobs``, default min(2, CPUs); each single-threaded),
-each writing its own directory and log; a failing experiment is recorded (``error.txt``) and
-the others go on. ``--resume`` keeps finished experiments of the same profile and resumes the
-rest from their checkpoints. Finally ``report.html`` and ``summary.md`` are written.
+Each experiment runs as ``bnlab run <id>`` in a child process, single-threaded, writing its own
+directory and log; a failing experiment is recorded (``error.txt``) and the others go on.
+``--resume`` keeps finished experiments of the same profile and resumes the rest from their
+checkpoints. Finally ``report.html`` and ``summary.md`` are written.
+
+Executors: ``local`` (default) runs ``--jobs`` children at a time on this machine; ``ray`` hands
+each child to a Ray task (``pip install bnlab[ray]``) — a local Ray instance with ``--jobs`` CPUs,
+or the cluster at ``--ray-address``/``RAY_ADDRESS``, whose workers must see the same ``--out``
+path (a shared filesystem) and have bnlab installed. The children are the same commands either
+way, so results, logs, resume and atomic writes are identical.
 """
 
 from __future__ import annotations
@@ -69,9 +75,31 @@ def _run_logged(cmd: list[str], log_path: Path, echo: bool) -> int:
         return proc.wait()
 
 
+EXECUTORS = ("local", "ray")
+
+
+def _ray_runner(jobs: int, address: Optional[str]):
+    """A function running ``_run_logged`` as a Ray task (one CPU each), after connecting to the
+    cluster at ``address`` (or RAY_ADDRESS) or starting a local instance with ``jobs`` CPUs."""
+    try:
+        import ray
+    except ImportError:
+        raise UsageError("--executor ray needs Ray: pip install 'bnlab[ray]'") from None
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not ray.is_initialized():
+        kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=jobs, **kwargs)
+    task = ray.remote(num_cpus=1, max_retries=0)(_run_logged)
+    return lambda cmd, log_path, echo: ray.get(task.remote(cmd, log_path, False))
+
+
 def reproduce(profile: str = "quick", out: str | Path = "runs", only: Optional[Sequence[str]] = None,
               resume: bool = False, data_dir: Optional[str] = None, jobs: Optional[int] = None,
-              overrides: Sequence[str] = (), progress: bool = True) -> int:
+              overrides: Sequence[str] = (), progress: bool = True, executor: str = "local",
+              ray_address: Optional[str] = None) -> int:
     """Run the experiments and write the report. Returns 0 if all ran, 1 if any failed."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,6 +113,8 @@ def reproduce(profile: str = "quick", out: str | Path = "runs", only: Optional[S
     ov = parse_overrides(overrides)
     if jobs is not None and jobs < 1:
         raise UsageError(f"--jobs {jobs}: need at least 1")
+    if executor not in EXECUTORS:
+        raise UsageError(f"--executor {executor!r}: choose from {EXECUTORS}")
     jobs = jobs or min(2, os.cpu_count() or 1)
     for e in experiments:                # refuse what would fail in every child, before any runs
         e.config(profile, parse_overrides(_overrides_for(e, ov)))
@@ -93,14 +123,15 @@ def reproduce(profile: str = "quick", out: str | Path = "runs", only: Optional[S
                              f"through a link: remove it or choose another --out")
     try:
         with FileLock(out / ".reproduce.lock", f"bnlab reproduce --out {out}"):
-            return _reproduce(experiments, profile, out, only, resume, data_dir, jobs, ov, progress)
+            run_child = _ray_runner(jobs, ray_address) if executor == "ray" else _run_logged
+            return _reproduce(experiments, profile, out, only, resume, data_dir, jobs, ov, progress, run_child)
     except LockBusy as e:
         raise UsageError(f"another bnlab reproduce is writing {out} ({e}): wait for it to finish or "
                          f"choose another --out") from None
 
 
 def _reproduce(experiments, profile, out: Path, only, resume, data_dir, jobs: int, ov: dict,
-               progress: bool) -> int:
+               progress: bool, run_child=_run_logged) -> int:
     todo = [e for e in experiments if not (resume and _finished(out, e.id, profile))]
     skipped = len(experiments) - len(todo)
     print(f"bnlab reproduce: {len(todo)} experiment(s), profile {profile}, {jobs} in parallel"
@@ -122,7 +153,7 @@ def _reproduce(experiments, profile, out: Path, only, resume, data_dir, jobs: in
         start = time.perf_counter()
         # the child keeps log.txt when it clears its directory (runner._LAUNCHER_FILES); with one
         # job its output also goes to this terminal
-        rc = _run_logged(cmd, log_path, echo=jobs == 1)
+        rc = run_child(cmd, log_path, jobs == 1)
         error = out / e.id / "error.txt"
         if rc != 0:
             # the child wrote its traceback to error.txt when it could (an exception); a process
