@@ -60,22 +60,25 @@ class Criterion:
     def describe(self, labels: Optional[dict] = None) -> str:
         """The criterion in words, generated from its fields."""
         name = lambda arm: (labels or {}).get(arm, arm)                       # noqa: E731
-        other = name(self.baseline) if self.baseline is not None else f"{self.reference:g}"
         what = f"log({self.statistic})" if self.scale == "log" else self.statistic
-        diff = f"{what}[{name(self.treatment)}] − {what}[{other}]" if self.baseline is not None \
-            else f"{what}[{name(self.treatment)}] − {other}"
+        if self.baseline is not None:
+            diff = f"{what}[{name(self.treatment)}] − {what}[{name(self.baseline)}]"
+        else:
+            ref = f"log({self.reference:g})" if self.scale == "log" else f"{self.reference:g}"
+            diff = f"{what}[{name(self.treatment)}] − {ref}"
+        paired = "paired " if self.baseline is not None else "per-seed "
         sign = "" if self.direction == "greater" else "−("
         close = "" if self.direction == "greater" else ")"
         level = f"{100 * (1 - self.alpha):g}%"
         d = f"{sign}{diff}{close}"
         if self.test == "difference":
-            rule = (f"supported if the {level} interval of the paired {d} lies above {self.margin:g}, "
+            rule = (f"supported if the {level} interval of the {paired}{d} lies above {self.margin:g}, "
                     f"not supported if below it")
         elif self.test == "noninferiority":
-            rule = (f"non-inferiority: supported if the {level} interval of the paired {d} lies above "
+            rule = (f"non-inferiority: supported if the {level} interval of the {paired}{d} lies above "
                     f"−{self.margin:g}, not supported if below it")
         else:
-            rule = (f"equivalence: supported if the {level} interval of the paired {diff} lies inside "
+            rule = (f"equivalence: supported if the {level} interval of the {paired}{diff} lies inside "
                     f"(−{self.margin:g}, {self.margin:g}), not supported if outside it")
         return rule + "; otherwise inconclusive"
 
