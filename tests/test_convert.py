@@ -1,6 +1,8 @@
 """convert(model, to=...): every batch-norm layer swapped, state kept (the same tensors),
 nesting and subclasses handled, and back again."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -110,13 +112,18 @@ def test_frozen_layer_to_torch_warns_and_restores_flags():
 def test_layers_whose_eval_is_not_bn_are_left_alone(to, layer):
     """BatchNormAct2d is BN and an activation (with |γ| + ε as its scale when memory-efficient);
     DetachedNorm2d by default only subtracts the mean: no target may replace them by a plain
-    batch norm."""
+    batch norm. Freezing BatchNormAct2d keeps its activation (and the scale it applies)."""
     model = nn.Sequential(nn.Conv2d(3, 4, 3), layer())
     kind = type(model[1])
     model(torch.randn(6, 3, 7, 7))
     model.eval()
     x = torch.randn(2, 3, 7, 7)
     before = model(x)
-    converted = bnlab.convert(model, to=to)
-    assert type(converted[1]) is kind
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = bnlab.convert(model, to=to)
+    if to == "frozen" and kind is bnlab.BatchNormAct2d:
+        assert type(converted[1]) is bnlab.FrozenBatchNorm and len(converted[1].tail_modules()) == 2
+    else:
+        assert type(converted[1]) is kind
     torch.testing.assert_close(converted(x), before)

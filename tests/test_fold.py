@@ -132,20 +132,45 @@ def test_fold_weights_closed_form():
     torch.testing.assert_close(bf, (b - mean) * s + beta)
 
 
-@pytest.mark.parametrize("layer", [lambda: bnlab.BatchNormAct2d(4, activation="relu"),
-                                   lambda: bnlab.BatchNormAct2d(4, activation="leaky_relu", negative_slope=0.2),
-                                   lambda: bnlab.BatchNormAct2d(4, activation="identity"),
-                                   lambda: bnlab.DetachedNorm2d(4)],        # eval: x − μ, unscaled
-                         ids=["act-relu", "act-leaky", "act-identity", "detached-center-only"])
-def test_layers_whose_eval_is_not_bn_are_not_folded(layer):
-    """BatchNormAct2d is a batch norm *and* an activation; DetachedNorm2d (center only) only
-    subtracts the mean: folding either as a plain BN would change the output, so they stay (and
-    the folded model still equals the original)."""
-    model = _warm(nn.Sequential(nn.Conv2d(3, 4, 3), layer()), (8, 3, 7, 7))
+def test_a_layer_whose_eval_is_not_bn_is_not_folded():
+    """DetachedNorm2d (center only) only subtracts the mean: folding it as a plain BN would
+    change the output, so it stays (and the folded model still equals the original)."""
+    model = _warm(nn.Sequential(nn.Conv2d(3, 4, 3), bnlab.DetachedNorm2d(4)), (8, 3, 7, 7))
     x = torch.randn(5, 3, 7, 7)
     folded, report = bnlab.fold(model, x, return_report=True)
     assert report.folded == [] and [bn for bn, _ in report.skipped] == ["1"]
     torch.testing.assert_close(folded(x), model(x))
+
+
+@pytest.mark.parametrize("layer,tail", [
+    (lambda: bnlab.BatchNormAct2d(4, activation="relu"), [nn.ReLU]),
+    (lambda: bnlab.BatchNormAct2d(4, activation="leaky_relu", negative_slope=0.2), [nn.LeakyReLU]),
+    (lambda: bnlab.BatchNormAct2d(4, activation="identity"), []),
+    (lambda: bnlab.BatchNormAct2d(4, activation=nn.SiLU(), drop=nn.Dropout(0.3)), [nn.Dropout, nn.SiLU])],
+    ids=["relu", "leaky", "identity", "module-silu"])
+def test_norm_act_layers_fold_and_keep_their_activation(layer, tail):
+    """BatchNormAct2d is BN *and* an activation (and, memory-efficient with an invertible
+    activation, |γ| + ε as its scale): the BN folds into the conv with the scale it applies, and
+    the activation stays where the layer was."""
+    model = _warm(nn.Sequential(nn.Conv2d(3, 4, 3), layer()), (8, 3, 7, 7))
+    with torch.no_grad():
+        model[1].weight[0] = -0.7                                # |γ| + ε differs from γ here
+    x = torch.randn(5, 3, 7, 7)
+    folded, report = bnlab.fold(model, x, return_report=True)
+    assert report.folded == [("0", "1")]
+    kept = list(folded[1]) if isinstance(folded[1], nn.Sequential) else []
+    assert [type(m) for m in kept] == tail
+    torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_fold_raises_rather_than_return_a_changed_model(monkeypatch):
+    """The example input is the last line of defence: a fold that changed the output is refused."""
+    model = _warm(nn.Sequential(nn.Conv2d(3, 4, 3), bnlab.BatchNorm2d(4)), (8, 3, 7, 7))
+    real = bnlab.fold.__globals__["fold_weights"]
+    monkeypatch.setitem(bnlab.fold.__globals__, "fold_weights",
+                        lambda *a, **k: tuple(t * 1.5 for t in real(*a, **k)))
+    with pytest.raises(bnlab.fold.__globals__["FoldError"], match="changed the model's output"):
+        bnlab.fold(model, torch.randn(5, 3, 7, 7))
 
 
 def test_bnlab_layers_are_torch_batchnorm_instances_and_the_fused_layer_is_not():

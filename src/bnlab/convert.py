@@ -4,6 +4,12 @@
 ``bnlab.BatchNorm1d/2d/3d``; ``to="torch"`` goes back. Other targets register themselves with
 :func:`register_target` (e.g. ``"sync"``, ``"frozen"`` in later modules).
 
+Only layers whose forward is known are touched (:mod:`bnlab.layouts`): torch's and bnlab's plain
+batch norm, and norm-act layers such as timm's ``BatchNormAct2d`` (BN, dropout, activation),
+which become ``bnlab.BatchNormAct2d`` with the same ``drop`` and ``act`` modules. A layer that
+derives from ``_BatchNorm`` but computes something else is left as it is, and one warning names
+every such layer: a conversion never changes what a model computes.
+
 The swap is zero-copy: the new layer receives the *same* Parameter and buffer objects, so an
 optimizer built before the conversion keeps updating the right tensors, and hooks registered on
 the old layer move with it. The training flag, device and dtype are kept. The model is changed
@@ -14,19 +20,22 @@ does, so ``model = bnlab.convert(model)`` is always right.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from .options import ConvertTarget
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
+from .layouts import is_plain, layout, looks_like_batchnorm
 
 __all__ = ["convert", "register_target", "transfer_state", "bn_dim"]
 
-# A target maps a batch-norm layer to its replacement, or returns None to leave it as it is.
-Converter = Callable[[nn.Module], Optional[nn.Module]]
+# A target maps a layer to its replacement; None leaves it as it is (not the target's business),
+# a string leaves it as it is and says why (convert warns, naming the layer).
+Converter = Callable[[nn.Module], Union[nn.Module, str, None]]
 _TARGETS: Dict[str, Converter] = {}
 
 _TORCH_BY_DIM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -95,8 +104,10 @@ def _to_bnlab(m: nn.Module) -> Optional[nn.Module]:
             raise ValueError("this SyncBatchNorm never saw an input and was not converted from a "
                              "BatchNorm1d/2d/3d: its dimensionality is unknown; run one forward first")
         return _new_like(_BNLAB_BY_DIM[dim], m, **_bnlab_options(m))
-    if isinstance(m, _BatchNorm) or not isinstance(m, _TorchBatchNorm):
+    if isinstance(m, _BatchNorm):
         return None
+    if not is_plain(m):
+        return _norm_act_to_bnlab(m)
     _refuse_lazy(m)
     if isinstance(m, nn.SyncBatchNorm):              # torch's SyncBN → bnlab's, still synchronized
         return _to_sync(m, process_group=m.process_group)
@@ -104,6 +115,28 @@ def _to_bnlab(m: nn.Module) -> Optional[nn.Module]:
     if dim is None:
         return None
     return _new_like(_BNLAB_BY_DIM[dim], m)
+
+
+def _unknown(m: nn.Module, what: str = "batch norm's") -> Optional[str]:
+    """The reason a batch-norm-like layer is left alone, or None for other modules."""
+    if not looks_like_batchnorm(m):
+        return None
+    return f"{type(m).__name__}: its forward is not {what}"
+
+
+def _norm_act_to_bnlab(m: nn.Module) -> Union[nn.Module, str, None]:
+    """A norm-act layer derived from nn.BatchNorm2d (timm's BatchNormAct2d) → bnlab.BatchNormAct2d
+    with the same drop and act modules; anything else batch-norm-like is left, with its reason."""
+    from .fused import BatchNormAct2d
+    lay = layout(m)
+    if lay is None:
+        return _unknown(m)
+    if lay.kind != "norm_act" or not isinstance(m, nn.BatchNorm2d) or isinstance(m, nn.SyncBatchNorm) \
+            or len(lay.tail) != 2:
+        return None if lay.kind == "frozen" else f"{type(m).__name__}: no bnlab equivalent"
+    _refuse_lazy(m)
+    drop, act = lay.tail
+    return _new_like(BatchNormAct2d, m, activation=act, drop=drop)
 
 
 def _bnlab_options(m: nn.Module) -> dict:
@@ -115,10 +148,10 @@ def _bnlab_options(m: nn.Module) -> dict:
 def _to_sync(m: nn.Module, process_group=None) -> Optional[nn.Module]:
     """Any batch-norm layer (torch's, bnlab's, torch's SyncBatchNorm) → bnlab.SyncBatchNorm."""
     from .sync import SyncBatchNorm
-    if not isinstance(m, _TorchBatchNorm) or isinstance(m, SyncBatchNorm):
+    if isinstance(m, SyncBatchNorm):
         return None
-    if isinstance(m, _BatchNorm) and not _plain_bn(m):
-        return None                                  # variants keep their own semantics
+    if not is_plain(m):
+        return _unknown(m, "plain batch norm's")     # variants and norm-act layers keep their semantics
     _refuse_lazy(m)
     new = _new_like(SyncBatchNorm, m, process_group=process_group, **_bnlab_options(m))
     new.bn_dim = bn_dim(m)
@@ -130,6 +163,8 @@ def _to_torch(m: nn.Module) -> Optional[nn.Module]:
     from .sync import SyncBatchNorm
     if not isinstance(m, _BatchNorm):
         return None
+    if not is_plain(m):
+        return f"{type(m).__name__}: torch.nn has no equivalent"
     if isinstance(m, SyncBatchNorm):
         return _new_like(nn.SyncBatchNorm, m, process_group=m.process_group)
     dim = bn_dim(m)
@@ -150,7 +185,7 @@ def _to_torch(m: nn.Module) -> Optional[nn.Module]:
     return new
 
 
-def convert(model: nn.Module, to: str = "bnlab", **options) -> nn.Module:
+def convert(model: nn.Module, to: ConvertTarget = "bnlab", **options: Any) -> nn.Module:
     """Replace every batch-norm layer of ``model`` (nested at any depth) by the ``to`` kind.
 
     Args:
@@ -166,57 +201,64 @@ def convert(model: nn.Module, to: str = "bnlab", **options) -> nn.Module:
         raise ValueError(f"unknown conversion target {to!r}; known: {sorted(_TARGETS)}")
     converter = _TARGETS[to]
 
-    def swap(m: nn.Module) -> nn.Module:
+    left: list[str] = []
+
+    def swap(m: nn.Module, name: str) -> nn.Module:
         new = converter(m, **options) if options else converter(m)
+        if isinstance(new, str):
+            left.append(f"{name or '<root>'} ({new})")
+            return m
         return m if new is None else new
 
-    root = swap(model)
-    stack = [root]
+    root = swap(model, "")
+    stack = [("", root)]
     while stack:
-        parent = stack.pop()
+        prefix, parent = stack.pop()
         for name, child in list(parent._modules.items()):
             if child is None:
                 continue
-            new = swap(child)
+            qualname = f"{prefix}.{name}" if prefix else name
+            new = swap(child, qualname)
             if new is not child:
                 parent._modules[name] = new
-            stack.append(new)
+            stack.append((qualname, new))
+    if left:
+        shown = "; ".join(left[:8]) + (f"; and {len(left) - 8} more" if len(left) > 8 else "")
+        warnings.warn(f"bnlab.convert(to={to!r}) left {len(left)} layer(s) as they are, so the model "
+                      f"computes what it did: {shown}", stacklevel=2)
     return root
 
 
 
-def _plain_bn(m: nn.Module) -> bool:
-    """A batch-norm layer of the standard kind (torch's or bnlab's BatchNormNd or SyncBatchNorm,
-    not a variant that changes the forward)."""
-    from .sync import SyncBatchNorm
-    return isinstance(m, _TorchBatchNorm) and (
-        type(m).forward in (nn.BatchNorm1d.forward, _BatchNorm.forward, nn.SyncBatchNorm.forward,
-                            SyncBatchNorm.forward))
-
-
 @register_target("frozen")
-def _to_frozen(m: nn.Module) -> Optional[nn.Module]:
-    """Every BN layer → FrozenBatchNorm with its statistics and affine as constant buffers."""
+def _to_frozen(m: nn.Module) -> Union[nn.Module, str, None]:
+    """Every BN layer whose eval forward is known → FrozenBatchNorm with its eval-mode statistics
+    and affine as constant buffers, and a norm-act layer's drop and act modules after it."""
     from .variants.frozen import FrozenBatchNorm
-    if not isinstance(m, _TorchBatchNorm) or not getattr(m, "_eval_is_bn", True):
-        return None                                  # e.g. BatchNormAct2d: BN and an activation
-    if m.running_mean is None:
+    lay = layout(m)
+    if lay is None:
+        return _unknown(m)
+    if lay.kind == "frozen":
+        return None
+    if lay.running_mean is None or lay.running_var is None:
         raise ValueError(f"{type(m).__name__} has no running statistics (track_running_stats=False): "
                          f"there is nothing to freeze it to")
-    frozen = FrozenBatchNorm(m.num_features, m.eps, device=m.running_mean.device, dtype=m.running_mean.dtype)
+    drop, act = (lay.tail + (None, None))[:2] if len(lay.tail) == 2 else (None, lay.tail[0] if lay.tail else None)
+    rm = lay.running_mean
+    frozen = FrozenBatchNorm(rm.numel(), lay.eps, device=rm.device, dtype=rm.dtype, act=act, drop=drop)
     with torch.no_grad():
-        frozen.running_mean.copy_(m.running_mean)
-        frozen.running_var.copy_(m.running_var)
-        if m.weight is not None:
-            frozen.weight.copy_(m.weight.detach())
-        if m.bias is not None:
-            frozen.bias.copy_(m.bias.detach())
+        frozen.running_mean.copy_(rm)
+        frozen.running_var.copy_(lay.running_var)
+        if lay.weight is not None:
+            frozen.weight.copy_(lay.weight.detach().reshape(-1))
+        if lay.bias is not None:
+            frozen.bias.copy_(lay.bias.detach().reshape(-1))
     return frozen
 
 
-def _to_variant(dims: dict, m: nn.Module, **kwargs) -> Optional[nn.Module]:
-    if not _plain_bn(m):
-        return None
+def _to_variant(dims: dict, m: nn.Module, **kwargs) -> Union[nn.Module, str, None]:
+    if not is_plain(m):
+        return _unknown(m, "plain batch norm's")
     dim = bn_dim(m)
     if dim not in dims:
         raise ValueError(f"no {sorted(dims)}-D form for {type(m).__name__}")
@@ -235,3 +277,29 @@ def _to_ghost(m: nn.Module, **kwargs) -> Optional[nn.Module]:
     """BN → GhostBatchNorm1d/2d with the same statistics (option: virtual_batch_size)."""
     from .variants.ghost import GhostBatchNorm1d, GhostBatchNorm2d
     return _to_variant({1: GhostBatchNorm1d, 2: GhostBatchNorm2d}, m, **kwargs)
+
+
+def _register_with_torch_fusers() -> None:
+    """Let ``torch.ao.quantization.fuse_modules`` fuse Conv/Linear + bnlab's BatchNorm (+ ReLU) as
+    it fuses torch's: every default fuser pattern with torch's BatchNormNd gets a twin with
+    bnlab's, whose fuser swaps in a torch layer sharing the same tensors (``convert(to="torch")``)
+    and calls torch's own fuser. Skipped quietly if torch's table is not where it was."""
+    try:
+        from torch.ao.quantization import fuser_method_mappings as mappings
+        table = mappings._DEFAULT_OP_LIST_TO_FUSER_METHOD
+    except (ImportError, AttributeError):
+        return
+    ours = {t: b for t, b in zip(_TORCH_BY_DIM.values(), _BNLAB_BY_DIM.values())}
+
+    def via_torch(fuser):
+        def fuse(is_qat, *modules):
+            return fuser(is_qat, *(_to_torch(m) if type(m) in ours.values() else m for m in modules))
+        return fuse
+
+    for ops, fuser in list(table.items()):
+        if any(op in ours for op in ops) and callable(fuser) and not isinstance(fuser, type):
+            twin = tuple(ours.get(op, op) for op in ops)
+            table.setdefault(twin, via_torch(fuser))
+
+
+_register_with_torch_fusers()

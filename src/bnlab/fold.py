@@ -10,6 +10,14 @@ BN is one Linear/Conv::
 computed in float64 and cast back to the layer's dtype; affine=False means γ = 1, β = 0.
 ConvTranspose keeps output channels on weight axis 1 (in groups), which is handled.
 
+Which layers are batch norm is read from their forward (:mod:`bnlab.layouts`), not their class:
+plain BN, bnlab's variants whose eval is BN's, frozen BN (bnlab's, torchvision's, timm's) and
+norm-act layers (bnlab's and timm's BatchNormAct2d: BN, then drop and act), whose drop and act
+stay in place of the folded BN. A layer that derives from ``_BatchNorm`` but computes something
+else is kept, with the reason in the report. Given an example input, fold compares the folded
+model's output with the original's and raises rather than return a model that computes
+something else.
+
 Which BN follows which layer is read from the model's graph (torch.fx, with BN layers as
 leaves): a pair is folded only when the layer's output feeds the BN and nothing else, and
 neither module is used twice. Models fx cannot trace fall back to neighbours inside
@@ -27,15 +35,17 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, is_batchnorm
-from .errors import ModeError
+from .errors import BnlabError, ModeError
+from .layouts import layout, looks_like_batchnorm
 
-__all__ = ["fold", "fold_weights", "FoldReport"]
+__all__ = ["fold", "fold_weights", "FoldReport", "FoldError"]
 
 _LINEAR_LIKE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
                 nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
-             BatchNorm1d, BatchNorm2d, BatchNorm3d)
+
+
+class FoldError(BnlabError, RuntimeError):
+    """The folded model's output differs from the original's on the example input."""
 
 
 @dataclass
@@ -86,7 +96,8 @@ def _candidates_fx(model: nn.Module) -> list[tuple[str, str]]:
 
     class _Tracer(fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return is_batchnorm(m) or isinstance(m, _LINEAR_LIKE) or super().is_leaf_module(m, qualname)
+            return (looks_like_batchnorm(m) or layout(m) is not None or isinstance(m, _LINEAR_LIKE)
+                    or super().is_leaf_module(m, qualname))
 
     graph = _Tracer().trace(model)
     calls: dict[str, int] = {}
@@ -152,9 +163,11 @@ def fold(model: nn.Module, example_input: Any = None, *, return_report: bool = F
             is also attached to the returned model as ``fold_report``.
 
     Raises:
-        ModeError if the model (or any BN layer in it) is in training mode.
+        ModeError: if the model (or any BN layer in it) is in training mode.
+        FoldError: if, on ``example_input``, the folded model's output differs from the original's.
     """
-    training = [n for n, m in model.named_modules() if m.training and (is_batchnorm(m) or n == "")]
+    training = [n for n, m in model.named_modules()
+                if m.training and (n == "" or (looks_like_batchnorm(m) and getattr(layout(m), "kind", "") != "frozen"))]
     if training:
         raise ModeError(f"fold needs an eval-mode model (call model.eval() first): folding "
                         f"bakes the running statistics into the weights, which training mode "
@@ -172,37 +185,67 @@ def fold(model: nn.Module, example_input: Any = None, *, return_report: bool = F
     followed = set()
     for layer_name, bn_name in pairs:
         layer, bn = folded.get_submodule(layer_name), folded.get_submodule(bn_name)
-        if not isinstance(layer, _LINEAR_LIKE) or not is_batchnorm(bn):
+        lay = layout(bn)
+        if not isinstance(layer, _LINEAR_LIKE) or (lay is None and not looks_like_batchnorm(bn)):
             continue
         followed.add(bn_name)
-        if not isinstance(bn, _PLAIN_BN) or not getattr(bn, "_eval_is_bn", True):
-            report.skipped.append((bn_name, f"{type(bn).__name__} is not a plain batch norm"))
+        if lay is None:
+            report.skipped.append((bn_name, f"{type(bn).__name__}: its forward is not batch norm's"))
             continue
-        if bn.running_mean is None or bn.running_var is None:
+        if lay.running_mean is None or lay.running_var is None:
             report.skipped.append((bn_name, "no running statistics (track_running_stats=False)"))
             continue
         if uses[id(layer)] > 1 or uses[id(bn)] > 1:
             report.skipped.append((bn_name, "a module used in more than one place"))
             continue
         out_channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-        if out_channels != bn.num_features:
-            report.skipped.append((bn_name, f"{out_channels} outputs vs {bn.num_features} features"))
+        if out_channels != lay.running_mean.numel():
+            report.skipped.append((bn_name, f"{out_channels} outputs vs {lay.running_mean.numel()} features"))
             continue
         transposed = isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
-        weight, bias = fold_weights(layer.weight, layer.bias, bn.running_mean, bn.running_var,
-                                    bn.eps, bn.weight, bn.bias, transposed=transposed,
+        gamma = None if lay.weight is None else lay.weight.reshape(-1)
+        beta = None if lay.bias is None else lay.bias.reshape(-1)
+        weight, bias = fold_weights(layer.weight, layer.bias, lay.running_mean, lay.running_var,
+                                    lay.eps, gamma, beta, transposed=transposed,
                                     groups=getattr(layer, "groups", 1))
         layer.weight = nn.Parameter(weight, requires_grad=layer.weight.requires_grad)
         layer.bias = nn.Parameter(bias, requires_grad=layer.weight.requires_grad)
-        _set_submodule(folded, bn_name, nn.Identity())
+        tail = [m for m in lay.tail if type(m) is not nn.Identity]
+        _set_submodule(folded, bn_name, nn.Sequential(*tail) if tail else nn.Identity())
         report.folded.append((layer_name, bn_name))
     for name, m in folded.named_modules():
-        if is_batchnorm(m) and name not in followed:
+        if (looks_like_batchnorm(m) or layout(m) is not None) and name not in followed:
             report.skipped.append((name, "does not follow a Linear/Conv layer"))
     folded.register_forward_pre_hook(_refuse_training)
     if example_input is not None:
         args = example_input if isinstance(example_input, tuple) else (example_input,)
         with torch.no_grad():
-            report.max_abs_diff = _first_tensor_diff(folded(*args), model(*args))
+            out, expected = folded(*args), model(*args)
+        report.max_abs_diff = _first_tensor_diff(out, expected)
+        tolerance = _tolerance(expected)
+        if report.max_abs_diff > tolerance:
+            raise FoldError(f"folding changed the model's output by {report.max_abs_diff:.3g} (tolerance "
+                            f"{tolerance:.3g}) on the example input; nothing was returned.\n{report}")
     folded.fold_report = report
     return (folded, report) if return_report else folded
+
+
+def _tolerance(expected: Any) -> float:
+    """How far a correct fold may move the output: rounding of the reordered products, in the
+    output's dtype, relative to its magnitude."""
+    tensors = [t for t in _tensors(expected) if t.is_floating_point() and t.numel()]
+    if not tensors:
+        return float("inf")
+    low = any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
+    scale = max(t.detach().double().abs().max().item() for t in tensors)
+    return (5e-2 if low else 1e-3) * (1.0 + scale)
+
+
+def _tensors(a: Any) -> list:
+    if isinstance(a, Tensor):
+        return [a]
+    if isinstance(a, dict):
+        return [t for v in a.values() for t in _tensors(v)]
+    if isinstance(a, (list, tuple)):
+        return [t for v in a for t in _tensors(v)]
+    return []

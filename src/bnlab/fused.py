@@ -22,17 +22,24 @@ Forward and backward run in bnlab's compiled CPU kernel (one pass for statistics
 normalize + activation; two passes backward). ``memory_efficient=False`` is BN followed by the
 activation with the usual autograd bookkeeping (and γ as is). Eval mode: the inference transform
 with the activation fused. The state_dict is BatchNorm2d's: torch checkpoints load.
+
+The activation may also be a module (``activation=nn.SiLU(), drop=...``): y = act(drop(BN(x))),
+the layout of timm's BatchNormAct2d, to which ``bnlab.convert`` maps timm's layers (same
+state_dict keys). A module ReLU (or a leaky ReLU with slope ≤ 0) after an identity drop runs in
+the fused kernel, which keeps the input and so computes exactly BN + activation; any other module
+runs after bnlab's BN.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .options import Activation
 from . import definition as D
 from . import functional as BF
 from .batchnorm import BatchNorm2d, _BatchNorm
@@ -87,17 +94,19 @@ class BatchNormAct2d(_BatchNorm):
     A batch-norm layer (a ``_BatchNorm``, with BatchNorm2d's arguments, state_dict and input
     checks) but deliberately not a ``BatchNorm2d``: code that folds or converts "every
     BatchNorm2d" (``bnlab.fold``, ``torch.nn.utils.fusion``, init loops) must not take it for a
-    plain BN and drop its activation.
+    plain BN and drop its activation. ``num_features``, ``eps``, ``momentum``, ``affine`` and
+    ``track_running_stats`` are BatchNorm2d's.
 
     Args:
-        num_features, eps, momentum, affine, track_running_stats: as BatchNorm2d.
-        activation: "relu", "leaky_relu" or "identity".
+        activation: "relu", "leaky_relu" or "identity", or a module applied after ``drop``.
         negative_slope: the leaky ReLU's slope (0.01); any finite value (≤ 0: not invertible,
             the input is kept as for ReLU).
         memory_efficient: keep only the output (identity, leaky ReLU with slope > 0) or only the
             input (ReLU, slope ≤ 0) for backward, recomputing the rest; uses |γ| + ε as the scale
             when the output is kept. Falls back to BN + activation when the compiled kernel cannot run
             (non-CPU tensors, unusual layouts, a graph of the backward requested).
+        drop: with a module activation, a module applied between BN and it (dropout, DropBlock);
+            identity when omitted.
 
     Shape: (N, C, H, W) → (N, C, H, W).
     """
@@ -108,40 +117,70 @@ class BatchNormAct2d(_BatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
-                 activation: str = "relu", negative_slope: float = 0.01, memory_efficient: bool = True,
-                 **kwargs) -> None:
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+                 activation: Union[Activation, nn.Module] = "relu", negative_slope: float = 0.01,
+                 memory_efficient: bool = True, drop: Optional[nn.Module] = None, **kwargs) -> None:
+        is_module = isinstance(activation, nn.Module)
+        if not is_module and activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)} or a module, got {activation!r}")
+        if drop is not None and not (is_module and isinstance(drop, nn.Module)):
+            raise ValueError("drop must be a module, and needs a module activation (activation=nn.SiLU() ...)")
         if not isinstance(negative_slope, (int, float)) or not math.isfinite(negative_slope):
             raise ValueError(f"negative_slope must be a finite number, got {negative_slope!r}")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
-        self.activation, self.negative_slope = activation, float(negative_slope)
+        self.negative_slope = float(negative_slope)
+        if is_module:
+            self.activation = "module"
+            self.drop = drop if drop is not None else nn.Identity()
+            self.act = activation
+        else:
+            self.activation = activation
         self.memory_efficient = memory_efficient
+
+    def _fused(self) -> Optional[tuple[int, float]]:
+        """(activation code, slope) for the fused kernel, or None when the tail runs as modules."""
+        if self.activation != "module":
+            return ACTIVATIONS[self.activation], self.negative_slope
+        if type(self.drop) is not nn.Identity:
+            return None
+        if type(self.act) is nn.ReLU:
+            return ACTIVATIONS["relu"], 0.0
+        if type(self.act) is nn.LeakyReLU and self.act.negative_slope <= 0:   # kept input: exact
+            return ACTIVATIONS["leaky_relu"], float(self.act.negative_slope)
+        return None
+
+    def _tail(self, z: Tensor) -> Tensor:
+        if self.activation == "module":
+            return self.act(self.drop(z))
+        return _activation(z, self.activation, self.negative_slope)
 
     def _scale_shift(self, x: Tensor) -> tuple[Tensor, Tensor]:
         acc = D.accumulation_dtype(x.dtype)
         w = self.weight if self.weight is not None else torch.ones(self.num_features, dtype=acc)
         b = self.bias if self.bias is not None else torch.zeros(self.num_features, dtype=acc)
-        if self.memory_efficient and _invertible(ACTIVATIONS[self.activation], self.negative_slope):
+        if self.activation != "module" and self.memory_efficient \
+                and _invertible(ACTIVATIONS[self.activation], self.negative_slope):
             w = w.abs() + GAMMA_EPS                                   # kept output: x̂ = (z − β)/γ
         return w, b
 
     def forward(self, input: Tensor) -> Tensor:
         w, b = self._scale_shift(input)
-        kernels = dispatch.select(input) if self.memory_efficient else None
+        fused = self._fused()
+        kernels = None
+        if self.memory_efficient and fused is not None and not isinstance(input, torch.fx.Proxy):
+            kernels = dispatch.select(input)
         if kernels is not None and not hasattr(kernels, "bn_act_backward"):
             kernels = None                                 # only the C++ backend fuses the activation
         if kernels is None:                                            # BN, then the activation
-            return _activation(self._forward_with(input, w, b), self.activation, self.negative_slope)
+            return self._tail(self._forward_with(input, w, b))
         self._check_input_dim(input)
         self._check_finite(input)
-        act = ACTIVATIONS[self.activation]
+        act, slope = fused
         if not self._uses_batch_stats():                               # eval / frozen: fused transform
             if torch.is_grad_enabled() and (input.requires_grad or w.requires_grad or b.requires_grad):
                 # the fused eval kernel records no graph: with gradients wanted, BN's (autograd) path
-                return _activation(self._forward_with(input, w, b), self.activation, self.negative_slope)
+                return self._tail(self._forward_with(input, w, b))
             return kernels.forward_eval(input, self.running_mean, self.running_var, w.detach(), b.detach(),
-                                        self.eps, act, self.negative_slope)
+                                        self.eps, act, slope)
         BF.check_batch_size(input)
         if self.eps <= 0.0:
             raise ArgumentError(f"batch_norm eps must be positive during training, but got {self.eps}")
@@ -149,9 +188,11 @@ class BatchNormAct2d(_BatchNorm):
         if self.training and self.track_running_stats and not self.frozen:
             running = (self.running_mean, self.running_var, self._momentum_step(),
                        self.running_var_correction == "unbiased")
-        return _BNActFn.apply(input, w, b, self.eps, act, self.negative_slope, running, kernels)
+        return _BNActFn.apply(input, w, b, self.eps, act, slope, running, kernels)
 
     def extra_repr(self) -> str:
+        if self.activation == "module":                                # act and drop print as children
+            return super().extra_repr()
         s = super().extra_repr() + f", activation={self.activation!r}"
         if self.activation == "leaky_relu":
             s += f", negative_slope={self.negative_slope}"

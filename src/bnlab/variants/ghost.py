@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..options import GhostStatistics
 from .. import definition as D
 from .. import functional as BF
 from ..batchnorm import BatchNorm1d, BatchNorm2d
@@ -48,9 +49,11 @@ def ghost_splits(n: int, size: int) -> list[int]:
 
 
 class _GhostMixin:
+    _eval_is_bn = True                # eval: BN with the running statistics (folding, freezing)
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
-                 virtual_batch_size: int = 32, running_stats: str = "batch", **kwargs) -> None:
+                 virtual_batch_size: int = 32, running_stats: GhostStatistics = "batch", **kwargs) -> None:
         check_virtual_batch_size(virtual_batch_size)
         if running_stats not in ("batch", "virtual"):
             raise ValueError(f"running_stats must be 'batch' or 'virtual', got {running_stats!r}")

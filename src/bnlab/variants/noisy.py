@@ -53,6 +53,11 @@ class _NoisyMixin:
         self.batchnorm = batchnorm          # False: noise only (Santurkar's "standard + noise")
         self.generator = torch.Generator().manual_seed(noise_seed)
 
+    @property
+    def _eval_is_bn(self) -> bool:
+        """Eval adds no noise: BN's output, unless the layer is noise alone (batchnorm=False)."""
+        return self.batchnorm
+
     def reseed(self, seed: Optional[int] = None) -> None:
         self.generator.manual_seed(self.noise_seed if seed is None else seed)
 

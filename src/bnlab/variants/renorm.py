@@ -65,6 +65,8 @@ def batch_renorm(x: Tensor, running_mean: Tensor, running_std: Tensor, weight: O
 
 
 class _RenormMixin:
+    _eval_is_bn = True                # eval: BN with the running statistics (folding, freezing)
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.01, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, rmax: float = 3.0,
                  dmax: float = 5.0, warmup: bool = True, warmup_steps: int = 5000, rmax_steps: int = 40000,
