@@ -40,6 +40,7 @@ from torch import Tensor
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
+from .options import EMA, BatchOfOne, VarCorrection
 from . import definition as D
 from . import functional as BF
 from .errors import ModeError, NonFiniteError, ShapeError
@@ -57,9 +58,9 @@ class _BatchNorm(_TorchBatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
-                 *, bias: bool = True, running_var_correction: str = "unbiased",
-                 batch_of_one: str = "raise", check_finite: bool = False,
-                 ema: str = "pytorch") -> None:
+                 *, bias: bool = True, running_var_correction: VarCorrection = "unbiased",
+                 batch_of_one: BatchOfOne = "raise", check_finite: bool = False,
+                 ema: EMA = "pytorch") -> None:
         if running_var_correction not in D.VAR_CORRECTIONS:
             raise ValueError(f"running_var_correction must be one of {D.VAR_CORRECTIONS}, "
                              f"got {running_var_correction!r}")
@@ -157,6 +158,8 @@ class _BatchNorm(_TorchBatchNorm):
     def _forward_with(self, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
         """BN of ``input`` with this layer's statistics and modes, scaled and shifted by (weight,
         bias) — the layer's own γ, β, or a reparameterization of them (BatchNormAct2d)."""
+        if isinstance(input, torch.fx.Proxy):
+            return self._forward_fx(input, weight, bias)
         self._check_input_dim(input)
         use_batch_stats = self._uses_batch_stats()
         if use_batch_stats and BF.values_per_channel(input) == 1:
@@ -174,6 +177,28 @@ class _BatchNorm(_TorchBatchNorm):
             self.running_var if (update or not use_batch_stats) else None,
             weight, bias, use_batch_stats, momentum, self.eps,
             running_var_correction=self.running_var_correction)
+
+    def _forward_fx(self, input: "torch.fx.Proxy", weight, bias):
+        """Under FX symbolic tracing the input is a Proxy (no shape, no data): record
+        torch.nn.functional.batch_norm, as torch.nn.BatchNorm's own forward does, so FX tools
+        (quantization, feature extraction) see the op they know. The checks that need data
+        (shape, batch of one, check_finite) are not part of the graph."""
+        use_batch_stats = self._uses_batch_stats()
+        update = self._updates_running_stats()
+        if update and (self.running_var_correction != "unbiased" or self.momentum is None or self.ema != "pytorch"):
+            raise NotImplementedError(
+                f"{type(self).__name__}: FX records torch's batch_norm, which updates the running "
+                f"statistics only as a momentum EMA of the unbiased variance; trace this layer in eval "
+                f"mode, or use torch.export, which records its exact update")
+        if update:                          # the step counter's increment, as a node of the graph
+            path = input.tracer.path_of_module(self)
+            target = f"{path}.num_batches_tracked" if path else "num_batches_tracked"
+            input.tracer.create_proxy("get_attr", target, (), {}).add_(1)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        buffers = update or not use_batch_stats
+        return torch.nn.functional.batch_norm(
+            input, self.running_mean if buffers else None, self.running_var if buffers else None,
+            weight, bias, use_batch_stats, momentum, self.eps)
 
     def _check_finite(self, input: Tensor) -> None:
         """With ``check_finite=True``: raise NonFiniteError for NaN/Inf in the input, before any

@@ -3,7 +3,12 @@
 Backends share one interface — ``forward_train``, ``forward_eval``, ``backward_train`` (see
 bnlab.kernels.torch_ops) — and one is chosen per call by :func:`select`:
 
-    traced or transformed (jit.trace, export, compile, torch.func), or kernels off
+    recorded into a graph (jit.trace, torch.compile, torch.export)
+                                  → torch.nn.functional.batch_norm: the graph holds the batch-norm
+                                    op PyTorch's tools recognize (ONNX BatchNormalization, Conv+BN
+                                    fusion, quantization patterns); options that op lacks
+                                    (biased running variance) take the definition
+    transformed (torch.func), or kernels off
                                   → None: the definition (bnlab.definition), plain torch ops
     CPU, float32/float64/bfloat16, dense
                                   → the C++ module (which records its own autograd node)
@@ -29,6 +34,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from .. import definition as D
 from . import backend, enabled, load, load_triton, torch_ops     # the package: loaded before its modules
@@ -82,6 +88,16 @@ def traced(x: Tensor) -> bool:
     if torch.jit.is_tracing() or torch.compiler.is_compiling() or _functorch_active():
         return True
     return type(x) is not Tensor and not isinstance(x, torch.nn.Parameter)
+
+
+def recorded(x: Tensor) -> bool:
+    """Whether this call is being recorded into a graph for PyTorch's tools: torch.jit.trace,
+    torch.compile (dynamo) or torch.export (whose inputs are fake or functional tensors)."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return True
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+    return isinstance(x, (FakeTensor, FunctionalTensor))
 
 
 def select(x: Tensor, is_traced: Optional[bool] = None):
@@ -181,6 +197,8 @@ def train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: floa
     k = select(x, is_traced)
     if k is None:
         rm, rv, momentum, correction = running
+        if is_traced and (correction == "unbiased" or rm is None) and recorded(x):
+            return F.batch_norm(x, rm, rv, weight, bias, True, momentum, eps)
         return D.batch_norm(x, rm, rv, weight, bias, True, momentum, eps, correction)
     graph = _needs_graph(x, weight, bias)
     if graph and k is _Cpu.module:                         # the C++ node: no Python in its backward
@@ -197,8 +215,11 @@ def train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: floa
 def evaluate(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor],
              bias: Optional[Tensor], eps: float) -> Tensor:
     """Inference BN of a checked, non-empty x with the given statistics."""
-    k = select(x)
+    is_traced = traced(x)
+    k = select(x, is_traced)
     if k is None:
+        if is_traced and recorded(x):
+            return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
         return D.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
     calls["forward_eval"] += 1
     if _needs_graph(x, weight, bias):
