@@ -53,9 +53,10 @@ def from_framework(mean: Tensor, var: Tensor, framework: str, *, decay: Optional
                    steps: Optional[int] = None) -> ImportedStatistics:
     """Convert stored running statistics of ``framework`` to bnlab's convention.
 
+    ``mean`` and ``var`` are the stored moving mean and variance (Keras moving_mean/moving_variance,
+    Flax batch_stats mean/var, Haiku mean_ema/var_ema averages, torch buffers).
+
     Args:
-        mean, var: the stored moving mean and variance (Keras moving_mean/moving_variance,
-            Flax batch_stats mean/var, Haiku mean_ema/var_ema averages, torch buffers).
         framework: "keras", "flax", "haiku" (biased variance, "momentum"/decay d) or "pytorch".
         decay: the framework's momentum/decay d (default 0.99 for Keras/Flax, 0.999 for Haiku);
             for "pytorch" pass the torch momentum m here (default 0.1).

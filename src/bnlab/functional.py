@@ -11,6 +11,7 @@ from typing import Optional
 
 from torch import Tensor
 
+from .options import VarCorrection
 from . import definition as D
 from .definition import (VAR_CORRECTIONS, accumulation_dtype, channel_view, reduction_dims,  # noqa: F401
                          update_running_stats, values_per_channel)
@@ -69,7 +70,7 @@ def _check_param(name: str, t: Optional[Tensor], x: Tensor) -> None:
 def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *,
-               running_var_correction: str = "unbiased") -> Tensor:
+               running_var_correction: VarCorrection = "unbiased") -> Tensor:
     r"""Batch Normalization, with the signature and semantics of ``torch.nn.functional.batch_norm``.
 
     training=True:  normalize with the batch's mean and biased variance (Algorithm 1) and, if
@@ -86,10 +87,12 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         (also its memory format, e.g. channels_last).
 
     Raises:
-        DTypeError (a TypeError) for integer inputs; ShapeError (ValueError, RuntimeError) for
-        < 2 dims or a channel mismatch; BatchSizeError (ValueError) for one value per channel in
-        training; ArgumentError (ValueError) for eps ≤ 0 in training or < 0 in eval; ModeError for
-        eval without running statistics; DeviceError (RuntimeError) for buffers on another device.
+        DTypeError: (a TypeError) for integer inputs.
+        ShapeError: (ValueError, RuntimeError) for < 2 dims or a channel mismatch.
+        BatchSizeError: (ValueError) for one value per channel in training.
+        ArgumentError: (ValueError) for eps ≤ 0 in training or < 0 in eval.
+        ModeError: for eval without running statistics.
+        DeviceError: (RuntimeError) for buffers on another device.
 
     An empty batch (N = 0) returns an empty output and leaves the running buffers unchanged.
     NaN/Inf in the input propagate to that channel's output and, in training, its running

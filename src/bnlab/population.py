@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from .options import Estimator, Upstream, VarCorrection
 from ._progress import Progress
 from .batchnorm import is_batchnorm
 from .errors import BnlabError, ModeError
@@ -108,7 +109,7 @@ class PopulationMoments:
                        self.alg2_var_biased + other.alg2_var_biased,
                        self.alg2_var_unbiased + other.alg2_var_unbiased)
 
-    def estimate(self, estimator: str = "pooled", correction: str = "unbiased") -> tuple[Tensor, Tensor]:
+    def estimate(self, estimator: Estimator = "pooled", correction: VarCorrection = "unbiased") -> tuple[Tensor, Tensor]:
         """(E[x], Var[x]) by the pooled formula or Algorithm 2's literal one."""
         if self.count == 0:
             raise BnlabError("no values were measured for this layer")
@@ -360,9 +361,9 @@ def _bn_depths(model: nn.Module, batch: Any, layers: "OrderedDict[str, nn.Module
 
 def population_statistics(model: nn.Module, batches: Iterable, *, num_batches: Optional[int] = None,
                           forward: Optional[Callable[[nn.Module, Any], Any]] = None,
-                          correction: str = "unbiased", progress: bool = True,
-                          upstream: str = "batch", estimator: str = "pooled",
-                          process_group=None) -> "OrderedDict[str, LayerStatistics]":
+                          correction: VarCorrection = "unbiased", progress: bool = True,
+                          upstream: Upstream = "batch", estimator: Estimator = "pooled",
+                          process_group: Optional[Any] = None) -> "OrderedDict[str, LayerStatistics]":
     """Set every BN layer's running_mean/running_var to exact population statistics.
 
     Args:
@@ -385,8 +386,9 @@ def population_statistics(model: nn.Module, batches: Iterable, *, num_batches: O
         statistics are left alone. A model without BN layers is a no-op (with a warning).
 
     Raises:
-        ValueError for bad options or an empty ``batches``; BnlabError when every batch had a
-        single value per feature (batches of one are skipped: their statistics are undefined).
+        ValueError: for bad options or an empty ``batches``.
+        BnlabError: when every batch had a single value per feature (batches of one are
+            skipped: their statistics are undefined).
     """
     if correction not in CORRECTIONS:
         raise ValueError(f"correction must be one of {CORRECTIONS}, got {correction!r}")

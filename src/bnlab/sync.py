@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .options import VarCorrection
 from . import definition as D
 from . import functional as BF
 from .batchnorm import _BatchNorm
@@ -121,7 +122,7 @@ class _SyncBatchNormFn(torch.autograd.Function):
 
 def sync_batch_norm(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                     weight: Optional[Tensor], bias: Optional[Tensor], momentum: float, eps: float,
-                    group=None, running_var_correction: str = "unbiased") -> Tensor:
+                    group=None, running_var_correction: VarCorrection = "unbiased") -> Tensor:
     """Training-mode BN over the global batch of ``group`` (see the module docstring)."""
     y, mean, var, count = _SyncBatchNormFn.apply(x, weight, bias, eps, group)
     D.update_running_stats(running_mean, running_var, mean, var, int(count.item()), momentum,

@@ -39,6 +39,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..options import Whitening
 from .. import definition as D
 from .. import functional as BF
 from ..errors import NonFiniteError
@@ -229,7 +230,7 @@ class _Whitening(nn.Module):
 class DecorrelatedBatchNorm(_Whitening):
     """Decorrelated BN (Huang et al. 2018): ZCA or PCA whitening of feature groups per batch."""
 
-    def __init__(self, num_features: int, groups: int = 1, whitening: str = "zca", eps: float = 1e-5,
+    def __init__(self, num_features: int, groups: int = 1, whitening: Whitening = "zca", eps: float = 1e-5,
                  momentum: float = 0.1, affine: bool = True, track_running_stats: bool = True,
                  group_size: Optional[int] = None, device=None, dtype=None) -> None:
         if whitening not in WHITENINGS:
