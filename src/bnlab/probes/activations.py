@@ -9,6 +9,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..options import ActivationSource, ProbeMode
 from ..isolation import isolated
 from .base import Probe, activation_kind, activation_layers, weight_layers
 
@@ -35,13 +36,17 @@ class ActivationStats(Probe):
             has none, the outputs of its weight layers).
         max_elements: larger tensors are subsampled to this many values with the probe's own
             generator (exact percentiles below it; the training RNG is never used).
+
+    A module called more than once per forward (torchvision's BasicBlock calls one ReLU twice)
+    has one set of rows per call: "name", "name#2", ... With ``keep_histograms`` (a Monitor
+    writing TensorBoard) each layer's values are kept as a histogram.
     """
 
     name = "activation_stats"
 
     def __init__(self, every: Optional[int] = None, percentiles: Sequence[float] = (15, 50, 85),
-                 source: str = "train", probe_batch: Any = None, layers: Optional[Sequence[str]] = None,
-                 max_elements: int = 1_000_000, mode: str = "train") -> None:
+                 source: ActivationSource = "train", probe_batch: Any = None, layers: Optional[Sequence[str]] = None,
+                 max_elements: int = 1_000_000, mode: ProbeMode = "train") -> None:
         super().__init__(every, mode)
         if source not in ("train", "probe"):
             raise ValueError(f"source must be 'train' or 'probe', got {source!r}")
@@ -61,10 +66,12 @@ class ActivationStats(Probe):
         acts = activation_layers(model)
         return (acts, True) if acts else (weight_layers(model), False)
 
-    def stats(self, z: Tensor, kind: str) -> list[tuple[str, float]]:
+    def stats(self, z: Tensor, kind: str, label: Optional[str] = None) -> list[tuple[str, float]]:
         z = z.detach().reshape(-1).float()
         if z.numel() > self.max_elements:
             z = z[torch.randint(z.numel(), (self.max_elements,), generator=self._gen)]
+        if label is not None:
+            self._keep_histogram(f"preact/{label}", z)
         q = torch.quantile(z, torch.tensor([p / 100 for p in self.percentiles]))
         out = [(f"p{p:g}", v.item()) for p, v in zip(self.percentiles, q)]
         out += [("mean", z.mean().item()), ("std", z.std().item() if z.numel() > 1 else 0.0)]
@@ -76,16 +83,21 @@ class ActivationStats(Probe):
 
     def _register(self, model) -> None:
         targets, read_input = self._targets(model)
+        calls: dict[str, int] = {}
+
+        def record(name: str, z: Tensor, kind: str) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            label = name if calls[name] == 1 else f"{name}#{calls[name]}"
+            self._rows.extend((label, metric, v) for metric, v in self.stats(z, kind, label))
+
         for name, m in targets.items():
             kind = activation_kind(m) if read_input else "other"
             if read_input:
                 # computed at once: an in-place activation overwrites its input right after
-                hook = (lambda mod, args, n=name, k=kind:
-                        self._rows.extend((n, metric, v) for metric, v in self.stats(args[0], k)))
+                hook = (lambda mod, args, n=name, k=kind: record(n, args[0], k))
                 self._handles.append(m.register_forward_pre_hook(hook))
             else:
-                hook = (lambda mod, args, out, n=name:
-                        self._rows.extend((n, metric, v) for metric, v in self.stats(out, "other")))
+                hook = (lambda mod, args, out, n=name: record(n, out, "other"))
                 self._handles.append(m.register_forward_hook(hook))
 
     def arm(self, monitor) -> None:

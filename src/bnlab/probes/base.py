@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..options import ProbeMode
 from ..isolation import isolated, restore_extra_state, snapshot_extra_state
 
 __all__ = ["Probe", "Evaluator", "weight_layers", "activation_layers", "simulate_optimizer_step",
@@ -51,7 +52,7 @@ class Evaluator:
     """Loss and gradients of ``loss_fn(forward(model, x), y)`` at given parameter values."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable, x: Any, y: Any,
-                 forward: Optional[ForwardFn] = None, mode: str = "train") -> None:
+                 forward: Optional[ForwardFn] = None, mode: ProbeMode = "train") -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.model, self.loss_fn, self.x, self.y, self.mode = model, loss_fn, x, y, mode
@@ -201,8 +202,10 @@ class Probe:
 
     name = "probe"
     needs_optimizer = False
+    needs_loss = False               # evaluates the loss itself (through an Evaluator)
+    keep_histograms = False          # set by a Monitor that writes histograms
 
-    def __init__(self, every: Optional[int] = None, mode: str = "train") -> None:
+    def __init__(self, every: Optional[int] = None, mode: ProbeMode = "train") -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.every = every
@@ -217,6 +220,17 @@ class Probe:
 
     def measure(self, monitor, step: int, x: Any, y: Any) -> list[tuple[str, str, float]]:
         raise NotImplementedError
+
+    def take_histograms(self) -> dict[str, Tensor]:
+        """Values to draw as histograms for the step just measured (tag → 1-D tensor); emptied."""
+        out, self._histograms = getattr(self, "_histograms", {}), {}
+        return out
+
+    def _keep_histogram(self, tag: str, values: Tensor) -> None:
+        if self.keep_histograms:
+            if not hasattr(self, "_histograms"):
+                self._histograms = {}
+            self._histograms[tag] = values.detach().reshape(-1).float().cpu()
 
     def _timed(self, fn, *args):
         t0 = time.perf_counter()

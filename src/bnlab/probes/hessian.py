@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from ..options import ProbeMode
 from .base import Evaluator, Probe
 
 __all__ = ["HessianTopEig"]
@@ -22,9 +23,10 @@ class HessianTopEig(Probe):
     """
 
     name = "hessian_top_eig"
+    needs_loss = True
 
     def __init__(self, every: Optional[int] = None, iters: int = 20, tol: float = 1e-3,
-                 mode: str = "train", seed: int = 0) -> None:
+                 mode: ProbeMode = "train", seed: int = 0) -> None:
         super().__init__(every, mode)
         self.iters, self.tol = iters, tol
         self._gen = torch.Generator().manual_seed(seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 
+from ..options import ProbeMode
 from .base import Evaluator, Probe, execution_order, simulate_optimizer_step, weight_layers
 
 __all__ = ["ICS"]
@@ -29,10 +30,11 @@ class ICS(Probe):
     """
 
     name = "ics"
+    needs_loss = True
     needs_optimizer = True
 
     def __init__(self, every: Optional[int] = None, layers: Optional[Sequence[str]] = None,
-                 mode: str = "train") -> None:
+                 mode: ProbeMode = "train") -> None:
         super().__init__(every, mode)
         self.layer_names = layers
 

@@ -6,6 +6,7 @@ import math
 from typing import Optional, Sequence
 
 
+from ..options import ProbeMode
 from .base import Evaluator, Probe
 
 __all__ = ["Landscape"]
@@ -28,10 +29,11 @@ class Landscape(Probe):
     """
 
     name = "landscape"
+    needs_loss = True
 
     def __init__(self, every: Optional[int] = None, etas: Optional[Sequence[float]] = None,
                  eta_range: tuple[float, float] = (0.5, 4.0), points: int = 8, keep_curve: bool = False,
-                 mode: str = "train") -> None:
+                 mode: ProbeMode = "train") -> None:
         super().__init__(every, mode)
         self.etas, self.eta_range, self.points, self.keep_curve = etas, eta_range, points, keep_curve
 

@@ -7,9 +7,17 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Optional
 
+from ..options import PlotKind, ProbeMode
+
 __all__ = ["plot", "KINDS"]
 
 KINDS = ("percentiles", "gradients", "ics", "landscape", "hessian")
+
+
+# the probe whose records each kind of figure draws: Landscape's whole-model "grad_norm" must not
+# appear among GradientFlow's per-layer curves
+_PROBE = {"percentiles": "activation_stats", "gradients": "gradient_flow", "ics": "ics",
+          "landscape": "landscape", "hessian": "hessian_top_eig"}
 
 
 def _by_layer(records, metric):
@@ -20,17 +28,20 @@ def _by_layer(records, metric):
     return {k: sorted(v) for k, v in out.items()}
 
 
-def plot(records: Iterable[dict], kind: str, path: Optional[str | Path] = None, title: str = ""):
+def plot(records: Iterable[dict], kind: PlotKind, path: Optional[str | Path] = None, title: str = "",
+         mode: ProbeMode = "train"):
     """Draw one standard figure from Monitor.records; save it to ``path`` if given.
 
     kind: "percentiles" (ActivationStats p15/p50/p85 per layer), "gradients" (grad_norm per
     layer, log scale), "ics" (ics_l2 and ics_cos per layer), "landscape" (loss band, gradient
-    predictiveness, β-smoothness), "hessian" (top eigenvalue). Returns the matplotlib Figure.
+    predictiveness, β-smoothness), "hessian" (top eigenvalue). Only the records of the probe that
+    kind belongs to, measured in ``mode`` ("train" or "eval"), are drawn. Returns the Figure.
     """
     from ..plotting import COLORS, plt, save
-    records = list(records)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
+    records = [r for r in records if r.get("probe", _PROBE[kind]) == _PROBE[kind]
+               and r.get("mode", "train") == mode]
     if kind == "percentiles":
         p50 = _by_layer(records, "p50")
         layers = list(p50)
