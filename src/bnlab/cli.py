@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rec = sub.add_parser("recalibrate", help="replace a checkpoint's running BN statistics by exact "
                                              "population statistics over the training data")
-    rec.add_argument("checkpoint", help="a lab checkpoint or any torch.save'd nn.Module")
+    rec.add_argument("checkpoint", help="a lab checkpoint, a state_dict (with --model), or a pickled "
+                                        "nn.Module (with --trust-checkpoint)")
     rec.add_argument("--out", required=True, help="where to write the recalibrated checkpoint")
     rec.add_argument("--data", default="mnist", choices=["mnist", "idx"])
     rec.add_argument("--data-dir", default=None)
@@ -71,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--estimator", default="pooled", choices=["pooled", "algorithm2"])
     rec.add_argument("--correction", default="unbiased", choices=["unbiased", "biased"])
     rec.add_argument("--input-shape", default=None, help="e.g. 784 or 1,28,28 (default: detected)")
+    rec.add_argument("--model", default=None, metavar="MODULE:FUNCTION",
+                     help="a function returning the nn.Module the checkpoint's state_dict loads into "
+                          "(MODULE importable from here, or a file.py)")
+    rec.add_argument("--loader", default=None, metavar="MODULE:FUNCTION",
+                     help="a function returning the training batches (a DataLoader), instead of --data")
+    rec.add_argument("--eval-loader", default=None, metavar="MODULE:FUNCTION",
+                     help="with --loader: (x, y) batches for the accuracy before/after")
     rec.add_argument("--trust-checkpoint", action="store_true",
                      help="allow a whole pickled nn.Module: loading it RUNS CODE from the file "
                           "(only for files you made); lab checkpoints never need it")
@@ -220,7 +228,8 @@ def _recalibrate(args) -> int:
     recalibrate(args.checkpoint, args.out, data=args.data, data_dir=args.data_dir,
                 batch_size=args.batch_size, num_batches=args.num_batches, upstream=args.upstream,
                 estimator=args.estimator, correction=args.correction, input_shape=shape,
-                trust_code=args.trust_checkpoint)
+                trust_code=args.trust_checkpoint, model=args.model, loader=args.loader,
+                eval_loader=args.eval_loader)
     return 0
 
 

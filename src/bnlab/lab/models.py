@@ -411,6 +411,10 @@ def load_checkpoint(path, trust_code: bool = False) -> tuple[nn.Module, dict]:
                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if isinstance(obj, nn.Module):
         return obj, {"kind": "module"}
+    if isinstance(obj, dict) and {"trainer", "step", "rows"} <= set(obj):
+        raise DataError(f"{path}: a run's resume state (a batch of seeds mid-training), not a model; the "
+                        f"lab writes its trained networks as model_<arm>_seed<k>.pt in the experiment's "
+                        f"directory")
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         model = build_plain(obj["spec"])
         model.load_state_dict(obj["state_dict"])

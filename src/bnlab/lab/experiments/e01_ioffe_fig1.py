@@ -14,7 +14,7 @@ from ...isolation import isolated
 from ...plotting import COLORS, mean_band, plt, save
 from ..config import BaseConfig, Range
 from ..criteria import Criterion, statistic
-from ..models import build_mlp
+from ..models import build_mlp, to_plain
 from ..registry import Arm, Experiment, register
 from ..runner import RunContext
 from ..trainers import ClassifierTrainer, make_trainer
@@ -102,10 +102,13 @@ class E1(Experiment):
     def run(self, cfg: Config, ctx: RunContext) -> None:
         for arm in ARMS:
             ctx.log(f"training {arm.label}: {cfg.seeds} seeds batched, {cfg.steps} steps of batch {cfg.batch}")
-            ctx.run_unit(arm.name, lambda arm=arm: make_trainer(
+            trainer = ctx.run_unit(arm.name, lambda arm=arm: make_trainer(
                 build_mlp(_spec(cfg, arm), cfg.seeds), ctx.data, ctx.seeds, arm.name, cfg.batch, cfg.lr,
                 extra_eval=_percentiles(cfg)),
                 cfg.steps, eval_steps=range(0, cfg.steps + 1, cfg.eval_every))
+            # the first seed's trained network, as an ordinary model (bnlab recalibrate, torch.load)
+            ctx.save_model(f"model_{arm.name}_seed{ctx.seeds[0]}.pt", to_plain(trainer.model, 0), _spec(cfg, arm),
+                           dict(experiment="E1", train_batch=cfg.batch, steps=cfg.steps, seed=ctx.seeds[0]))
 
     @statistic("acc_early", "test accuracy at config.early_step")
     def acc_early(self, cfg: Config, ctx: RunContext) -> dict:
