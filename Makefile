@@ -7,11 +7,13 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
+# timm imports torchvision; the one built for this torch (a bare "torchvision" would pull a newer torch)
+TORCHVISION ?= torchvision==0.28.0
 STAMP  := $(VENV)/.bnlab-installed
 export OPENBLAS_NUM_THREADS ?= 1
 export MPLBACKEND ?= Agg
 
-.PHONY: install demo test test-all bench paper clean
+.PHONY: install demo test test-all bench paper docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +21,8 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,ray]"
+	$(PY) -m pip install -q "$(TORCHVISION)"
+	$(PY) -m pip install -q -e ".[dev,ray,integrations,interop,docs]"
 	$(VENV)/bin/bnlab kernels --build
 	touch $(STAMP)
 
@@ -40,5 +43,8 @@ bench: $(STAMP)
 paper: $(STAMP)
 	$(VENV)/bin/bnlab reproduce --profile paper --out runs/paper
 
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build src/*.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis build site src/*.egg-info
