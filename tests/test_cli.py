@@ -32,3 +32,11 @@ def test_kernels_command_reports_the_built_cpu_kernels(capsys):
     assert main(["kernels", "--build"]) == 0
     out = capsys.readouterr().out
     assert "status: available" in out and "Triton kernels" in out
+
+
+def test_run_says_what_it_wrote_and_where(tmp_path, capsys):
+    from bnlab.cli import main
+    assert main(["run", "E15", "--profile", "tiny", "--out", str(tmp_path), "--quiet"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("bnlab run: E15 ") and f"wrote {tmp_path / 'E15'}/" in last
+    assert (tmp_path / "E15" / "result.json").is_file()

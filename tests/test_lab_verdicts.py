@@ -258,3 +258,16 @@ def test_lock_and_changes_files_round_trip(tmp_path):
     assert C.read_changes(changes, with_seen=True) == {pid: [(new, "2026-12-02", True)]}
     relocked = C.write_lock(all_parts(), lock, changes, today="2026-12-02")
     assert relocked[pid]["locked"] == "2026-12-02" and relocked[sorted(parts)[1]]["locked"] == "2026-12-01"
+
+
+def test_part_summary_reads_in_the_natural_orientation():
+    """The stored result is claim-oriented (positive supports the claim); the summary shows the
+    difference as measured, with the region the claim needs it in."""
+    from bnlab.lab.criteria import Criterion
+    from bnlab.lab.stats import paired_test
+    from bnlab.lab.verdict import Part
+    c = Criterion(part="smaller", claim="c", statistic="s", treatment="a", baseline="b", direction="less",
+                  margin=0.5)
+    r = paired_test([1.0, 1.1, 0.9, 1.0], [3.0, 3.2, 2.9, 3.1], direction="less", margin=0.5)
+    text = Part("E0.smaller", c, r, "").summary()
+    assert text.startswith("Δ −2.05 [") and "(claimed < -0.5)" in text and "d_z −" in text

@@ -207,10 +207,16 @@ def _run(args) -> int:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                "-m", "bnlab", *argv]
         return subprocess.run(cmd).returncode
+    from pathlib import Path
+
     from .lab.runner import run_experiment
-    run_experiment(args.experiment, profile=args.profile, out=args.out, seeds=args.seeds,
-                   overrides=args.overrides, resume=args.resume, data_dir=args.data_dir,
-                   progress=not args.quiet)
+    result = run_experiment(args.experiment, profile=args.profile, out=args.out, seeds=args.seeds,
+                            overrides=args.overrides, resume=args.resume, data_dir=args.data_dir,
+                            progress=not args.quiet)
+    where = Path(args.out) / result["experiment"]
+    figures = len(result.get("figures", []))
+    print(f"bnlab run: {result['experiment']} {result['verdict']}; wrote {where}/ (result.json, metrics.csv, "
+          f"config.json, {figures} figure(s))")
     return 0
 
 

@@ -40,16 +40,24 @@ class Part:
         return self.result.verdict
 
     def summary(self) -> str:
-        """"+0.041 [0.030, 0.052], d_z 4.1, n=5" — the paired difference and its interval."""
-        r = self.result
+        """"Δ +0.041 [+0.030, +0.052] (claimed > 0.02), d_z 4.1, n=5": the paired difference
+        (treatment − baseline, or − the reference value; of logs on the log scale), its interval,
+        the region the claim needs it in, and the effect size, all in the natural orientation."""
+        r, c = self.result, self.criterion
         if r.verdict == DIVERGED:
             return f"diverged ({r.reason})"
+        flip = -1.0 if c.direction == "less" else 1.0          # results are stored claim-oriented
+        what = "log ratio" if r.scale == "log" else "Δ"
         if r.n < 2:
-            return f"{_num(r.mean)} (n={r.n}: no interval)"
-        unit = " (log ratio)" if r.scale == "log" else ""
-        sign = "" if self.criterion.direction == "greater" else "−(·) "
-        return (f"{sign}{_num(r.mean, True)} [{_num(r.low, True)}, {_num(r.high, True)}]{unit}, "
-                f"d_z {_num(r.effect_size)}, n={r.n}")
+            return f"{what} {_num(flip * r.mean, True)} (n={r.n}: no interval)"
+        low, high = sorted((flip * r.low, flip * r.high))
+        if c.test == "equivalence":
+            claim = f"within ±{c.margin:g}"
+        else:
+            bound = c.margin if c.test == "difference" else -c.margin
+            claim = f"> {bound:g}" if c.direction == "greater" else f"< {-bound:g}"
+        return (f"{what} {_num(flip * r.mean, True)} [{_num(low, True)}, {_num(high, True)}] "
+                f"(claimed {claim}), d_z {_num(flip * r.effect_size)}, n={r.n}")
 
     def to_dict(self) -> dict:
         return dict(id=self.id, claim=self.criterion.claim, verdict=self.verdict, summary=self.summary(),
