@@ -252,25 +252,26 @@ class E7(Experiment):
         return steps, np.mean(med, 0), np.mean(lo, 0), np.mean(hi, 0)
 
     def figures(self, cfg: Config, ctx: RunContext) -> list:
-        fig, axes = plt.subplots(1, 4, figsize=(19, 4))
-        panels = ((axes[0], "ics_rel", MLP_ARMS, "MLP: ‖G − G′‖/‖G‖", True),
-                  (axes[1], "ics_cos", MLP_ARMS, "MLP: cos(G, G′)", False),
-                  (axes[2], "ics_cos", DLN_ARMS, "DLN: cos(G, G′)", False))
-        for ax, metric, arms, title, log in panels:
+        fig, grid = plt.subplots(2, 2, figsize=(12, 8))
+        axes = grid.ravel()
+        panels = ((axes[0], "ics_rel", MLP_ARMS, "(a) MLP: ‖G − G′‖/‖G‖", "relative change (log)", True),
+                  (axes[1], "ics_cos", MLP_ARMS, "(b) MLP: cos(G, G′)", "cosine", False),
+                  (axes[2], "ics_cos", DLN_ARMS, "(c) deep linear net: cos(G, G′)", "cosine", False))
+        for ax, metric, arms, title, ylabel, log in panels:
             for arm, color in zip(arms, COLORS):
                 steps, med, lo, hi = self._band(ctx, metric, arm.name)
                 if len(steps):
                     ax.plot(steps, med, color=color, lw=1.5, label=arm.label)
-                    ax.fill_between(steps, lo, hi, color=color, alpha=0.2, lw=0)
-            ax.set(title=f"{title} (median over layers; band: 25–75th pct)", xlabel="step")
+                    ax.fill_between(steps, lo, hi, color=color, alpha=0.15, lw=0)
+            ax.set(title=title, xlabel="step", ylabel=ylabel)
             if log:
                 ax.set_yscale("log")
-            else:
-                ax.set_ylim(-1.05, 1.05)
-            ax.legend(fontsize=7, loc="lower left")
+            ax.legend(fontsize=7, loc="best")
         from ...plotting import mean_band
         for arm, color in zip(DLN_ARMS, COLORS):
             mean_band(axes[3], [ctx.series("loss", arm.name, s) for s in ctx.seeds], arm.label, color, log=True)
-        axes[3].set(title="DLN loss (mean over samples)", xlabel="step", ylabel="loss (log)")
-        axes[3].legend(fontsize=7)
+        axes[3].set(title="(d) deep linear net: loss (mean, min–max over seeds)", xlabel="step", ylabel="loss (log)")
+        axes[3].legend(fontsize=7, loc="best")
+        fig.suptitle("ICS on gradients (Santurkar Def. 2.1): lines are medians over layers, bands the "
+                     "layers' 25–75th percentiles (means over seeds)", fontsize=9)
         return [save(fig, ctx.path("ics.png"))]

@@ -118,7 +118,8 @@ class E12(Experiment):
                 + "; diverged runs (cells × seeds): " + ", ".join(f"{a.label} {diverged[a.name]}" for a in NETS) + ".")
 
     def figures(self, cfg: Config, ctx: RunContext) -> list:
-        fig, axes = plt.subplots(1, 4, figsize=(18, 3.8), sharey=True)
+        fig, axes = plt.subplots(1, 5, figsize=(18, 3.8), gridspec_kw=dict(width_ratios=[1, 1, 1, 1, 0.05]))
+        cax, axes = axes[-1], axes[:-1]
         for ax, arm in zip(axes, NETS):
             acc = np.zeros((len(cfg.init_scales), len(cfg.lrs)))
             for i, scale in enumerate(cfg.init_scales):
@@ -135,5 +136,7 @@ class E12(Experiment):
             ax.set_yticks(range(len(cfg.init_scales)), [f"{v:g}" for v in cfg.init_scales])
             ax.set(title=arm.label, xlabel="learning rate")
         axes[0].set_ylabel("initial weight scale s (N(0, s²))")
-        fig.colorbar(im, ax=axes, shrink=0.8, label=f"final test accuracy (mean); % seeds ≥ {cfg.trains_at:g}")
+        fig.colorbar(im, cax=cax, label="final test accuracy (mean)")
+        fig.suptitle(f"each cell: mean final test accuracy over seeds, and the share of seeds that train "
+                     f"(accuracy ≥ {cfg.trains_at:g})", fontsize=9)
         return [save(fig, ctx.path("learning_rate_grid.png"))]
