@@ -1,8 +1,14 @@
-"""Forward+backward time of each normalization variant vs bnlab's BatchNorm on the same input,
-measured alternately in one process (median over repeats)."""
+"""Each normalization variant against bnlab's BatchNorm on the same input, in one process.
+
+For every thread count, shape (2-D, NCHW and channels_last) and mode — training forward +
+backward, and inference (eval, no autograd) — the variant and BatchNorm take turns (3 calls each
+per turn, the order alternating), and the ratio is the median of the per-turn ratios: load on the
+shared machine moves both sides of a turn together. ``--quick`` takes fewer turns.
+"""
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from typing import Callable
@@ -12,82 +18,129 @@ import torch
 from .. import variants as V
 from ..batchnorm import BatchNorm1d, BatchNorm2d
 
-SHAPES = ((256, 512), (64, 64, 28, 28))
+SHAPES = (((256, 512), None), ((64, 64, 28, 28), None), ((64, 64, 28, 28), torch.channels_last))
+MODES = ("fwdbwd", "eval")
 
 
-def _layers(C: int, two_d: bool) -> dict[str, Callable[[], torch.nn.Module]]:
-    if two_d:
-        return {
-            "BatchNorm2d (reference)": lambda: BatchNorm2d(C),
-            "BatchRenorm2d": lambda: V.BatchRenorm2d(C, warmup=False),
-            "GhostBatchNorm2d (v=16)": lambda: V.GhostBatchNorm2d(C, virtual_batch_size=16),
-            "LpNorm2d (p=1)": lambda: V.LpNorm2d(C, p=1),
-            "LpNorm2d (p=inf)": lambda: V.LpNorm2d(C, p="inf"),
-            "NoisyBatchNorm2d": lambda: V.NoisyBatchNorm2d(C),
-            "DetachedNorm2d": lambda: V.DetachedNorm2d(C, scale=True),
-            "DecorrelatedBN ZCA (G=16)": lambda: V.DecorrelatedBatchNorm(C, group_size=16),
-            "DecorrelatedBN PCA (G=16)": lambda: V.DecorrelatedBatchNorm(C, group_size=16, whitening="pca"),
-            "IterNorm (G=16, T=5)": lambda: V.IterNorm(C, group_size=16),
-            "FrozenBatchNorm": lambda: V.FrozenBatchNorm(C),
-        }
+def _layers(C: int, image: bool) -> dict[str, Callable[[], torch.nn.Module]]:
+    if image:
+        bn, ghost, renorm, lp, noisy, detached = (BatchNorm2d, V.GhostBatchNorm2d, V.BatchRenorm2d, V.LpNorm2d,
+                                                  V.NoisyBatchNorm2d, V.DetachedNorm2d)
+        v, v_rem = 16, 24
+    else:
+        bn, ghost, renorm, lp, noisy, detached = (BatchNorm1d, V.GhostBatchNorm1d, V.BatchRenorm1d, V.LpNorm1d,
+                                                  V.NoisyBatchNorm1d, V.DetachedNorm)
+        v, v_rem = 32, 48
     return {
-        "BatchNorm1d (reference)": lambda: BatchNorm1d(C),
-        "BatchRenorm1d": lambda: V.BatchRenorm1d(C, warmup=False),
-        "GhostBatchNorm1d (v=32)": lambda: V.GhostBatchNorm1d(C, virtual_batch_size=32),
-        "LpNorm1d (p=1)": lambda: V.LpNorm1d(C, p=1),
-        "LpNorm1d (p=2)": lambda: V.LpNorm1d(C, p=2),
-        "LpNorm1d (p=inf)": lambda: V.LpNorm1d(C, p="inf"),
-        "NoisyBatchNorm1d": lambda: V.NoisyBatchNorm1d(C),
-        "DetachedNorm": lambda: V.DetachedNorm(C, scale=True),
-        "DecorrelatedBN ZCA (G=16)": lambda: V.DecorrelatedBatchNorm(C, group_size=16),
-        "DecorrelatedBN PCA (G=16)": lambda: V.DecorrelatedBatchNorm(C, group_size=16, whitening="pca"),
-        "IterNorm (G=16, T=5)": lambda: V.IterNorm(C, group_size=16),
+        "BatchNorm (reference)": lambda: bn(C),
+        "BatchRenorm": lambda: renorm(C, warmup=False),
+        f"Ghost BN (v={v})": lambda: ghost(C, virtual_batch_size=v),
+        f"Ghost BN (v={v_rem}, remainder)": lambda: ghost(C, virtual_batch_size=v_rem),
+        "Detached (center)": lambda: detached(C),
+        "Detached (center, scale)": lambda: detached(C, scale=True),
         "FrozenBatchNorm": lambda: V.FrozenBatchNorm(C),
+        "Noisy BN": lambda: noisy(C),
+        "ℓ1": lambda: lp(C, p=1),
+        "ℓ2": lambda: lp(C, p=2),
+        "ℓ∞": lambda: lp(C, p="inf"),
+        "ZCA (G=16)": lambda: V.DecorrelatedBatchNorm(C, group_size=16),
+        "ZCA (G=64)": lambda: V.DecorrelatedBatchNorm(C, group_size=64),
+        "PCA (G=16)": lambda: V.DecorrelatedBatchNorm(C, group_size=16, whitening="pca"),
+        "IterNorm (G=16, T=5)": lambda: V.IterNorm(C, group_size=16),
+        "IterNorm (G=64, T=5)": lambda: V.IterNorm(C, group_size=64),
     }
 
 
-def _step(layer, x, dy):
+def _call(layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, mode: str) -> Callable[[], None]:
+    if mode == "eval":
+        layer.eval()
+
+        def run():
+            with torch.no_grad():
+                layer(x)
+        return run
+    layer.train()
+    xg = x.detach().requires_grad_()
+
     def run():
-        x.grad = None
-        y = layer(x)
-        y.backward(dy)
+        xg.grad = None
+        layer(xg).backward(dy)
     return run
 
 
-def run(repeats: int = 15, log=print) -> list[dict]:
+def _timed(fn: Callable[[], None], calls: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls
+
+
+def run(threads=(1, 2), repeats: int = 15, calls: int = 3, log=print) -> list[dict]:
     rows = []
-    for shape in SHAPES:
-        x = torch.randn(*shape, requires_grad=True)
-        dy = torch.randn(*shape)
-        layers = _layers(shape[1], len(shape) == 4)
-        ref_name = next(iter(layers))
-        ref = _step(layers[ref_name]().train(), x, dy)
-        for name, make in layers.items():
-            fn = _step(make().train(), x, dy)
-            for f in (ref, fn, ref, fn):
-                f()
-            t_ref, t = [], []
-            for _ in range(repeats):
-                for f, out in ((ref, t_ref), (fn, t)):
-                    t0 = time.perf_counter()
-                    f()
-                    out.append(time.perf_counter() - t0)
-            m_ref, m = statistics.median(t_ref), statistics.median(t)
-            rows.append(dict(shape="x".join(map(str, shape)), layer=name, ms=m * 1e3, ratio=m / m_ref))
-            log(f"{rows[-1]['shape']:>12} {name:<28} fwd+bwd {m * 1e3:8.2f} ms  ×{m / m_ref:6.2f} vs BatchNorm")
+    before = torch.get_num_threads()
+    try:
+        for t in threads:
+            torch.set_num_threads(t)
+            for shape, fmt in SHAPES:
+                g = torch.Generator().manual_seed(0)
+                x = torch.randn(*shape, generator=g)
+                dy = torch.randn(*shape, generator=g)
+                if fmt is not None:
+                    x, dy = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
+                label = "x".join(map(str, shape)) + (" channels_last" if fmt is not None else "")
+                layers = _layers(shape[1], len(shape) == 4)
+                reference = next(iter(layers))
+                for mode in MODES:
+                    ref = _call(layers[reference](), x, dy, mode)
+                    for name, make in layers.items():
+                        if name == reference:
+                            continue
+                        fn = _call(make(), x, dy, mode)
+                        for f in (ref, fn, ref, fn):
+                            f()
+                        ratios, t_ref, t_var = [], [], []
+                        for i in range(repeats):
+                            pair = (ref, fn) if i % 2 == 0 else (fn, ref)
+                            times = {id(f): _timed(f, calls) for f in pair}
+                            t_ref.append(times[id(ref)])
+                            t_var.append(times[id(fn)])
+                            ratios.append(times[id(fn)] / times[id(ref)])
+                        row = dict(threads=t, shape=label, mode=mode, layer=name,
+                                   ms=statistics.median(t_var) * 1e3, bn_ms=statistics.median(t_ref) * 1e3,
+                                   ratio=statistics.median(ratios))
+                        rows.append(row)
+                        log(f"{t}t {label:>24} {mode:>6} {name:<28} {row['ms']:8.3f} ms  ×{row['ratio']:5.2f} "
+                            f"(BatchNorm {row['bn_ms']:.3f} ms)")
+    finally:
+        torch.set_num_threads(before)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| shape | layer | fwd+bwd ms | × bnlab BatchNorm |", "|---|---|---:|---:|"]
-    lines += [f"| {r['shape']} | {r['layer']} | {r['ms']:.2f} | {r['ratio']:.2f} |" for r in rows]
-    return "\n".join(lines)
+    """One table per mode: a row per variant, a column per (threads, shape), × bnlab's BatchNorm."""
+    out = []
+    for mode in MODES:
+        sel = [r for r in rows if r["mode"] == mode]
+        cols = list(dict.fromkeys((r["threads"], r["shape"]) for r in sel))
+        names = list(dict.fromkeys(r["layer"] for r in sel))
+        title = "training forward + backward" if mode == "fwdbwd" else "inference (eval, no autograd)"
+        out.append(f"**{title}**, × bnlab BatchNorm (median of paired turns)\n")
+        out.append("| variant | " + " | ".join(f"{t}t {s}" for t, s in cols) + " |")
+        out.append("|---|" + "---:|" * len(cols))
+        for name in names:
+            cells = {(r["threads"], r["shape"]): r["ratio"] for r in sel if r["layer"] == name}
+            out.append(f"| {name} | " + " | ".join(f"{cells[c]:.2f}" if c in cells else "" for c in cols) + " |")
+        out.append("")
+    return "\n".join(out)
 
 
 def command(args) -> int:
     """``bnlab bench variants``."""
-    torch.set_num_threads(int((args.threads or "2").split(",")[-1]))
-    rows = run(repeats=5 if args.quick else 15)
+    threads = tuple(int(t) for t in (args.threads or "1,2").split(","))
+    rows = run(threads=threads, repeats=3 if args.quick else 15)
     if args.markdown:
         print(markdown(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
     return 0

@@ -1070,6 +1070,159 @@ std::vector<at::Tensor> backward_train(const at::Tensor& dy, const at::Tensor& x
   return backward_train_impl(dy, x, mean, invstd, weight, /*dy_dead=*/false);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Groups: BN's passes over consecutive slices of the batch, each with its own statistics
+// ---------------------------------------------------------------------------------------------
+// The variants that are BN with a twist (Ghost BN: one set of moments per virtual batch; Batch
+// Renorm: BN's normalize with per-channel r, d folded into the affine; Detached: BN's forward with
+// the statistics' backward terms dropped) run on these entries. A slice of the batch dimension is
+// itself a contiguous tensor in both layouts (NCL and rows: dimension 0 is outermost in memory),
+// so every group is the ordinary kernel on a sub-layout; `sizes` are the groups' sizes along
+// dimension 0 (their sum is N). Per-group tensors are (G, C) in the accumulation dtype.
+
+namespace {
+
+struct Groups {
+  std::vector<int64_t> start, size;
+};
+
+Groups groups_of(const Layout& l, const std::vector<int64_t>& sizes) {
+  Groups g;
+  int64_t at = 0;
+  for (int64_t n : sizes) {
+    TORCH_CHECK(n > 0, "bnlab kernel: group sizes must be positive");
+    g.start.push_back(at);
+    g.size.push_back(n);
+    at += n;
+  }
+  TORCH_CHECK(at == l.N, "bnlab kernel: group sizes sum to ", at, ", the batch has ", l.N);
+  return g;
+}
+
+inline Layout slice_layout(const Layout& l, int64_t n) {
+  Layout s = l;
+  s.N = n;
+  s.M = n * l.L;
+  return s;
+}
+
+// a (G, C) or (C) per-channel argument → G·C doubles (a (C) one repeated for every group); empty if absent
+std::vector<double> per_group(const c10::optional<at::Tensor>& t, int64_t G, int64_t C) {
+  if (!t.has_value() || !t->defined()) return {};
+  at::Tensor v = t->detach().to(at::kDouble).contiguous().reshape({-1});
+  TORCH_CHECK(v.numel() == C || v.numel() == G * C, "per-channel arguments need ", C, " or ", G * C,
+              " values, got ", v.numel());
+  std::vector<double> out(G * C);
+  const double* p = v.data_ptr<double>();
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t c = 0; c < C; ++c) out[g * C + c] = v.numel() == C ? p[c] : p[g * C + c];
+  return out;
+}
+
+at::Tensor mat(const std::vector<double>& v, int64_t G, int64_t C, at::ScalarType dtype) {
+  return vec(v, dtype).reshape({G, C});
+}
+
+}  // namespace
+
+// (mean, var): each group's mean and biased variance, (G, C).
+std::vector<at::Tensor> group_moments(const at::Tensor& x, const std::vector<int64_t>& sizes) {
+  const Layout l = layout_of(x);
+  const Groups gr = groups_of(l, sizes);
+  const int64_t G = int64_t(sizes.size()), C = l.C, per_row = l.C * l.L;
+  std::vector<double> mean(G * C), var(G * C), m2(C);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bnlab_group_moments", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    for (int64_t g = 0; g < G; ++g) {
+      const Layout lg = slice_layout(l, gr.size[g]);
+      const scalar_t* xg = xp + gr.start[g] * per_row;
+      double* mg = mean.data() + g * C;
+      if (l.rows) stats_rows<scalar_t>(xg, lg, mg, m2.data());
+      else stats_ncl<scalar_t>(xg, lg, mg, m2.data());
+      for (int64_t c = 0; c < C; ++c) {
+        if (!std::isfinite(mg[c])) mg[c] = plain_mean<scalar_t>(xg, lg, c);
+        var[g * C + c] = m2[c] / double(lg.M);
+      }
+    }
+  });
+  const auto acc = acc_type(x.scalar_type());
+  return {mat(mean, G, C, acc), mat(var, G, C, acc)};
+}
+
+// y = (x − mean_g)·rsqrt(var_g + eps)·w_g + b_g for each group g; weight and bias (G, C), (C) or None.
+at::Tensor group_normalize(const at::Tensor& x, const at::Tensor& mean_t, const at::Tensor& var_t,
+                           const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                           double eps, const std::vector<int64_t>& sizes, bool training) {
+  const Layout l = layout_of(x);
+  const Groups gr = groups_of(l, sizes);
+  const int64_t G = int64_t(sizes.size()), C = l.C, per_row = l.C * l.L;
+  const std::vector<double> mean = per_group(mean_t, G, C), var = per_group(var_t, G, C);
+  const std::vector<double> w = per_group(weight, G, C), b = per_group(bias, G, C);
+  at::Tensor y = empty_out(x, x.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bnlab_group_normalize", [&] {
+    using acc_t = typename Acc<scalar_t>::type;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    std::vector<acc_t> alpha(C), beta(C);
+    for (int64_t g = 0; g < G; ++g) {
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t i = g * C + c;
+        const double a = (w.empty() ? 1.0 : w[i]) / std::sqrt(var[i] + eps);
+        alpha[c] = acc_t(a);
+        beta[c] = acc_t((b.empty() ? 0.0 : b[i]) - mean[i] * a);
+      }
+      affine<scalar_t>(xp + gr.start[g] * per_row, yp + gr.start[g] * per_row, slice_layout(l, gr.size[g]),
+                       alpha, beta, kIdentity, 0.0, training);
+    }
+  });
+  return y;
+}
+
+// Backward of group_normalize when the statistics are the groups' own (project = true: BN's closed
+// form per group, dx = w·invstd·(dy − mean(dy) − x̂·mean(dy·x̂))) or constants (project = false:
+// dx = w·invstd·dy). Returns (dx, Σdy·x̂ (G, C), Σdy (G, C)).
+std::vector<at::Tensor> group_backward(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& mean_t,
+                                       const at::Tensor& invstd_t, const c10::optional<at::Tensor>& weight,
+                                       const std::vector<int64_t>& sizes, bool project) {
+  const Layout l = layout_of(x);
+  const Groups gr = groups_of(l, sizes);
+  const int64_t G = int64_t(sizes.size()), C = l.C, per_row = l.C * l.L;
+  const at::Tensor dy = dy_in.scalar_type() == x.scalar_type() && dy_in.strides() == x.strides()
+                            ? dy_in : dy_in.to(x.scalar_type()).contiguous(x.suggest_memory_format());
+  const std::vector<double> mean = per_group(mean_t, G, C), invstd = per_group(invstd_t, G, C);
+  const std::vector<double> w = per_group(weight, G, C);
+  std::vector<double> sxh(G * C), sdy(G * C), s1(C), s2(C);
+  at::Tensor dx = empty_out(x, x.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bnlab_group_backward", [&] {
+    using acc_t = typename Acc<scalar_t>::type;
+    const scalar_t* dyp = dy.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    std::vector<acc_t> k1(C), k2(C), k3(C);
+    for (int64_t g = 0; g < G; ++g) {
+      const Layout lg = slice_layout(l, gr.size[g]);
+      const int64_t off = gr.start[g] * per_row;
+      const double* mg = mean.data() + g * C;
+      if (l.rows) grad_sums_rows<scalar_t>(dyp + off, xp + off, mg, lg, s1.data(), s2.data());
+      else grad_sums_ncl<scalar_t>(dyp + off, xp + off, mg, lg, s1.data(), s2.data());
+      const double m = double(lg.M);
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t i = g * C + c;
+        const double scale = invstd[i] * (w.empty() ? 1.0 : w[i]);
+        const double kk = project ? invstd[i] * invstd[i] * s2[c] / m : 0.0;
+        k1[c] = acc_t(scale);
+        k2[c] = acc_t(-scale * kk);
+        k3[c] = acc_t(project ? -scale * s1[c] / m + scale * kk * mg[c] : 0.0);
+        sxh[i] = s2[c] * invstd[i];
+        sdy[i] = s1[c];
+      }
+      dx_pass<scalar_t>(dyp + off, xp + off, dxp + off, lg, k1, k2, k3);
+    }
+  });
+  const auto acc = acc_type(x.scalar_type());
+  return {dx, mat(sxh, G, C, acc), mat(sdy, G, C, acc)};
+}
+
 // Whether the incoming gradient dy can be overwritten with dx: the same test torch's autograd
 // engine makes before accumulating gradients in place (InputBuffer): a plain dense strided tensor
 // on the CPU whose TensorImpl and storage have exactly one reference each — the caller's — so no
@@ -1495,6 +1648,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("act") = 0, py::arg("slope") = 0.0,
         py::arg("running_mean") = py::none(), py::arg("running_var") = py::none(), py::arg("momentum") = 0.0,
         py::arg("unbiased") = true);
+  m.def("group_moments", &group_moments, "per-group (mean, biased var), (G, C)", py::arg("x"), py::arg("sizes"));
+  m.def("group_normalize", &group_normalize, "per-group normalize with given statistics and affine",
+        py::arg("x"), py::arg("mean"), py::arg("var"), py::arg("weight"), py::arg("bias"), py::arg("eps"),
+        py::arg("sizes"), py::arg("training") = true);
+  m.def("group_backward", &group_backward, "per-group backward: (dx, sum dy*xhat, sum dy)",
+        py::arg("dy"), py::arg("x"), py::arg("mean"), py::arg("invstd"), py::arg("weight"), py::arg("sizes"),
+        py::arg("project") = true);
   m.def("forward_eval", &forward_eval, "eval forward with given statistics", py::arg("x"), py::arg("running_mean"),
         py::arg("running_var"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("act") = 0,
         py::arg("slope") = 0.0);

@@ -168,7 +168,7 @@ class _EvalFn(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, var: Tensor,
                 eps: float, k):
         ctx.save_for_backward(x, weight, bias, mean, var)
-        ctx.eps = eps
+        ctx.eps, ctx.k = eps, k
         ctx.set_materialize_grads(False)
         return k.forward_eval(x, mean, var, _param(weight), _param(bias), eps, 0, 0.0)
 
@@ -177,10 +177,20 @@ class _EvalFn(torch.autograd.Function):
         x, weight, bias, mean, var = ctx.saved_tensors
         if dy is None:
             return (None,) * 7
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        if ctx.k is _Cpu.module and not torch.is_grad_enabled() and _dense(dy) and dy.dtype == x.dtype \
+                and x.numel() > 0:
+            if not (need_dw or need_db):
+                # dx = γ·invstd·dy is the eval transform of dy with mean 0: one kernel pass
+                dx = ctx.k.forward_eval(dy, torch.zeros_like(mean), var, _param(weight), None, ctx.eps, 0, 0.0)
+                return (dx if need_dx else None,) + (None,) * 6
+            invstd = torch.rsqrt(var.to(D.accumulation_dtype(x.dtype)) + ctx.eps)
+            dx, dw, db = ctx.k.group_backward(dy, x, mean, invstd, _param(weight), [x.shape[0]], False)
+            return (dx if need_dx else None, _like(dw[0], weight) if need_dw else None,
+                    _like(db[0], bias) if need_db else None, None, None, None, None)
         acc = D.accumulation_dtype(x.dtype)
         dx, dw, db = D.batch_norm_backward(dy, x, mean.to(acc), torch.rsqrt(var.to(acc) + ctx.eps), weight,
                                            training=False)
-        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         return (_like(dx, x) if need_dx else None, _like(dw, weight) if need_dw else None,
                 _like(db, bias) if need_db else None, None, None, None, None)
 

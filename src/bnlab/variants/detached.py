@@ -23,6 +23,7 @@ from torch import Tensor
 from .. import definition as D
 from .. import functional as BF
 from ..batchnorm import BatchNorm1d, BatchNorm2d, _BatchNorm
+from ._grouped import GroupNorm, kernels_for
 
 __all__ = ["DetachedNorm", "DetachedNorm2d", "detached_norm"]
 
@@ -45,6 +46,9 @@ class _DetachedMixin:
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
+        k = kernels_for(input) if self._uses_batch_stats() and self.center else None
+        if k is not None:
+            return self._forward_kernels(input, k)
         if self._uses_batch_stats():
             BF.check_batch_size(input)
             with torch.no_grad():
@@ -58,6 +62,26 @@ class _DetachedMixin:
         if not self.center:
             mean = torch.zeros_like(mean)
         return detached_norm(input, mean, var if self.scale else None, self.weight, self.bias, self.eps)
+
+    def _forward_kernels(self, input: Tensor, k) -> Tensor:
+        """BN's kernels: the forward is BN's normalize (or the mean subtraction alone), the backward
+        BN's with the statistics' terms dropped (see variants._grouped)."""
+        BF.check_batch_size(input)
+        sizes = [input.shape[0]]
+        mean, var = k.group_moments(input, sizes)                                   # 1, C
+        if self._updates_running_stats():
+            D.update_running_stats(self.running_mean, self.running_var, mean[0], var[0],
+                                   D.values_per_channel(input), self._momentum_step(), self.running_var_correction)
+        scale, eps = self.scale, self.eps
+
+        def reference(x, weight, bias):
+            return detached_norm(x, mean[0], var[0] if scale else None, weight, bias, eps)
+
+        if scale:
+            return GroupNorm.apply(input, self.weight, self.bias, mean, var, None, None, eps, sizes, False, k,
+                                   reference)
+        ones = torch.ones_like(var)                      # invstd = 1 exactly: x − μ alone
+        return GroupNorm.apply(input, self.weight, self.bias, mean, ones, None, None, 0.0, sizes, False, k, reference)
 
     @property
     def _eval_is_bn(self) -> bool:

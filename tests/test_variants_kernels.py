@@ -1,0 +1,119 @@
+"""Ghost BN, Batch Renorm and Detached normalization on BN's compiled kernels (variants._grouped)
+against their readable definitions (the same layers with the kernels switched off): outputs,
+every gradient and the running statistics, over layouts, dtypes, virtual-batch splits (with a
+remainder) and both running-statistics modes; float64 gradcheck and gradgradcheck of the
+kernel path itself."""
+
+import copy
+
+import pytest
+import torch
+
+import bnlab
+from bnlab import kernels
+from bnlab.variants._grouped import kernels_for
+
+pytestmark = pytest.mark.skipif(kernels.load() is None, reason="no compiled CPU kernels on this machine")
+
+SHAPES = [((11, 6), None), ((11, 6, 5), None), ((11, 6, 4, 3), None), ((11, 6, 4, 3), torch.channels_last)]
+
+
+def _layers(dims: int):
+    """(name, constructor) pairs for a layer of the given input rank."""
+    two = dims >= 3
+    ghost = bnlab.GhostBatchNorm2d if dims == 4 else bnlab.GhostBatchNorm1d
+    renorm = bnlab.BatchRenorm2d if dims == 4 else bnlab.BatchRenorm1d
+    detached = bnlab.DetachedNorm2d if dims == 4 else bnlab.DetachedNorm
+    out = [("ghost-batch", lambda: ghost(6, virtual_batch_size=4)),
+           ("ghost-virtual", lambda: ghost(6, virtual_batch_size=3, running_stats="virtual")),
+           ("renorm", lambda: renorm(6, rmax=1.5, dmax=0.3, warmup=False)),
+           ("renorm-virtual", lambda: renorm(6, rmax=1.5, dmax=0.3, warmup=False, virtual_batch_size=4)),
+           ("detached-center", lambda: detached(6, affine=True)),
+           ("detached-scale", lambda: detached(6, affine=True, scale=True))]
+    del two
+    return out
+
+
+def _prepare(layer, x):
+    """γ, β and running statistics away from their defaults (so r, d clip and every term shows)."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        if layer.weight is not None:
+            layer.weight.copy_(torch.rand(6, generator=g) + 0.5)
+            layer.bias.copy_(torch.randn(6, generator=g))
+        layer.running_mean.copy_(torch.randn(6, generator=g) * 0.5)
+        layer.running_var.copy_(torch.rand(6, generator=g) + 0.5)
+    return layer.to(x.dtype)
+
+
+def _step(layer, x, dy):
+    x = x.detach().clone().requires_grad_()
+    y = layer(x)
+    y.backward(dy)
+    return y.detach(), x.grad, layer.weight.grad, layer.bias.grad
+
+
+@pytest.mark.parametrize("shape,fmt", SHAPES, ids=["2d", "3d", "nchw", "channels_last"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)], ids=["f64", "f32"])
+def test_kernel_path_equals_the_definition(shape, fmt, dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(*shape, generator=g) * 2 + 1).to(dtype)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    dy = torch.randn(*shape, generator=g).to(dtype)
+    for name, make in _layers(len(shape)):
+        fast = _prepare(make(), x)
+        slow = copy.deepcopy(fast)
+        assert kernels_for(x) is not None
+        got = _step(fast, x, dy)
+        with kernels.disabled():
+            want = _step(slow, x, dy)
+        for what, a, b in zip(("y", "dx", "dgamma", "dbeta"), got, want):
+            torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=f"{name}: {what}")
+        if fmt is not None:
+            assert got[0].is_contiguous(memory_format=fmt), name
+        for buf in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(fast, buf), getattr(slow, buf), atol=tol, rtol=tol,
+                                       msg=f"{name}: {buf}")
+
+
+# gradcheck compares with the forward's true derivative: Detached normalization's gradient drops
+# the statistics' terms by design, and Batch Renorm's treats r and d as constants (its forward
+# equals the inference transform wherever they do not clip), so those are held to their
+# definitions above; Renorm is gradchecked where its gradient is the true one (r = 1, d = 0).
+GRADCHECKED = {"ghost-batch": lambda: bnlab.GhostBatchNorm2d(6, virtual_batch_size=4),
+               "ghost-virtual": lambda: bnlab.GhostBatchNorm2d(6, virtual_batch_size=3, running_stats="virtual"),
+               "renorm-bn": lambda: bnlab.BatchRenorm2d(6, rmax=1.0, dmax=0.0, warmup=False, virtual_batch_size=4)}
+
+
+@pytest.mark.parametrize("name", list(GRADCHECKED))
+def test_kernel_path_gradcheck_and_gradgradcheck(name):
+    make = GRADCHECKED[name]
+    x = torch.randn(9, 6, 3, 2, dtype=torch.float64, requires_grad=True)
+    layer = _prepare(make(), x)
+    assert kernels_for(x) is not None
+
+    def f(x, w, b):
+        state = copy.deepcopy(layer)                  # every evaluation from the same running statistics
+        return torch.func.functional_call(state, {"weight": w, "bias": b}, (x,))
+
+    w = layer.weight.detach().clone().requires_grad_()
+    b = layer.bias.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+def test_renorm_corrections_clip_on_the_kernel_path_as_in_the_definition():
+    """With running statistics far from the batch's, r and d clip: the output equals
+    γ·(x̂·r + d) + β with the clipped values (the readable formula written out here)."""
+    layer = bnlab.BatchRenorm1d(4, rmax=2.0, dmax=0.5, warmup=False).double()
+    with torch.no_grad():
+        layer.running_mean.fill_(5.0)
+        layer.running_var.fill_(100.0)
+    x = torch.randn(16, 4, dtype=torch.float64)
+    y = layer(x)
+    mean, var = x.mean(0), x.var(0, unbiased=False)
+    std, rstd = (var + layer.eps).sqrt(), torch.tensor(100.0 + layer.eps, dtype=torch.float64).sqrt()
+    r = (std / rstd).clamp(0.5, 2.0)
+    d = ((mean - 5.0) / rstd).clamp(-0.5, 0.5)
+    torch.testing.assert_close(y, (x - mean) / std * r + d)
