@@ -31,15 +31,23 @@ __all__ = ["NoisyBatchNorm1d", "NoisyBatchNorm2d", "add_nonstationary_noise"]
 
 def add_nonstationary_noise(a: Tensor, generator: torch.Generator, n_mu: float = 0.5,
                             n_sigma: float = 1.25, r_mu: float = 0.1, r_sigma: float = 0.1) -> Tensor:
-    """a (N, C, *) → s·a + m with Santurkar's noise (see module docstring)."""
+    """a (N, C, *) → s·a + m with Santurkar's noise (see module docstring).
+
+    The two full-size draws are made in place in a's layout and combined in one pass
+    (m + a·s); drawing them is most of the layer's cost beyond BN's."""
     C = a.shape[1]
     shape = (1, C) + (1,) * (a.dim() - 2)
     opts = dict(generator=generator, dtype=torch.float32)
     mu_t = (torch.rand(C, **opts) * 2 - 1) * n_mu                         # C
     sigma_t = 1 + torch.rand(C, **opts) * (n_sigma - 1)                    # C
-    m = mu_t.view(shape) + (torch.rand((a.shape[0], C) + a.shape[2:], **opts) * 2 - 1) * r_mu
-    s = sigma_t.view(shape) + torch.randn((a.shape[0], C) + a.shape[2:], **opts) * r_sigma
-    return a * s.to(a.dtype) + m.to(a.dtype)
+    dtype = a.dtype if a.dtype in (torch.float32, torch.float64) else torch.float32
+    m = torch.empty(a.shape, dtype=torch.float32).uniform_(0, 1, generator=generator)
+    m = m.to(dtype).mul_(2 * r_mu).add_((mu_t - r_mu).to(dtype).view(shape))      # U(μ_t − r_μ, μ_t + r_μ)
+    s = torch.empty(a.shape, dtype=torch.float32).normal_(0, 1, generator=generator)
+    s = s.to(dtype).mul_(r_sigma).add_(sigma_t.to(dtype).view(shape))             # N(σ_t, r_σ)
+    if a.dtype != dtype:
+        return (a.to(dtype) * s + m).to(a.dtype)
+    return torch.addcmul(m, a, s)
 
 
 class _NoisyMixin:
