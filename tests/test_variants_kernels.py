@@ -117,3 +117,55 @@ def test_renorm_corrections_clip_on_the_kernel_path_as_in_the_definition():
     r = (std / rstd).clamp(0.5, 2.0)
     d = ((mean - 5.0) / rstd).clamp(-0.5, 0.5)
     torch.testing.assert_close(y, (x - mean) / std * r + d)
+
+
+LP = [(p, g) for p in (1, 2, "inf") for g in (1, 3)]
+
+
+@pytest.mark.parametrize("shape,fmt", SHAPES, ids=["2d", "3d", "nchw", "channels_last"])
+@pytest.mark.parametrize("p,groups", LP, ids=[f"p{p}-g{g}" for p, g in LP])
+def test_lp_kernels_equal_the_definition(shape, fmt, p, groups):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(*shape, generator=g) * 2 + 1).double()
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    dy = torch.randn(*shape, generator=g).double()
+    make = bnlab.LpNorm2d if len(shape) == 4 else bnlab.LpNorm1d
+    fast = make(6, p=p, groups=groups).double()
+    with torch.no_grad():
+        fast.weight.uniform_(0.5, 1.5, generator=g)
+        fast.bias.uniform_(-1, 1, generator=g)
+    slow = copy.deepcopy(fast)
+    assert kernels_for(x) is not None
+    got = _step(fast, x, dy)
+    with kernels.disabled():
+        want = _step(slow, x, dy)
+    for what, a, b in zip(("y", "dx", "dgamma", "dbeta"), got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9, msg=what)
+    for buf in ("running_mean", "running_scale", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(fast, buf), getattr(slow, buf), atol=1e-12, rtol=1e-10, msg=buf)
+
+
+def test_lp_infinity_splits_the_gradient_among_ties_as_torch_does():
+    """Two values at a sample's maximum |z| share its gradient, as torch.amax's backward splits it."""
+    x = torch.tensor([[3.0, -3.0, 0.5], [-1.0, 1.0, 0.0], [0.0, 0.0, -0.5], [-2.0, 2.0, 0.0]], dtype=torch.float64)
+    dy = torch.randn(4, 3, dtype=torch.float64)
+    fast, slow = bnlab.LpNorm1d(3, p="inf").double(), bnlab.LpNorm1d(3, p="inf").double()
+    got = _step(fast, x, dy)
+    with kernels.disabled():
+        want = _step(slow, x, dy)
+    torch.testing.assert_close(got[1], want[1])
+
+
+@pytest.mark.parametrize("p", [1, 2, "inf"])
+def test_lp_kernel_path_gradcheck_and_gradgradcheck(p):
+    x = torch.randn(7, 6, 3, 2, dtype=torch.float64, requires_grad=True)
+    layer = bnlab.LpNorm2d(6, p=p, groups=2).double()
+    w = torch.rand(6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b):
+        return torch.func.functional_call(copy.deepcopy(layer), {"weight": w, "bias": b}, (x,))
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))

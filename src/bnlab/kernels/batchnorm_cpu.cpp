@@ -1125,6 +1125,256 @@ at::Tensor mat(const std::vector<double>& v, int64_t G, int64_t C, at::ScalarTyp
 
 }  // namespace
 
+// ---------------------------------------------------------------------------------------------
+// ℓp normalization (variants/lp.py): centered per channel with the batch mean μ, scaled per
+// feature group g by D_g = mean_i n_ig + eps, where n_ig is sample i's width-normalized ℓp norm of
+// its centered values in the group (p = 1: mean |z|; 2: (mean z²)^½; ∞: max |z|):
+//     y = (x − μ)·γ/D + β
+// Backward, with z = x − μ, a = γ/D, κ_g = −Σ_{c∈g} γ_c Σ(dy·z)_c / (N·D_g²) and φ = ∂n_ig/∂z
+// (sign(z)/M_g, z/(M_g·n_ig), or sign(z)/ties at the maximum):
+//     dz = dy·a + κ·φ,   dx = dz − mean_{n,l}(dz),   dγ = Σ dy·z / D,   dβ = Σ dy
+// so the forward is BN's passes plus one read (the norms) and the backward is BN's two passes.
+// p is 1, 2, or 0 for ∞.
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+// f(z) accumulated for the norm: |z|, z², or |z| (maximized)
+template <int P, typename acc_t>
+inline acc_t lp_term(acc_t z) {
+  if constexpr (P == 2) return z * z;
+  else return std::abs(z);
+}
+
+// sample i's accumulated terms per group (sum, or max for ∞) and, for ∞, the number of ties
+template <int P, typename scalar_t, typename acc_t>
+void lp_sample(const scalar_t* x, const Layout& l, int64_t i, const acc_t* mu, int64_t Cg, double* acc, double* ties) {
+  const int64_t C = l.C, L = l.L, G = C / Cg;
+  for (int64_t g = 0; g < G; ++g) { acc[g] = 0.0; ties[g] = 0.0; }
+  if (l.rows) {
+    for (int64_t r = i * L; r < (i + 1) * L; ++r) {
+      const scalar_t* __restrict row = x + r * C;
+      for (int64_t g = 0; g < G; ++g) {
+        acc_t a = 0;
+        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+          const acc_t t = lp_term<P, acc_t>(acc_t(row[c]) - mu[c]);
+          if constexpr (P == 0) a = std::max(a, t); else a += t;
+        }
+        if constexpr (P == 0) acc[g] = std::max(acc[g], double(a)); else acc[g] += a;
+      }
+    }
+  } else {
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t* __restrict xb = x + (i * C + c) * L;
+      const acc_t m = mu[c];
+      const int64_t g = c / Cg;
+      for (int64_t k0 = 0; k0 < L; k0 += kPlaneBlock) {
+        const int64_t k1 = std::min(L, k0 + kPlaneBlock);
+        acc_t a = 0;
+        for (int64_t k = k0; k < k1; ++k) {
+          const acc_t t = lp_term<P, acc_t>(acc_t(xb[k]) - m);
+          if constexpr (P == 0) a = std::max(a, t); else a += t;
+        }
+        if constexpr (P == 0) acc[g] = std::max(acc[g], double(a)); else acc[g] += a;
+      }
+    }
+  }
+  if constexpr (P == 0) {                    // how many values reach the maximum (torch's amax splits among them)
+    auto count = [&](int64_t c, acc_t v) {
+      const int64_t g = c / Cg;
+      if (double(lp_term<P, acc_t>(v)) == acc[g]) ties[g] += 1.0;
+    };
+    if (l.rows) {
+      for (int64_t r = i * L; r < (i + 1) * L; ++r)
+        for (int64_t c = 0; c < C; ++c) count(c, acc_t(x[r * C + c]) - mu[c]);
+    } else {
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t k = 0; k < L; ++k) count(c, acc_t(x[(i * C + c) * L + k]) - mu[c]);
+    }
+  }
+}
+
+// φ = ∂n_ig/∂z for one value
+template <int P, typename acc_t>
+inline acc_t lp_phi(acc_t z, acc_t inv_m, acc_t n, acc_t ties) {
+  if constexpr (P == 1) return z > 0 ? inv_m : (z < 0 ? -inv_m : acc_t(0));
+  else if constexpr (P == 2) return z * inv_m / n;
+  else return (std::abs(z) == n && ties > 0) ? (z > 0 ? acc_t(1) : (z < 0 ? acc_t(-1) : acc_t(0))) / ties : acc_t(0);
+}
+
+template <int P, typename scalar_t>
+void lp_forward_impl(const at::Tensor& x, const Layout& l, int64_t G, double eps, const std::vector<double>& mean,
+                     std::vector<double>& n, std::vector<double>& ties, std::vector<double>& D,
+                     const at::Tensor& weight, const at::Tensor& bias, at::Tensor& y) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const int64_t N = l.N, C = l.C, Cg = C / G;
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  std::vector<acc_t> mu(C);
+  for (int64_t c = 0; c < C; ++c) mu[c] = acc_t(mean[c]);
+  const double m = double(Cg * l.L);
+  at::parallel_for(0, N, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      double* acc = n.data() + i * G;
+      lp_sample<P, scalar_t, acc_t>(xp, l, i, mu.data(), Cg, acc, ties.data() + i * G);
+      for (int64_t g = 0; g < G; ++g)
+        acc[g] = P == 1 ? acc[g] / m : (P == 2 ? std::sqrt(acc[g] / m) : acc[g]);
+    }
+  });
+  for (int64_t g = 0; g < G; ++g) {
+    double d = 0;
+    for (int64_t i = 0; i < N; ++i) d += n[i * G + g];
+    D[g] = d / double(N) + eps;
+  }
+  std::vector<double> invD(C);
+  for (int64_t c = 0; c < C; ++c) invD[c] = 1.0 / D[c / Cg];
+  std::vector<acc_t> alpha, beta;
+  coefficients<acc_t>(mean.data(), invD.data(), weight, bias, C, alpha, beta);
+  affine<scalar_t>(xp, y.data_ptr<scalar_t>(), l, alpha, beta, kIdentity, 0.0, /*training=*/true);
+}
+
+template <int P, typename scalar_t>
+void lp_backward_impl(const at::Tensor& dy, const at::Tensor& x, const Layout& l, int64_t G,
+                      const std::vector<double>& mean, const std::vector<double>& n, const std::vector<double>& ties,
+                      const std::vector<double>& D, const std::vector<double>& w, at::Tensor& dx,
+                      std::vector<double>& S1, std::vector<double>& S2) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const int64_t N = l.N, C = l.C, L = l.L, Cg = C / G;
+  const scalar_t* gp = dy.data_ptr<scalar_t>();
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  scalar_t* dxp = dx.data_ptr<scalar_t>();
+  std::vector<acc_t> mu(C);
+  for (int64_t c = 0; c < C; ++c) mu[c] = acc_t(mean[c]);
+  const acc_t inv_m = acc_t(1.0 / double(Cg * L));
+  // pass A: Σdy, Σdy·z and Σφ per channel (per-thread partials, summed in thread order)
+  const int nt = at::get_num_threads();
+  std::vector<std::vector<double>> p1(nt, std::vector<double>(C, 0.0)), p2(nt, std::vector<double>(C, 0.0)),
+      p3(nt, std::vector<double>(C, 0.0));
+  at::parallel_for(0, N, 1, [&](int64_t i0, int64_t i1) {
+    const int tid = at::get_thread_num();
+    double* s1 = p1[tid].data();
+    double* s2 = p2[tid].data();
+    double* s3 = p3[tid].data();
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t g = c / Cg;
+        const acc_t ni = acc_t(n[i * G + g]), ti = acc_t(ties[i * G + g]);
+        acc_t a1 = 0, a2 = 0, a3 = 0;
+        if (l.rows) {
+          for (int64_t r = i * L; r < (i + 1) * L; ++r) {
+            const acc_t gv = acc_t(gp[r * C + c]), z = acc_t(xp[r * C + c]) - mu[c];
+            a1 += gv;
+            a2 += gv * z;
+            a3 += lp_phi<P, acc_t>(z, inv_m, ni, ti);
+          }
+        } else {
+          const scalar_t* gb = gp + (i * C + c) * L;
+          const scalar_t* xb = xp + (i * C + c) * L;
+          for (int64_t k = 0; k < L; ++k) {
+            const acc_t gv = acc_t(gb[k]), z = acc_t(xb[k]) - mu[c];
+            a1 += gv;
+            a2 += gv * z;
+            a3 += lp_phi<P, acc_t>(z, inv_m, ni, ti);
+          }
+        }
+        s1[c] += a1;
+        s2[c] += a2;
+        s3[c] += a3;
+      }
+    }
+  });
+  std::vector<double> Phi(C);
+  for (int64_t c = 0; c < C; ++c) {
+    double t1 = 0, t2 = 0, t3 = 0;
+    for (int t = 0; t < nt; ++t) { t1 += p1[t][c]; t2 += p2[t][c]; t3 += p3[t][c]; }
+    S1[c] = t1; S2[c] = t2; Phi[c] = t3;
+  }
+  std::vector<double> kappa(G, 0.0);
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t g = c / Cg;
+    kappa[g] -= (w.empty() ? 1.0 : w[c]) * S2[c] / (double(N) * D[g] * D[g]);
+  }
+  std::vector<acc_t> a(C), shift(C), kap(C);
+  const double count = double(N * L);
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t g = c / Cg;
+    const double ac = (w.empty() ? 1.0 : w[c]) / D[g];
+    a[c] = acc_t(ac);
+    kap[c] = acc_t(kappa[g]);
+    shift[c] = acc_t(-(ac * S1[c] + kappa[g] * Phi[c]) / count);
+  }
+  // pass B: dx = dy·a + κ·φ(z) − mean(dz)
+  at::parallel_for(0, N, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t g = c / Cg;
+        const acc_t ni = acc_t(n[i * G + g]), ti = acc_t(ties[i * G + g]);
+        const acc_t ac = a[c], kc = kap[c], sc = shift[c], m = mu[c];
+        if (l.rows) {
+          for (int64_t r = i * L; r < (i + 1) * L; ++r) {
+            const acc_t z = acc_t(xp[r * C + c]) - m;
+            dxp[r * C + c] = scalar_t(acc_t(gp[r * C + c]) * ac + kc * lp_phi<P, acc_t>(z, inv_m, ni, ti) + sc);
+          }
+        } else {
+          const int64_t base = (i * C + c) * L;
+          for (int64_t k = 0; k < L; ++k) {
+            const acc_t z = acc_t(xp[base + k]) - m;
+            dxp[base + k] = scalar_t(acc_t(gp[base + k]) * ac + kc * lp_phi<P, acc_t>(z, inv_m, ni, ti) + sc);
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// (y, mean (C), n (N, G), D (G), ties (N, G)); p = 1, 2 or 0 (∞)
+std::vector<at::Tensor> lp_forward(const at::Tensor& x, int64_t p, int64_t groups, double eps,
+                                   const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias) {
+  const Layout l = layout_of(x);
+  TORCH_CHECK(groups >= 1 && l.C % groups == 0, "bnlab kernel: channels must split into the groups");
+  TORCH_CHECK(p == 0 || p == 1 || p == 2, "bnlab kernel: p must be 1, 2 or 0 (inf)");
+  const int64_t N = l.N, C = l.C, G = groups;
+  std::vector<double> mean(C), m2(C), n(N * G), ties(N * G, 1.0), D(G);
+  at::Tensor y = empty_out(x, x.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bnlab_lp_forward", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    if (l.rows) stats_rows<scalar_t>(xp, l, mean.data(), m2.data());
+    else stats_ncl<scalar_t>(xp, l, mean.data(), m2.data());
+    const at::Tensor w = weight.value_or(at::Tensor()), b = bias.value_or(at::Tensor());
+    if (p == 1) lp_forward_impl<1, scalar_t>(x, l, G, eps, mean, n, ties, D, w, b, y);
+    else if (p == 2) lp_forward_impl<2, scalar_t>(x, l, G, eps, mean, n, ties, D, w, b, y);
+    else lp_forward_impl<0, scalar_t>(x, l, G, eps, mean, n, ties, D, w, b, y);
+  });
+  const auto acc = acc_type(x.scalar_type());
+  return {y, vec(mean, acc), mat(n, N, G, acc), vec(D, acc), mat(ties, N, G, acc)};
+}
+
+// (dx, dgamma, dbeta) of lp_forward
+std::vector<at::Tensor> lp_backward(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& mean_t,
+                                    const at::Tensor& n_t, const at::Tensor& D_t, const at::Tensor& ties_t,
+                                    const c10::optional<at::Tensor>& weight, int64_t p, int64_t groups) {
+  const Layout l = layout_of(x);
+  const int64_t N = l.N, C = l.C, G = groups;
+  const at::Tensor dy = dy_in.scalar_type() == x.scalar_type() && dy_in.strides() == x.strides()
+                            ? dy_in : dy_in.to(x.scalar_type()).contiguous(x.suggest_memory_format());
+  const std::vector<double> mean = to_vec(mean_t, C), D = to_vec(D_t, G);
+  const std::vector<double> n = per_group(n_t, N, G), ties = per_group(ties_t, N, G);
+  const std::vector<double> w = (weight.has_value() && weight->defined()) ? to_vec(*weight, C) : std::vector<double>();
+  std::vector<double> S1(C), S2(C);
+  at::Tensor dx = empty_out(x, x.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bnlab_lp_backward", [&] {
+    if (p == 1) lp_backward_impl<1, scalar_t>(dy, x, l, G, mean, n, ties, D, w, dx, S1, S2);
+    else if (p == 2) lp_backward_impl<2, scalar_t>(dy, x, l, G, mean, n, ties, D, w, dx, S1, S2);
+    else lp_backward_impl<0, scalar_t>(dy, x, l, G, mean, n, ties, D, w, dx, S1, S2);
+  });
+  std::vector<double> dgamma(C);
+  const int64_t Cg = C / G;
+  for (int64_t c = 0; c < C; ++c) dgamma[c] = S2[c] / D[c / Cg];
+  const auto acc = acc_type(x.scalar_type());
+  return {dx, vec(dgamma, acc), vec(S1, acc)};
+}
+
 // (mean, var): each group's mean and biased variance, (G, C).
 std::vector<at::Tensor> group_moments(const at::Tensor& x, const std::vector<int64_t>& sizes) {
   const Layout l = layout_of(x);
@@ -1648,6 +1898,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("act") = 0, py::arg("slope") = 0.0,
         py::arg("running_mean") = py::none(), py::arg("running_var") = py::none(), py::arg("momentum") = 0.0,
         py::arg("unbiased") = true);
+  m.def("lp_forward", &lp_forward, "lp normalization forward: (y, mean, n, D, ties)", py::arg("x"), py::arg("p"),
+        py::arg("groups"), py::arg("eps"), py::arg("weight"), py::arg("bias"));
+  m.def("lp_backward", &lp_backward, "lp normalization backward: (dx, dgamma, dbeta)", py::arg("dy"), py::arg("x"),
+        py::arg("mean"), py::arg("n"), py::arg("D"), py::arg("ties"), py::arg("weight"), py::arg("p"),
+        py::arg("groups"));
   m.def("group_moments", &group_moments, "per-group (mean, biased var), (G, C)", py::arg("x"), py::arg("sizes"));
   m.def("group_normalize", &group_normalize, "per-group normalize with given statistics and affine",
         py::arg("x"), py::arg("mean"), py::arg("var"), py::arg("weight"), py::arg("bias"), py::arg("eps"),

@@ -20,7 +20,11 @@ and smooth the landscape. The paper leaves the details open; bnlab chooses:
 Because d is one number per layer, individual features keep their relative scales: the input
 distribution of a unit is *not* pinned to unit variance (for p = 2 this differs from BN, which
 divides each feature by its own standard deviation). The gradient is autograd's, through μ_B
-and d.
+and d — of the functions below, which are the definition; on the CPU the compiled kernels
+compute the same forward and its closed-form gradient in BN's passes plus one (the norms):
+with z = x − μ, a = γ/D, φ = ∂n_i/∂z and κ = −Σ_c γ_c Σ(dy·z)_c / (N·D²)::
+
+    dz = dy·a + κ·φ,   dx = dz − mean(dz),   dγ = Σ dy·z / D,   dβ = Σ dy
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from torch import Tensor, nn
 from .. import definition as D
 from .. import functional as BF
 from ..errors import ShapeError
+from ._grouped import kernels_for
 
 __all__ = ["LpNorm1d", "LpNorm2d", "lp_norm"]
 
@@ -68,6 +73,44 @@ def lp_norm(x: Tensor, mean: Tensor, scale: Tensor, weight: Optional[Tensor], bi
     return D.affine((x - D.channel_view(mean, x)) / D.channel_view(d + eps, x), weight, bias)
 
 
+class _LpFn(torch.autograd.Function):
+    """Training ℓp normalization on the compiled kernels; a create_graph backward differentiates
+    the definition (:func:`lp_scale`, :func:`lp_norm`)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], p: float, groups: int,
+                eps: float, k):
+        code = 0 if p == math.inf else int(p)
+        w = None if weight is None else weight.detach()
+        b = None if bias is None else bias.detach()
+        y, mean, n, denom, ties = k.lp_forward(x, code, groups, eps, w, b)         # denom: d + ε per group
+        ctx.save_for_backward(x, weight, bias, mean, n, denom, ties)
+        ctx.p, ctx.code, ctx.groups, ctx.eps, ctx.k = p, code, groups, eps, k
+        ctx.set_materialize_grads(False)
+        scale = denom - eps
+        ctx.mark_non_differentiable(mean, scale)
+        return y, mean, scale
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dscale):
+        if dy is None:
+            return (None,) * 7
+        x, weight, bias, mean, n, denom, ties = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():                      # a graph of the backward: the definition's
+            m = x.mean(dim=D.reduction_dims(x))
+            y = lp_norm(x, m, lp_scale(x - D.channel_view(m, x), ctx.p, ctx.groups), weight, bias, ctx.eps,
+                        ctx.groups)
+            inputs = [t for t, need in ((x, need_x), (weight, need_w), (bias, need_b)) if need]
+            grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
+            return (next(grads) if need_x else None, next(grads) if need_w else None,
+                    next(grads) if need_b else None, None, None, None, None)
+        w = None if weight is None else weight.detach()
+        dx, dw, db = ctx.k.lp_backward(dy, x, mean, n, denom, ties, w, ctx.code, ctx.groups)
+        return (dx if need_x else None, dw.to(weight.dtype) if need_w and weight is not None else None,
+                db.to(bias.dtype) if need_b and bias is not None else None, None, None, None, None)
+
+
 class _LpNorm(nn.Module):
     _expected_dims: tuple = ()
 
@@ -97,6 +140,15 @@ class _LpNorm(nn.Module):
             raise ShapeError(f"{type(self).__name__} expects {self._expected_dims}-D input, got {x.dim()}-D")
         if self.training or self.running_mean is None:
             BF.check_batch_size(x)
+            k = kernels_for(x) if x.numel() > 0 else None
+            if k is not None:
+                y, mean, scale = _LpFn.apply(x, self.weight, self.bias, self.p, self.groups, self.eps, k)
+                if self.training and self.running_mean is not None:
+                    with torch.no_grad():
+                        self.num_batches_tracked.add_(1)
+                        self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+                        self.running_scale.lerp_(scale.to(self.running_scale.dtype), self.momentum)
+                return y
             mean = x.mean(dim=D.reduction_dims(x))
             scale = lp_scale(x - D.channel_view(mean, x), self.p, self.groups)
             if self.training and self.running_mean is not None:
