@@ -7,7 +7,9 @@ One prepared script for a lent GPU session: first it *checks* every path (traini
 backward, running-statistics update, eval) against a float64 reference on the same device and
 fails loudly on a mismatch; then it *times* bnlab and torch alternately with CUDA events
 (medians of paired ratios, as ``bnlab bench``), and measures a device-to-device copy of the same
-size as the bandwidth ceiling. Results go to DIR/gpu_bench.json (DIR defaults to $OUT, else .)
+size as the bandwidth ceiling; last it times each normalization variant against bnlab's
+BatchNorm on the device (training forward + backward), as ``bnlab bench variants`` does on the CPU.
+Results go to DIR/gpu_bench.json (DIR defaults to $OUT, else .)
 and a Markdown table to stdout.
 
 ``--smoke`` runs the same code on the CPU through Triton's interpreter with tiny shapes: that
@@ -150,6 +152,50 @@ def bench(shape, fmt, dtype, device, repeats) -> list[dict]:
     return rows
 
 
+VARIANT_SHAPES = [((256, 512), None), ((64, 64, 28, 28), None), ((64, 64, 28, 28), torch.channels_last)]
+SMOKE_VARIANT_SHAPES = [((16, 8), None), ((8, 8, 5, 5), None)]
+
+
+def variant_layers(C: int, image: bool) -> dict:
+    import bnlab
+    V = bnlab
+    if image:
+        return {"BatchNorm": lambda: V.BatchNorm2d(C), "BatchRenorm": lambda: V.BatchRenorm2d(C, warmup=False),
+                "Ghost BN (v=16)": lambda: V.GhostBatchNorm2d(C, virtual_batch_size=16),
+                "Detached": lambda: V.DetachedNorm2d(C, scale=True), "Noisy BN": lambda: V.NoisyBatchNorm2d(C),
+                "l2": lambda: V.LpNorm2d(C, p=2), "ZCA (G=8)": lambda: V.DecorrelatedBatchNorm(C, group_size=8),
+                "IterNorm (G=8)": lambda: V.IterNorm(C, group_size=8)}
+    return {"BatchNorm": lambda: V.BatchNorm1d(C), "BatchRenorm": lambda: V.BatchRenorm1d(C, warmup=False),
+            "Ghost BN (v=4)": lambda: V.GhostBatchNorm1d(C, virtual_batch_size=4),
+            "Detached": lambda: V.DetachedNorm(C, scale=True), "Noisy BN": lambda: V.NoisyBatchNorm1d(C),
+            "l2": lambda: V.LpNorm1d(C, p=2), "ZCA (G=8)": lambda: V.DecorrelatedBatchNorm(C, group_size=8),
+            "IterNorm (G=8)": lambda: V.IterNorm(C, group_size=8)}
+
+
+def bench_variants(shape, fmt, device, repeats) -> list[dict]:
+    """Training forward + backward of each variant vs bnlab's BatchNorm, float32, on the device."""
+    x, dy, _, _ = make(shape, fmt, torch.float32, device)
+    timer = Timer(device)
+    layers = variant_layers(shape[1], len(shape) == 4)
+    xg = x.clone().requires_grad_()
+
+    def step(layer):
+        def call():
+            xg.grad = None
+            layer(xg).backward(dy)
+        return call
+
+    reference = step(layers["BatchNorm"]().to(device).train())
+    rows = []
+    for name, build in layers.items():
+        if name == "BatchNorm":
+            continue
+        t_bn, t_var, ratio = time_pair(timer, reference, step(build().to(device).train()), repeats)
+        rows.append(dict(shape="x".join(map(str, shape)), layout="CL" if fmt is not None else "NC*", layer=name,
+                         bn_ms=t_bn, ms=t_var, ratio=ratio))
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -184,6 +230,9 @@ def main(argv=None) -> int:
     for shape, fmt in shapes:
         for dtype in dtypes:
             report["timings"].extend(bench(shape, fmt, dtype, device, repeats))
+    report["variants"] = []
+    for shape, fmt in (SMOKE_VARIANT_SHAPES if args.smoke else VARIANT_SHAPES):
+        report["variants"].extend(bench_variants(shape, fmt, device, repeats))
     report["all_checks_ok"] = ok
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
@@ -195,6 +244,10 @@ def main(argv=None) -> int:
         print(f"| {r['shape']} | {r['layout']} | {r['dtype']} | {r['mode']} | {r['torch_ms']:.3f} | "
               f"{r['bnlab_ms']:.3f} | {r['ratio']:.2f} | {r['bnlab_copy_fraction']:.0%} | "
               f"{r['torch_copy_fraction']:.0%} |")
+    print("\n| shape | layout | variant | BatchNorm ms | variant ms | × BatchNorm |")
+    print("|---|---|---|---|---|---|")
+    for r in report["variants"]:
+        print(f"| {r['shape']} | {r['layout']} | {r['layer']} | {r['bn_ms']:.3f} | {r['ms']:.3f} | {r['ratio']:.2f} |")
     return 0 if ok else 1
 
 

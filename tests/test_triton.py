@@ -47,3 +47,4 @@ def test_gpu_benchmark_script_runs_its_checks_in_smoke_mode(tmp_path):
     report = json.loads((tmp_path / "gpu_bench.json").read_text())
     assert report["all_checks_ok"] and len(report["checks"]) >= 3
     assert {r["mode"] for r in report["timings"]} == {"fwd", "fwdbwd", "eval"}
+    assert {"BatchRenorm", "l2", "IterNorm (G=8)"} <= {r["layer"] for r in report["variants"]}
