@@ -169,3 +169,52 @@ def test_lp_kernel_path_gradcheck_and_gradgradcheck(p):
 
     assert torch.autograd.gradcheck(f, (x, w, b))
     assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+WHITENERS = {"zca": lambda C: bnlab.DecorrelatedBatchNorm(C, group_size=4),
+             "pca": lambda C: bnlab.DecorrelatedBatchNorm(C, group_size=4, whitening="pca"),
+             "pca_stablegrad": lambda C: bnlab.DecorrelatedBatchNorm(C, group_size=4, whitening="pca_stablegrad"),
+             "iternorm": lambda C: bnlab.IterNorm(C, group_size=4)}
+
+
+@pytest.mark.parametrize("shape,fmt", [((32, 12), None), ((16, 12, 5), None), ((16, 12, 4, 3), None),
+                                       ((16, 12, 4, 3), torch.channels_last)],
+                         ids=["2d", "3d", "nchw", "channels_last"])
+@pytest.mark.parametrize("name", list(WHITENERS))
+def test_whitening_batched_products_equal_the_definition(shape, fmt, name, monkeypatch):
+    """The batched-product path (variants.whitening._WhitenFn) against the readable path (forced by
+    declaring no layout it takes)."""
+    from bnlab.variants import whitening
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(*shape, generator=g) * 2 + 1).double()
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    dy = torch.randn(*shape, generator=g).double()
+    fast = WHITENERS[name](12).double()
+    with torch.no_grad():
+        fast.weight.uniform_(0.5, 1.5, generator=g)
+        fast.bias.uniform_(-1, 1, generator=g)
+    slow = copy.deepcopy(fast)
+    got = _step(fast, x, dy)
+    monkeypatch.setattr(whitening, "_views", lambda *a: (None, None))
+    want = _step(slow, x, dy)
+    for what, a, b in zip(("y", "dx", "dgamma", "dbeta"), got, want):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-8, msg=what)
+    for buf in ("running_mean", "running_whitening", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(fast, buf), getattr(slow, buf), atol=1e-12, rtol=1e-10, msg=buf)
+    if fmt is not None:
+        assert got[0].is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("name", ["zca", "iternorm"])
+def test_whitening_batched_products_gradcheck_and_gradgradcheck(name):
+    x = torch.randn(10, 8, 3, 2, dtype=torch.float64, requires_grad=True)
+    layer = WHITENERS[name](8).double()
+    w = (torch.rand(8, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(8, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b):
+        return torch.func.functional_call(copy.deepcopy(layer), {"weight": w, "bias": b}, (x,))
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))

@@ -43,6 +43,7 @@ from ..options import Whitening
 from .. import definition as D
 from .. import functional as BF
 from ..errors import NonFiniteError
+from ..kernels import dispatch
 
 __all__ = ["DecorrelatedBatchNorm", "IterNorm", "inv_sqrtm", "whitening_matrix", "iternorm_matrix",
            "group_covariance"]
@@ -55,12 +56,17 @@ class _InvSqrtm(torch.autograd.Function):
     def forward(ctx, sigma: Tensor) -> Tensor:
         lam, D = torch.linalg.eigh(sigma)                                   # ..., G ; ..., G, G
         s = lam.clamp_min(torch.finfo(lam.dtype).tiny).sqrt()
-        ctx.save_for_backward(D, s)
+        ctx.save_for_backward(sigma, D, s)
         return D @ torch.diag_embed(1.0 / s) @ D.transpose(-1, -2)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        D, s = ctx.saved_tensors
+        sigma, D, s = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # a graph of the backward: D and s as functions of Σ (through eigh's own derivative), so
+            # second derivatives see how the eigenbasis moves
+            lam, D = torch.linalg.eigh(sigma)
+            s = lam.clamp_min(torch.finfo(lam.dtype).tiny).sqrt()
         sym = 0.5 * (grad + grad.transpose(-1, -2))
         M = D.transpose(-1, -2) @ sym @ D                                    # grad in the eigenbasis
         si, sj = s.unsqueeze(-1), s.unsqueeze(-2)
@@ -161,6 +167,138 @@ def iternorm_matrix(sigma: Tensor, T: int) -> Tensor:
     return P / trace.sqrt()
 
 
+def _views(x: Tensor, xc: Tensor, groups: int):
+    """The data as batched matrices without copies: ("ncl", (N·g, G, L)) for contiguous (N, C, *)
+    input — each sample's group is a contiguous G × L block — or ("rows", (g, G, M)) for 2-D and
+    channels_last input, whose M rows of C values hold each group's G columns at stride C."""
+    N, C = x.shape[:2]
+    G = C // groups
+    if x.dim() >= 3 and x.is_contiguous():
+        return "ncl", xc.reshape(N * groups, G, -1)
+    if x.dim() == 2 and x.is_contiguous():
+        return "rows", xc.view(N, groups, G).permute(1, 2, 0)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return "rows", xc.permute(0, 2, 3, 1).reshape(-1, groups, G).permute(1, 2, 0)
+    return None, None
+
+
+class _WhitenFn(torch.autograd.Function):
+    """Training whitening y = γ·W(Σ)·(x − μ) + β with the data-sized products as batched matrix
+    products on the input's own layout, and a backward written out:
+
+        dY = γ·dy,   Σ_g dY X_cᵀ → dW (and dγ = Σ_j W_ij (Σ dy X_cᵀ)_ij),   dΣ = W'(Σ)ᵀ[dW]
+        dx = Wᵀ(dY − mean dY) + (dΣ + dΣᵀ)·X_c / m
+
+    with W'(Σ)ᵀ the vector-Jacobian product of the small matrix function (ZCA's stable divided
+    differences, PCA's eigenvectors, IterNorm's iterations), taken by autograd on (g, G, G)
+    matrices only. A create_graph backward differentiates the readable forward instead."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps, matrix, reference):
+        N, C = x.shape[:2]
+        G = C // groups
+        dims = D.reduction_dims(x)
+        m = D.values_per_channel(x)
+        mean = x.mean(dim=dims)                                              # C
+        xc = x - D.channel_view(mean, x)                                     # x's layout
+        kind, A = _views(x, xc, groups)
+        eye = torch.eye(G, dtype=x.dtype, device=x.device)
+        if kind == "ncl":
+            sigma = torch.bmm(A, A.transpose(1, 2)).view(N, groups, G, G).sum(0) / m + eps * eye
+        else:
+            sigma = torch.bmm(A, A.transpose(1, 2)) / m + eps * eye        # g, G, G
+        if not torch.isfinite(sigma).all():
+            raise NonFiniteError("whitening: NaN/Inf in the input — its covariance has no eigendecomposition "
+                                 "or inverse square root; no statistics were updated")
+        W = matrix(sigma)                                                    # g, G, G
+        gamma = weight.detach().reshape(groups, G, 1) if weight is not None else None
+        Wg = W * gamma if gamma is not None else W                           # diag(γ)·W
+        beta = bias.detach().reshape(groups, G) if bias is not None else None
+        y = _apply(kind, A, Wg, beta, x, N, groups, G)
+        ctx.save_for_backward(x, xc, W, sigma, weight, bias)
+        ctx.kind, ctx.groups, ctx.m, ctx.matrix, ctx.reference, ctx.x_shape = kind, groups, m, matrix, reference, x.shape
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(mean, W)
+        return y, mean, W
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dW):
+        if dy is None:
+            return (None,) * 7
+        x, xc, W, sigma, weight, bias = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        groups, kind, m = ctx.groups, ctx.kind, ctx.m
+        N, C = ctx.x_shape[:2]
+        G = C // groups
+        if torch.is_grad_enabled():                     # a graph of the backward: the definition's
+            inputs = [t for t, need in ((x, need_x), (weight, need_w), (bias, need_b)) if need]
+            grads = iter(torch.autograd.grad(ctx.reference(x, weight, bias), inputs, dy, create_graph=True,
+                                             allow_unused=True))
+            return (next(grads) if need_x else None, next(grads) if need_w else None,
+                    next(grads) if need_b else None, None, None, None, None)
+        dy = dy.contiguous(memory_format=torch.channels_last) if kind == "rows" and dy.dim() == 4 else dy.contiguous()
+        _, A = _views(xc, xc, groups)
+        _, Dv = _views(dy, dy, groups)
+        if kind == "ncl":
+            P = torch.bmm(Dv, A.transpose(1, 2)).view(N, groups, G, G).sum(0)       # Σ dy·X_cᵀ, g, G, G
+        else:
+            P = torch.bmm(Dv, A.transpose(1, 2))
+        dims = D.reduction_dims(dy)
+        dbeta = dy.sum(dim=dims)                                                    # C
+        gamma = weight.detach().reshape(groups, G, 1) if weight is not None else None
+        dweight = (W * P).sum(-1).reshape(C) if need_w and weight is not None else None
+        dx = None
+        if need_x:
+            dW = P * gamma if gamma is not None else P
+            with torch.enable_grad():
+                s = sigma.detach().requires_grad_()
+                dS, = torch.autograd.grad(ctx.matrix(s), s, dW)
+            S = (dS + dS.transpose(1, 2)) / m                                       # g, G, G
+            Wg = W * gamma if gamma is not None else W
+            shift = -(Wg.transpose(1, 2) @ (dbeta / m).reshape(groups, G, 1))       # −Wᵀ mean(dY), g, G, 1
+            dx = _backward_x(kind, Dv, A, Wg, S, shift, dy, N, groups, G)
+        return (dx, dweight.to(weight.dtype) if dweight is not None else None,
+                dbeta.to(bias.dtype) if need_b and bias is not None else None, None, None, None, None)
+
+
+def _apply(kind, A, Wg, beta, x, N, groups, G):
+    """y = Wg·X_c + β in x's layout."""
+    if kind == "ncl":
+        Wb = Wg.unsqueeze(0).expand(N, -1, -1, -1).reshape(N * groups, G, G)
+        if beta is not None:
+            bias_b = beta.unsqueeze(0).expand(N, -1, -1).reshape(N * groups, G, 1)
+            y = torch.baddbmm(bias_b, Wb, A)
+        else:
+            y = torch.bmm(Wb, A)
+        return y.view(x.shape)
+    # rows: (g, M, G) = X_cᵀ·Wgᵀ per group, then one pass back to rows of C with β added
+    Y = torch.bmm(A.transpose(1, 2), Wg.transpose(1, 2))                      # g, M, G
+    rows = Y.transpose(0, 1)                                                  # M, g, G (a view)
+    out = rows + beta.unsqueeze(0) if beta is not None else rows.contiguous()
+    if x.dim() == 2:
+        return out.reshape(x.shape)
+    Nn, C, H, Wd = x.shape
+    return out.reshape(Nn, H, Wd, C).permute(0, 3, 1, 2)                      # channels_last
+
+
+def _backward_x(kind, Dv, A, Wg, S, shift, dy, N, groups, G):
+    """dx = Wgᵀ·dY + S·X_c + shift in dy's layout."""
+    if kind == "ncl":
+        WbT = Wg.transpose(1, 2).unsqueeze(0).expand(N, -1, -1, -1).reshape(N * groups, G, G)
+        Sb = S.unsqueeze(0).expand(N, -1, -1, -1).reshape(N * groups, G, G)
+        shift_b = shift.unsqueeze(0).expand(N, -1, -1, -1).reshape(N * groups, G, 1)
+        dx = torch.baddbmm(shift_b, WbT, Dv)
+        dx.baddbmm_(Sb, A)
+        return dx.view(dy.shape)
+    T = torch.bmm(Dv.transpose(1, 2), Wg)                                     # g, M, G: dYᵀ·Wg
+    T.baddbmm_(A.transpose(1, 2), S)                                          # + X_cᵀ·S (S symmetric)
+    out = T.transpose(0, 1) + shift.reshape(groups, G).unsqueeze(0)           # M, g, G
+    if dy.dim() == 2:
+        return out.reshape(dy.shape)
+    Nn, C, H, Wd = dy.shape
+    return out.reshape(Nn, H, Wd, C).permute(0, 3, 1, 2)
+
+
 class _Whitening(nn.Module):
     def __init__(self, num_features: int, groups: int = 1, eps: float = 1e-5, momentum: float = 0.1,
                  affine: bool = True, track_running_stats: bool = True, group_size: Optional[int] = None,
@@ -201,6 +339,17 @@ class _Whitening(nn.Module):
         C = self.num_features
         if x.numel() == 0:                       # nothing to whiten (N = 0): no statistics change
             return D.affine(x * 1.0, self.weight, self.bias)
+        if (self.training or self.running_mean is None) and x.dtype in (torch.float32, torch.float64) \
+                and _views(x, x, self.groups)[0] is not None and not dispatch.traced(x):
+            BF.check_batch_size(x)
+            y, mean, W = _WhitenFn.apply(x, self.weight, self.bias, self.groups, self.eps, self._matrix,
+                                         self._reference)
+            if self.training and self.running_mean is not None:
+                with torch.no_grad():
+                    self.num_batches_tracked.add_(1)
+                    self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+                    self.running_whitening.lerp_(W.to(self.running_whitening.dtype), self.momentum)
+            return y
         if self.training or self.running_mean is None:
             BF.check_batch_size(x)
             Xc, mean, sigma = group_covariance(x, self.groups, self.eps)
@@ -221,6 +370,14 @@ class _Whitening(nn.Module):
         rest = x.shape[2:]
         y = Y.reshape(C, x.shape[0], *rest).transpose(0, 1)                  # N, C, *
         return D.affine(y, self.weight, self.bias).contiguous()
+
+    def _reference(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+        """The readable training forward (no buffer updates): what a create_graph backward differentiates."""
+        C = self.num_features
+        Xc, _, sigma = group_covariance(x, self.groups, self.eps)
+        Y = self._matrix(sigma) @ Xc
+        y = Y.reshape(C, x.shape[0], *x.shape[2:]).transpose(0, 1)
+        return D.affine(y, weight, bias)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, groups={self.groups} (size {self.num_features // self.groups}), "
