@@ -21,9 +21,10 @@ gradient, so ``dx = γ · invstd · dy``. Training leaves running estimates behi
 ``r ← (1 − m)·r + m·x_t`` with the *unbiased* batch variance ``m/(m−1)·σ²_B`` (PyTorch's
 convention; m = momentum, or 1/t for the cumulative average).
 
-This file is the reference backend: what runs under tracers and transforms (torch.jit.trace,
-torch.export, torch.compile, torch.func), for double backward, and when the compiled kernels
-are off, and the oracle the kernels are tested against. The kernels (bnlab.kernels) evaluate the
+This file is the reference backend: what runs under torch.func transforms, for double backward,
+and when the compiled kernels are off, and the oracle the kernels are tested against. (A graph
+recorded for PyTorch's tools — jit.trace, torch.export, torch.compile, FX — holds torch's own
+batch_norm op instead, the one those tools recognize.) The kernels (bnlab.kernels) evaluate the
 same expressions with fewer passes over memory.
 
 Numerical decisions: statistics are two-pass (never the cancelling E[x²] − E[x]²); float16 and

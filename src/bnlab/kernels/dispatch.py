@@ -84,7 +84,8 @@ def _functorch_active() -> bool:
 def traced(x: Tensor) -> bool:
     """Whether this call is traced or transformed rather than run (torch.jit.trace,
     torch.compile/export, torch.func) or x has no real storage (FakeTensor, FunctionalTensor and
-    other subclasses): compiled kernels are opaque there, so the definition is what is traced."""
+    other subclasses): compiled kernels are opaque there, so torch's op (recorded graphs, see
+    :func:`recorded`) or the definition (transforms, subclasses) is what runs."""
     if torch.jit.is_tracing() or torch.compiler.is_compiling() or _functorch_active():
         return True
     return type(x) is not Tensor and not isinstance(x, torch.nn.Parameter)
