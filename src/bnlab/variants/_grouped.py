@@ -28,13 +28,23 @@ from torch import Tensor
 
 from ..kernels import dispatch
 
-__all__ = ["kernels_for", "GroupNorm"]
+__all__ = ["kernels_for", "GroupNorm", "differentiable_backward"]
 
 
 def kernels_for(x: Tensor):
     """The compiled CPU module if it takes x (and has the group entries), else None."""
     k = dispatch.select(x)
     return k if k is not None and k is dispatch.cpu_module() and hasattr(k, "group_moments") else None
+
+
+def differentiable_backward(reference: Callable, tensors: Sequence[Optional[Tensor]], needs: Sequence[bool],
+                            dy: Tensor) -> tuple:
+    """A backward whose graph is wanted (create_graph=True): the gradients of ``reference(*tensors)``
+    — the readable forward, rebuilt from the saved inputs, which carry their history here — so
+    second derivatives are exact. Returns one gradient (or None) per tensor."""
+    inputs = [t for t, need in zip(tensors, needs) if need and t is not None]
+    grads = iter(torch.autograd.grad(reference(*tensors), inputs, dy, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if need and t is not None else None for t, need in zip(tensors, needs))
 
 
 class GroupNorm(torch.autograd.Function):
@@ -72,13 +82,8 @@ class GroupNorm(torch.autograd.Function):
         x, weight, bias, mean, invstd, w_eff, r, d = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():
-            # a graph of the backward (create_graph=True): differentiate the definition, rebuilt from
-            # the saved inputs (which carry their history here), so second derivatives are exact
-            inputs = [t for t, need in ((x, need_x), (weight, need_w), (bias, need_b)) if need]
-            y = ctx.reference(x, weight, bias)
-            grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
-            return (next(grads) if need_x else None, next(grads) if need_w else None,
-                    next(grads) if need_b else None) + (None,) * 9
+            return differentiable_backward(ctx.reference, (x, weight, bias), (need_x, need_w, need_b), dy) \
+                + (None,) * 9
         dx, sxh, sdy = ctx.k.group_backward(dy, x, mean, invstd, w_eff, ctx.sizes, ctx.project)
         dweight = dbias = None
         if need_w and weight is not None:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from .. import definition as D
 from .. import functional as BF
 from ..errors import ShapeError
-from ._grouped import kernels_for
+from ._grouped import differentiable_backward, kernels_for
 
 __all__ = ["LpNorm1d", "LpNorm2d", "lp_norm"]
 
@@ -98,13 +98,14 @@ class _LpFn(torch.autograd.Function):
         x, weight, bias, mean, n, denom, ties = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():                      # a graph of the backward: the definition's
-            m = x.mean(dim=D.reduction_dims(x))
-            y = lp_norm(x, m, lp_scale(x - D.channel_view(m, x), ctx.p, ctx.groups), weight, bias, ctx.eps,
-                        ctx.groups)
-            inputs = [t for t, need in ((x, need_x), (weight, need_w), (bias, need_b)) if need]
-            grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
-            return (next(grads) if need_x else None, next(grads) if need_w else None,
-                    next(grads) if need_b else None, None, None, None, None)
+            p, groups, eps = ctx.p, ctx.groups, ctx.eps
+
+            def reference(x, weight, bias):
+                m = x.mean(dim=D.reduction_dims(x))
+                return lp_norm(x, m, lp_scale(x - D.channel_view(m, x), p, groups), weight, bias, eps, groups)
+
+            return differentiable_backward(reference, (x, weight, bias), (need_x, need_w, need_b), dy) \
+                + (None,) * 4
         w = None if weight is None else weight.detach()
         dx, dw, db = ctx.k.lp_backward(dy, x, mean, n, denom, ties, w, ctx.code, ctx.groups)
         return (dx if need_x else None, dw.to(weight.dtype) if need_w and weight is not None else None,

@@ -44,6 +44,7 @@ from .. import definition as D
 from .. import functional as BF
 from ..errors import NonFiniteError
 from ..kernels import dispatch
+from ._grouped import differentiable_backward
 
 __all__ = ["DecorrelatedBatchNorm", "IterNorm", "inv_sqrtm", "whitening_matrix", "iternorm_matrix",
            "group_covariance"]
@@ -231,11 +232,8 @@ class _WhitenFn(torch.autograd.Function):
         N, C = ctx.x_shape[:2]
         G = C // groups
         if torch.is_grad_enabled():                     # a graph of the backward: the definition's
-            inputs = [t for t, need in ((x, need_x), (weight, need_w), (bias, need_b)) if need]
-            grads = iter(torch.autograd.grad(ctx.reference(x, weight, bias), inputs, dy, create_graph=True,
-                                             allow_unused=True))
-            return (next(grads) if need_x else None, next(grads) if need_w else None,
-                    next(grads) if need_b else None, None, None, None, None)
+            return differentiable_backward(ctx.reference, (x, weight, bias), (need_x, need_w, need_b), dy) \
+                + (None,) * 4
         dy = dy.contiguous(memory_format=torch.channels_last) if kind == "rows" and dy.dim() == 4 else dy.contiguous()
         _, A = _views(xc, xc, groups)
         _, Dv = _views(dy, dy, groups)
