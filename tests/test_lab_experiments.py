@@ -54,8 +54,11 @@ def test_e2_saves_checkpoints_that_recalibrate_accepts(tiny_runs, tmp_path):
 @pytest.mark.slow
 def test_e2_batch_of_one_gives_beta_only_predictions(tiny_runs):
     out, results = tiny_runs
-    acc1 = results["E2"]["numbers"]["accuracy"]["b60/batch1"]
-    assert all(a < 0.2 for a in acc1)             # the input no longer matters: chance level
+    numbers = results["E2"]["numbers"]
+    for arm in ("acc_b60", "acc_b4"):
+        assert all(a < 0.2 for a in numbers[arm]["batch1"])     # the input no longer matters: chance level
+    check = {c["name"]: c for c in results["E2"]["checks"]}["batch_of_one_is_input_blind"]
+    assert check["passed"]
 
 
 def test_recalibrate_cli_on_a_generic_module(tmp_path):

@@ -213,6 +213,8 @@ def _run(args) -> int:
     result = run_experiment(args.experiment, profile=args.profile, out=args.out, seeds=args.seeds,
                             overrides=args.overrides, resume=args.resume, data_dir=args.data_dir,
                             progress=not args.quiet)
+    if not result:                                  # a rank other than 0 under --nproc: rank 0 reports
+        return 0
     where = Path(args.out) / result["experiment"]
     figures = len(result.get("figures", []))
     print(f"bnlab run: {result['experiment']} {result['verdict']}; wrote {where}/ (result.json, metrics.csv, "
