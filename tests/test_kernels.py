@@ -984,3 +984,20 @@ def test_relu_kernels_propagate_nan_as_torch_does(store_mode):
         with torch.no_grad():
             y = layer(x)
         assert torch.isnan(y[1, 2, 3, 3]) and torch.isnan(y).sum() == 1
+
+
+def test_a_second_checkout_loads_the_same_build_without_recompiling(tmp_path):
+    """Two checkouts (or environments) with the same key share one build: the compiled source is
+    the copy inside the build directory, so ninja sees the same command from either."""
+    import os
+    import shutil
+    d = _cache_copy(tmp_path)
+    so = d / "bnlab_cpu_kernels.so"
+    before = so.stat().st_mtime_ns
+    checkout = tmp_path / "checkout"
+    shutil.copytree(os.path.dirname(bnlab.__file__), checkout / "bnlab",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    r = _child(tmp_path, timeout=300, PYTHONPATH=str(checkout))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "available"
+    assert "compiling" not in r.stderr and so.stat().st_mtime_ns == before

@@ -172,7 +172,7 @@ def build(verbose: bool = False):
     """
     from torch.utils.cpp_extension import load as cpp_load
 
-    from .._files import FileLock
+    from .._files import FileLock, atomic_write_text
     if _compiler() is None:
         raise RuntimeError(f"no C++ compiler found ({os.environ.get('CXX', 'c++')}): install g++ "
                            f"(or set CXX) to enable the CPU kernels")
@@ -180,14 +180,31 @@ def build(verbose: bool = False):
     d.mkdir(parents=True, exist_ok=True)
     with FileLock(d.parent / f"{d.name}.lock", f"compiling bnlab CPU kernels into {d}", timeout=BUILD_WAIT_S):
         (d / "lock").unlink(missing_ok=True)        # torch's FileBaton of a build that was killed
-        fresh = not (d / "bnlab_cpu_kernels.so").exists()
+        so, done = d / "bnlab_cpu_kernels.so", d / "complete"
+        if so.exists() and done.exists():
+            # the key covers everything a build depends on, so a completed build is loaded as it
+            # is: ninja is not asked again, and a checkout elsewhere (whose build.ninja would name
+            # another source path, which ninja takes for a change) does not rebuild it
+            return _import_extension(so)
+        fresh = not so.exists()
         if fresh and not verbose:
             print(f"bnlab: compiling CPU kernels (first use, under a minute) into {d}", file=sys.stderr,
                   flush=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")          # torch's compiler banners: the error says enough
-            return cpp_load(name="bnlab_cpu_kernels", sources=[str(SOURCE)], extra_cflags=FLAGS,
-                            extra_ldflags=["-fopenmp"], build_directory=str(d), verbose=verbose)
+            module = cpp_load(name="bnlab_cpu_kernels", sources=[str(SOURCE)], extra_cflags=FLAGS,
+                              extra_ldflags=["-fopenmp"], build_directory=str(d), verbose=verbose)
+        atomic_write_text(done, _KEY or "")                # written only once the build has loaded
+        return module
+
+
+def _import_extension(path: Path):
+    """Import a compiled extension module from its file (what torch's loader does after a build)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bnlab_cpu_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def load():
