@@ -1,5 +1,5 @@
-"""E15 — "BN makes layer inputs normally distributed" (a claim of the student's note the project
-started from): BN standardizes each unit's input, it does not change its shape. The skewness,
+"""E15 — "BN makes layer inputs normally distributed" (a claim of the student summary quoted in
+docs/story.md): BN standardizes each unit's input, it does not change its shape. The skewness,
 excess kurtosis and Kolmogorov–Smirnov distance to N(0, 1) of every unit's (standardized)
 pre-activation distribution, with and without BN, through training."""
 
@@ -72,10 +72,10 @@ class Config(BaseConfig):
 class E15(Experiment):
     id = "E15"
     order = 15
-    title = "The note's claim: BN makes layer inputs normally distributed"
+    title = "A common claim: BN makes layer inputs normally distributed"
     claim = ("With BN the inputs of a layer's nonlinearity are (close to) normally distributed, and closer to a "
              "normal distribution than without BN.")
-    paper = ("A claim of the student's summary this project started from, not of Ioffe & Szegedy: BN \"fixes the "
+    paper = ("A claim of the student summary quoted in docs/story.md, not of Ioffe & Szegedy: BN \"fixes the "
              "means and variances of layer inputs\" (§3) — a per-unit affine map of the batch, which cannot change "
              "the shape of a unit's distribution within the batch.")
     source = "Ioffe & Szegedy 2015 (arXiv:1502.03167), §3 (what BN does fix)"

@@ -63,8 +63,8 @@ class E16(Experiment):
     claim = ("Without BN or shortcuts, a ReLU network with He initialization trains worse as it gets deeper, and "
              "BN lets the deepest one train better.")
     paper = ("He et al. 2015 (arXiv:1502.01852) derive N(0, 2/n) so that a deep ReLU net's signal neither "
-             "vanishes nor explodes at initialization (a 30-layer net converges with it); the seed note's "
-             "\"ReLU only mitigates\" vanishing gradients, and He et al. 2015 (arXiv:1512.03385) find plain nets "
+             "vanishes nor explodes at initialization (a 30-layer net converges with it); the summary in "
+             "docs/story.md says \"ReLU only mitigates\" vanishing gradients; He et al. 2015 (arXiv:1512.03385) find plain nets "
              "degrade with depth even with BN (E5).")
     source = "He et al. 2015 (arXiv:1502.01852), §2.2; docs/story.md, row 1"
     departures = ("MLPs of 100 ReLU units per layer on MNIST, He initialization, plain SGD at lr 0.02 for every "
