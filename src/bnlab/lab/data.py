@@ -231,10 +231,13 @@ def _as_dataset(name: str, arrays: dict, source: str) -> Dataset:
     def images(a: np.ndarray) -> torch.Tensor:
         if a.ndim < 2 or a.shape[0] == 0 or a.size == 0:
             raise DataError(f"{name}: image file has shape {a.shape}, expected (N, H, W) with N ≥ 1")
-        if a.size and (not np.isfinite(a).all() or a.min() < 0 or a.max() > 255):
+        # uint8 (MNIST's IDX type) lies in [0, 255] by its type; other IDX types are checked
+        if a.dtype != np.uint8 and (not np.isfinite(a).all() or a.min() < 0 or a.max() > 255):
             raise DataError(f"{name}: pixel values must be finite and lie in [0, 255] (found "
                             f"{a.min()} … {a.max()})")
-        return torch.from_numpy(a.reshape(a.shape[0], -1).astype(np.float32) / 255.0)
+        flat = a.reshape(a.shape[0], -1)
+        flat = flat if flat.flags.writeable else flat.copy()   # torch wants writable memory
+        return torch.from_numpy(flat).to(torch.float32).div_(255.0)
 
     def labels(a: np.ndarray, n: int, which: str) -> torch.Tensor:
         if a.ndim != 1 or a.shape[0] != n:
