@@ -102,7 +102,7 @@ class E4(Experiment):
                   "linear-regime prediction |f'|^(d−1)·(n·Var W)^((d−1)/2).")
     Config = Config
     profiles = {
-        "quick": dict(steps=4000, select_steps=500, lr_grid=(0.03, 0.1, 0.3), eval_every=1000, seeds=3),
+        "quick": dict(steps=3000, select_steps=500, lr_grid=(0.03, 0.1, 0.3), eval_every=1000, seeds=3),
         "tiny": dict(steps=30, select_steps=10, lr_grid=(0.1, 0.3), eval_every=15, seeds=2, depth=3,
                      hidden=16, grad_examples=200, checkpoint_every=20),
     }

@@ -113,7 +113,8 @@ class E5(Experiment):
                   "and 4,500 steps. Training loss is measured in eval mode on 10,000 fixed training images.")
     Config = Config
     profiles = {
-        "quick": dict(budget=300, eval_every=100, seeds=3, deep_blocks=3, train_eval_examples=3000),
+        "quick": dict(budget=200, eval_every=100, seeds=3, channels=(4, 8, 16), deep_blocks=3,
+                      train_eval_examples=2000),
         "tiny": dict(budget=10, eval_every=5, seeds=2, channels=(4, 8), deep_blocks=2, batch=16,
                      train_eval_examples=300, checkpoint_every=20),
     }

@@ -176,7 +176,7 @@ class E7(Experiment):
                   "MLP uses the scale-free ‖G − G′‖/‖G‖ (BN rescales gradients by γ/σ), the DLN cos(G, G′).")
     Config = Config
     profiles = {
-        "quick": dict(mlp_steps=1500, mlp_probe_every=250, dln_steps=2000, dln_probe_every=250, seeds=3),
+        "quick": dict(mlp_steps=1000, mlp_probe_every=250, dln_steps=1500, dln_probe_every=250, seeds=3),
         "tiny": dict(mlp_steps=20, mlp_probe_every=10, dln_steps=20, dln_probe_every=10, dln_depth=5,
                      dln_samples=50, dln_lr_trial=20, seeds=2, checkpoint_every=15),
     }

@@ -87,7 +87,7 @@ class E9(Experiment):
                   "fixed probe batch; smoothness as E8's gradient predictiveness.")
     Config = Config
     profiles = {
-        "quick": dict(steps=1200, eval_every=200, seeds=3),
+        "quick": dict(steps=1000, eval_every=200, seeds=3),
         "tiny": dict(steps=20, eval_every=10, seeds=2, probe_examples=200, checkpoint_every=15),
     }
     labels = {a.name: a.label for a in ARMS}
