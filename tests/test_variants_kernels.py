@@ -157,6 +157,35 @@ def test_lp_infinity_splits_the_gradient_among_ties_as_torch_does():
     torch.testing.assert_close(got[1], want[1])
 
 
+@pytest.mark.parametrize("shape,fmt", [((130, 70), None), ((33, 40, 7, 9), None),
+                                       ((33, 40, 7, 9), torch.channels_last)], ids=["2d", "nchw", "channels_last"])
+@pytest.mark.parametrize("p", [1, 2, "inf"])
+@pytest.mark.parametrize("data", ["normal", "integers"])
+def test_lp_float32_kernels_on_long_rows_match_the_float64_definition(shape, fmt, p, data):
+    """float32 at sizes where the kernels' vectorized loops and their tails run; integer-valued
+    inputs put many values exactly at the mean (z = 0, where sign's subgradient is 0) and at
+    each sample's maximum (ties for p = ∞)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(*shape, generator=g) * 2 + 1
+    if data == "integers":
+        x = torch.randint(-2, 3, shape, generator=g).float()
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    dy = torch.randn(*shape, generator=g)
+    make = bnlab.LpNorm2d if len(shape) == 4 else bnlab.LpNorm1d
+    fast = make(shape[1], p=p, groups=2)
+    with torch.no_grad():
+        fast.weight.uniform_(0.5, 1.5, generator=g)
+        fast.bias.uniform_(-1, 1, generator=g)
+    slow = copy.deepcopy(fast).double()
+    assert kernels_for(x) is not None
+    got = _step(fast, x, dy)
+    with kernels.disabled():
+        want = _step(slow, x.double(), dy.double())
+    for what, a, b in zip(("y", "dx", "dgamma", "dbeta"), got, want):
+        torch.testing.assert_close(a.double(), b, atol=2e-4, rtol=2e-4, msg=what)
+
+
 @pytest.mark.parametrize("p", [1, 2, "inf"])
 def test_lp_kernel_path_gradcheck_and_gradgradcheck(p):
     x = torch.randn(7, 6, 3, 2, dtype=torch.float64, requires_grad=True)

@@ -1146,6 +1146,66 @@ inline acc_t lp_term(acc_t z) {
   else return std::abs(z);
 }
 
+// Per-channel means as plain sums in double (per-thread partials added in thread order): exact
+// where the data make them so (integer-valued inputs), so x − μ is exactly 0 wherever x equals
+// the mean — there sign's subgradient is 0, as in the definition. ℓp needs no variance.
+template <typename scalar_t>
+void summed_means(const scalar_t* x, const Layout& l, double* mean_out) {
+  const int64_t C = l.C, L = l.L;
+  const int nt = at::get_num_threads();
+  std::vector<std::vector<double>> part(nt, std::vector<double>(C, 0.0));
+  at::parallel_for(0, l.N, 1, [&](int64_t i0, int64_t i1) {
+    double* __restrict s = part[at::get_thread_num()].data();
+    for (int64_t i = i0; i < i1; ++i) {
+      if (l.rows) {
+        for (int64_t r = i * L; r < (i + 1) * L; ++r) {
+          const scalar_t* __restrict row = x + r * C;
+          for (int64_t c = 0; c < C; ++c) s[c] += double(row[c]);
+        }
+      } else {
+        for (int64_t c = 0; c < C; ++c) {
+          const scalar_t* __restrict plane = x + (i * C + c) * L;
+          double a = 0;
+#pragma omp simd reduction(+ : a)
+          for (int64_t k = 0; k < L; ++k) a += double(plane[k]);
+          s[c] += a;
+        }
+      }
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double sum = 0;
+    for (int t = 0; t < nt; ++t) sum += part[t][c];
+    mean_out[c] = sum / double(l.M);
+  }
+}
+
+// Σ_k f(v_k − m_k), or max_k for p = ∞, over k < len; m_k = mu[k], or the constant m when mu is null.
+// The OpenMP simd reductions let the compiler vectorize the maximum (std::max is not associative
+// for NaN, so without them it stays scalar).
+template <int P, typename acc_t, typename scalar_t>
+inline acc_t lp_reduce(const scalar_t* __restrict v, int64_t len, const acc_t* __restrict mu, acc_t m) {
+  acc_t a = 0;
+  if constexpr (P == 0) {
+    if (mu != nullptr) {
+#pragma omp simd reduction(max : a)
+      for (int64_t k = 0; k < len; ++k) a = std::max(a, std::abs(acc_t(v[k]) - mu[k]));
+    } else {
+#pragma omp simd reduction(max : a)
+      for (int64_t k = 0; k < len; ++k) a = std::max(a, std::abs(acc_t(v[k]) - m));
+    }
+  } else {
+    if (mu != nullptr) {
+#pragma omp simd reduction(+ : a)
+      for (int64_t k = 0; k < len; ++k) a += lp_term<P, acc_t>(acc_t(v[k]) - mu[k]);
+    } else {
+#pragma omp simd reduction(+ : a)
+      for (int64_t k = 0; k < len; ++k) a += lp_term<P, acc_t>(acc_t(v[k]) - m);
+    }
+  }
+  return a;
+}
+
 // sample i's accumulated terms per group (sum, or max for ∞) and, for ∞, the number of ties
 template <int P, typename scalar_t, typename acc_t>
 void lp_sample(const scalar_t* x, const Layout& l, int64_t i, const acc_t* mu, int64_t Cg, double* acc, double* ties) {
@@ -1155,11 +1215,7 @@ void lp_sample(const scalar_t* x, const Layout& l, int64_t i, const acc_t* mu, i
     for (int64_t r = i * L; r < (i + 1) * L; ++r) {
       const scalar_t* __restrict row = x + r * C;
       for (int64_t g = 0; g < G; ++g) {
-        acc_t a = 0;
-        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-          const acc_t t = lp_term<P, acc_t>(acc_t(row[c]) - mu[c]);
-          if constexpr (P == 0) a = std::max(a, t); else a += t;
-        }
+        const acc_t a = lp_reduce<P, acc_t, scalar_t>(row + g * Cg, Cg, mu + g * Cg, acc_t(0));
         if constexpr (P == 0) acc[g] = std::max(acc[g], double(a)); else acc[g] += a;
       }
     }
@@ -1170,36 +1226,47 @@ void lp_sample(const scalar_t* x, const Layout& l, int64_t i, const acc_t* mu, i
       const int64_t g = c / Cg;
       for (int64_t k0 = 0; k0 < L; k0 += kPlaneBlock) {
         const int64_t k1 = std::min(L, k0 + kPlaneBlock);
-        acc_t a = 0;
-        for (int64_t k = k0; k < k1; ++k) {
-          const acc_t t = lp_term<P, acc_t>(acc_t(xb[k]) - m);
-          if constexpr (P == 0) a = std::max(a, t); else a += t;
-        }
+        const acc_t a = lp_reduce<P, acc_t, scalar_t>(xb + k0, k1 - k0, nullptr, m);
         if constexpr (P == 0) acc[g] = std::max(acc[g], double(a)); else acc[g] += a;
       }
     }
   }
   if constexpr (P == 0) {                    // how many values reach the maximum (torch's amax splits among them)
-    auto count = [&](int64_t c, acc_t v) {
-      const int64_t g = c / Cg;
-      if (double(lp_term<P, acc_t>(v)) == acc[g]) ties[g] += 1.0;
-    };
     if (l.rows) {
-      for (int64_t r = i * L; r < (i + 1) * L; ++r)
-        for (int64_t c = 0; c < C; ++c) count(c, acc_t(x[r * C + c]) - mu[c]);
+      for (int64_t r = i * L; r < (i + 1) * L; ++r) {
+        const scalar_t* __restrict row = x + r * C;
+        for (int64_t g = 0; g < G; ++g) {
+          const acc_t top = acc_t(acc[g]);       // exact: acc[g] is an acc_t value
+          acc_t hits = 0;
+#pragma omp simd reduction(+ : hits)
+          for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c)
+            hits += acc_t(std::abs(acc_t(row[c]) - mu[c]) == top);
+          ties[g] += double(hits);
+        }
+      }
     } else {
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t k = 0; k < L; ++k) count(c, acc_t(x[(i * C + c) * L + k]) - mu[c]);
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t* __restrict xb = x + (i * C + c) * L;
+        const acc_t m = mu[c], top = acc_t(acc[c / Cg]);
+        int64_t hits = 0;
+#pragma omp simd reduction(+ : hits)
+        for (int64_t k = 0; k < L; ++k) hits += std::abs(acc_t(xb[k]) - m) == top;
+        ties[c / Cg] += double(hits);
+      }
     }
   }
 }
 
-// φ = ∂n_ig/∂z for one value
+// φ = ∂n_ig/∂z for one value; share_of_tie (p = ∞): 1 / the number of values at the maximum
 template <int P, typename acc_t>
-inline acc_t lp_phi(acc_t z, acc_t inv_m, acc_t n, acc_t ties) {
-  if constexpr (P == 1) return z > 0 ? inv_m : (z < 0 ? -inv_m : acc_t(0));
-  else if constexpr (P == 2) return z * inv_m / n;
-  else return (std::abs(z) == n && ties > 0) ? (z > 0 ? acc_t(1) : (z < 0 ? acc_t(-1) : acc_t(0))) / ties : acc_t(0);
+inline acc_t lp_phi(acc_t z, acc_t inv_m, acc_t n, acc_t share_of_tie) {
+  // branch-free (signs are random: a branch mispredicts half the time and stops vectorization)
+  if constexpr (P == 1) return (z > 0 ? inv_m : acc_t(0)) - (z < 0 ? inv_m : acc_t(0));
+  else if constexpr (P == 2) return z * (inv_m / n);
+  else {
+    const acc_t at_max = acc_t(std::abs(z) >= n);          // n is the maximum: >= is ==
+    return at_max * share_of_tie * (acc_t(z > 0) - acc_t(z < 0));
+  }
 }
 
 template <int P, typename scalar_t>
@@ -1244,6 +1311,7 @@ void lp_backward_impl(const at::Tensor& dy, const at::Tensor& x, const Layout& l
   scalar_t* dxp = dx.data_ptr<scalar_t>();
   std::vector<acc_t> mu(C);
   for (int64_t c = 0; c < C; ++c) mu[c] = acc_t(mean[c]);
+  const acc_t* __restrict mv = mu.data();
   const acc_t inv_m = acc_t(1.0 / double(Cg * L));
   // pass A: Σdy, Σdy·z and Σφ per channel (per-thread partials, summed in thread order)
   const int nt = at::get_num_threads();
@@ -1251,34 +1319,57 @@ void lp_backward_impl(const at::Tensor& dy, const at::Tensor& x, const Layout& l
       p3(nt, std::vector<double>(C, 0.0));
   at::parallel_for(0, N, 1, [&](int64_t i0, int64_t i1) {
     const int tid = at::get_thread_num();
+    const acc_t im = inv_m;                  // a local copy: a captured reference would be reloaded
     double* s1 = p1[tid].data();
     double* s2 = p2[tid].data();
     double* s3 = p3[tid].data();
+    std::vector<acc_t> b1(C), b2(C), b3(C);     // one sample's sums (rows layout)
     for (int64_t i = i0; i < i1; ++i) {
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t g = c / Cg;
-        const acc_t ni = acc_t(n[i * G + g]), ti = acc_t(ties[i * G + g]);
-        acc_t a1 = 0, a2 = 0, a3 = 0;
-        if (l.rows) {
-          for (int64_t r = i * L; r < (i + 1) * L; ++r) {
-            const acc_t gv = acc_t(gp[r * C + c]), z = acc_t(xp[r * C + c]) - mu[c];
-            a1 += gv;
-            a2 += gv * z;
-            a3 += lp_phi<P, acc_t>(z, inv_m, ni, ti);
-          }
-        } else {
-          const scalar_t* gb = gp + (i * C + c) * L;
-          const scalar_t* xb = xp + (i * C + c) * L;
-          for (int64_t k = 0; k < L; ++k) {
-            const acc_t gv = acc_t(gb[k]), z = acc_t(xb[k]) - mu[c];
-            a1 += gv;
-            a2 += gv * z;
-            a3 += lp_phi<P, acc_t>(z, inv_m, ni, ti);
+      if (l.rows) {                          // rows of C values: channels innermost, contiguous
+        std::fill(b1.begin(), b1.end(), acc_t(0));
+        std::fill(b2.begin(), b2.end(), acc_t(0));
+        std::fill(b3.begin(), b3.end(), acc_t(0));
+        acc_t* __restrict q1 = b1.data();
+        acc_t* __restrict q2 = b2.data();
+        acc_t* __restrict q3 = b3.data();
+        for (int64_t r = i * L; r < (i + 1) * L; ++r) {
+          const scalar_t* __restrict gr = gp + r * C;
+          const scalar_t* __restrict xr = xp + r * C;
+          for (int64_t g = 0; g < G; ++g) {
+            const acc_t ni = acc_t(n[i * G + g]), ti = acc_t(1.0 / std::max(ties[i * G + g], 1.0));
+            for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+              const acc_t gv = acc_t(gr[c]), z = acc_t(xr[c]) - mv[c];
+              q1[c] += gv;
+              q2[c] += gv * z;
+              if constexpr (P != 0) q3[c] += lp_phi<P, acc_t>(z, im, ni, ti);
+            }
+            if constexpr (P == 0)            // φ ≠ 0 only at the maximum: a rare, predictable branch
+              for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+                const acc_t z = acc_t(xr[c]) - mv[c];
+                if (std::abs(z) >= ni) q3[c] += lp_phi<P, acc_t>(z, im, ni, ti);
+              }
           }
         }
-        s1[c] += a1;
-        s2[c] += a2;
-        s3[c] += a3;
+        for (int64_t c = 0; c < C; ++c) { s1[c] += q1[c]; s2[c] += q2[c]; s3[c] += q3[c]; }
+        continue;
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        const acc_t ni = acc_t(n[i * G + g]), ti = acc_t(1.0 / std::max(ties[i * G + g], 1.0));
+        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+          const scalar_t* __restrict gb = gp + (i * C + c) * L;
+          const scalar_t* __restrict xb = xp + (i * C + c) * L;
+          const acc_t m = mv[c];
+          acc_t a1 = 0, a2 = 0, a3 = 0;
+          for (int64_t k = 0; k < L; ++k) {
+            const acc_t gv = acc_t(gb[k]), z = acc_t(xb[k]) - m;
+            a1 += gv;
+            a2 += gv * z;
+            a3 += lp_phi<P, acc_t>(z, im, ni, ti);
+          }
+          s1[c] += a1;
+          s2[c] += a2;
+          s3[c] += a3;
+        }
       }
     }
   });
@@ -1303,22 +1394,45 @@ void lp_backward_impl(const at::Tensor& dy, const at::Tensor& x, const Layout& l
     shift[c] = acc_t(-(ac * S1[c] + kappa[g] * Phi[c]) / count);
   }
   // pass B: dx = dy·a + κ·φ(z) − mean(dz)
+  const acc_t* __restrict av = a.data();
+  const acc_t* __restrict kv = kap.data();
+  const acc_t* __restrict sv = shift.data();
   at::parallel_for(0, N, 1, [&](int64_t i0, int64_t i1) {
+    const acc_t im = inv_m;
     for (int64_t i = i0; i < i1; ++i) {
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t g = c / Cg;
-        const acc_t ni = acc_t(n[i * G + g]), ti = acc_t(ties[i * G + g]);
-        const acc_t ac = a[c], kc = kap[c], sc = shift[c], m = mu[c];
-        if (l.rows) {
-          for (int64_t r = i * L; r < (i + 1) * L; ++r) {
-            const acc_t z = acc_t(xp[r * C + c]) - m;
-            dxp[r * C + c] = scalar_t(acc_t(gp[r * C + c]) * ac + kc * lp_phi<P, acc_t>(z, inv_m, ni, ti) + sc);
+      if (l.rows) {
+        for (int64_t r = i * L; r < (i + 1) * L; ++r) {
+          const scalar_t* __restrict gr = gp + r * C;
+          const scalar_t* __restrict xr = xp + r * C;
+          scalar_t* __restrict dr = dxp + r * C;
+          for (int64_t g = 0; g < G; ++g) {
+            const acc_t ni = acc_t(n[i * G + g]), ti = acc_t(1.0 / std::max(ties[i * G + g], 1.0));
+            for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+              const acc_t z = acc_t(xr[c]) - mv[c];
+              const acc_t phi = P == 0 ? acc_t(0) : lp_phi<P, acc_t>(z, im, ni, ti);
+              dr[c] = scalar_t(acc_t(gr[c]) * av[c] + kv[c] * phi + sv[c]);
+            }
+            if constexpr (P == 0)
+              for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+                const acc_t z = acc_t(xr[c]) - mv[c];
+                if (std::abs(z) >= ni)
+                  dr[c] = scalar_t(acc_t(gr[c]) * av[c] + kv[c] * lp_phi<P, acc_t>(z, im, ni, ti) + sv[c]);
+              }
           }
-        } else {
+        }
+        continue;
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        const acc_t ni = acc_t(n[i * G + g]), ti = acc_t(1.0 / std::max(ties[i * G + g], 1.0));
+        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+          const acc_t ac = av[c], kc = kv[c], sc = sv[c], m = mv[c];
           const int64_t base = (i * C + c) * L;
+          const scalar_t* __restrict gb = gp + base;
+          const scalar_t* __restrict xb = xp + base;
+          scalar_t* __restrict db = dxp + base;
           for (int64_t k = 0; k < L; ++k) {
-            const acc_t z = acc_t(xp[base + k]) - m;
-            dxp[base + k] = scalar_t(acc_t(gp[base + k]) * ac + kc * lp_phi<P, acc_t>(z, inv_m, ni, ti) + sc);
+            const acc_t z = acc_t(xb[k]) - m;
+            db[k] = scalar_t(acc_t(gb[k]) * ac + kc * lp_phi<P, acc_t>(z, im, ni, ti) + sc);
           }
         }
       }
@@ -1335,12 +1449,10 @@ std::vector<at::Tensor> lp_forward(const at::Tensor& x, int64_t p, int64_t group
   TORCH_CHECK(groups >= 1 && l.C % groups == 0, "bnlab kernel: channels must split into the groups");
   TORCH_CHECK(p == 0 || p == 1 || p == 2, "bnlab kernel: p must be 1, 2 or 0 (inf)");
   const int64_t N = l.N, C = l.C, G = groups;
-  std::vector<double> mean(C), m2(C), n(N * G), ties(N * G, 1.0), D(G);
+  std::vector<double> mean(C), n(N * G), ties(N * G, 1.0), D(G);
   at::Tensor y = empty_out(x, x.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bnlab_lp_forward", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    if (l.rows) stats_rows<scalar_t>(xp, l, mean.data(), m2.data());
-    else stats_ncl<scalar_t>(xp, l, mean.data(), m2.data());
+    summed_means<scalar_t>(x.data_ptr<scalar_t>(), l, mean.data());
     const at::Tensor w = weight.value_or(at::Tensor()), b = bias.value_or(at::Tensor());
     if (p == 1) lp_forward_impl<1, scalar_t>(x, l, G, eps, mean, n, ties, D, w, b, y);
     else if (p == 2) lp_forward_impl<2, scalar_t>(x, l, G, eps, mean, n, ties, D, w, b, y);
