@@ -247,3 +247,34 @@ def test_whitening_batched_products_gradcheck_and_gradgradcheck(name):
 
     assert torch.autograd.gradcheck(f, (x, w, b))
     assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+@pytest.mark.parametrize("fmt", [None, torch.channels_last])
+def test_lp_and_detached_eval_on_bn_kernel_equal_their_readable_definitions(fmt):
+    from bnlab.variants.detached import detached_norm
+    from bnlab.variants.lp import lp_norm
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(9, 6, 5, 4, generator=g) * 3 + 1).double()
+    x = x if fmt is None else x.contiguous(memory_format=fmt)
+    lp = bnlab.LpNorm2d(6, p=1, groups=3).double()
+    layers = [lp] + [bnlab.DetachedNorm2d(6, affine=True, center=c, scale=s).double()
+                     for c, s in ((True, True), (True, False), (False, True))]
+    for layer in layers:
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5, generator=g)
+            layer.bias.uniform_(-1, 1, generator=g)
+        layer.train()(x)
+        layer.eval()
+        xr = x.clone().requires_grad_()
+        got = layer(xr)
+        got.backward(torch.ones_like(got))
+        xd = x.clone().requires_grad_()
+        if layer is lp:
+            want = lp_norm(xd, lp.running_mean, lp.running_scale, lp.weight, lp.bias, lp.eps, 3)
+        else:
+            mean = layer.running_mean if layer.center else torch.zeros(6, dtype=x.dtype)
+            want = detached_norm(xd, mean, layer.running_var if layer.scale else None, layer.weight, layer.bias,
+                                 layer.eps)
+        want.backward(torch.ones_like(want))
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(xr.grad, xd.grad, atol=1e-12, rtol=1e-10)

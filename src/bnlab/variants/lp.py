@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from .. import definition as D
 from .. import functional as BF
 from ..errors import ShapeError
+from ..kernels import dispatch
 from ._grouped import differentiable_backward, kernels_for
 
 __all__ = ["LpNorm1d", "LpNorm2d", "lp_norm"]
@@ -157,9 +158,12 @@ class _LpNorm(nn.Module):
                     self.num_batches_tracked.add_(1)
                     self.running_mean.lerp_(mean.detach(), self.momentum)
                     self.running_scale.lerp_(scale.detach(), self.momentum)
-        else:
-            mean, scale = self.running_mean, self.running_scale
-        return lp_norm(x, mean, scale, self.weight, self.bias, self.eps, self.groups)
+            return lp_norm(x, mean, scale, self.weight, self.bias, self.eps, self.groups)
+        if x.numel() == 0:
+            return lp_norm(x, self.running_mean, self.running_scale, self.weight, self.bias, self.eps, self.groups)
+        # eval is BN's inference transform with 1/√var = 1/(d + ε): BN's kernel (one pass)
+        d = (self.running_scale + self.eps).repeat_interleave(self.num_features // self.groups)      # C
+        return dispatch.evaluate(x, self.running_mean, d * d, self.weight, self.bias, 0.0)
 
     def extra_repr(self) -> str:
         p = "inf" if self.p == math.inf else int(self.p)
