@@ -278,3 +278,30 @@ def test_lp_and_detached_eval_on_bn_kernel_equal_their_readable_definitions(fmt)
         want.backward(torch.ones_like(want))
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
         torch.testing.assert_close(xr.grad, xd.grad, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("shape,fmt", SHAPES, ids=["2d", "3d", "nchw", "channels_last"])
+@pytest.mark.parametrize("make", [lambda: bnlab.DecorrelatedBatchNorm(6, group_size=3),
+                                  lambda: bnlab.IterNorm(6, group_size=2)], ids=["zca", "iternorm"])
+def test_whitening_eval_equals_running_matrix_applied_per_group(shape, fmt, make):
+    """Eval: y_c = γ_c · Σ_j W_g[c, j] (x_j − μ_j) + β_c within each group, by hand."""
+    g = torch.Generator().manual_seed(6)
+    layer = make().double()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5, generator=g)
+        layer.bias.uniform_(-1, 1, generator=g)
+    x = (torch.randn(*shape, generator=g) * 2 + 1).double()
+    layer.train()(x)
+    layer(x * 0.5 + 1)
+    x = x if fmt is None else x.contiguous(memory_format=fmt)
+    xr = x.clone().requires_grad_()
+    got = layer.eval()(xr)
+    groups, G = layer.groups, 6 // layer.groups
+    xc = x.double() - layer.running_mean.view(1, 6, *([1] * (x.dim() - 2)))
+    blocks = [torch.einsum("ij,nj...->ni...", layer.running_whitening[k], xc[:, k * G:(k + 1) * G])
+              for k in range(groups)]
+    want = torch.cat(blocks, 1) * layer.weight.view(1, 6, *([1] * (x.dim() - 2))) \
+        + layer.bias.view(1, 6, *([1] * (x.dim() - 2)))
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    got.sum().backward()
+    assert xr.grad is not None and torch.isfinite(xr.grad).all()

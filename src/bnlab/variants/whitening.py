@@ -363,6 +363,15 @@ class _Whitening(nn.Module):
                     self.running_mean.lerp_(mean.reshape(C), self.momentum)
                     self.running_whitening.lerp_(W.detach(), self.momentum)
         else:
+            kind, A = _views(x, x, self.groups)
+            if kind is not None and x.dtype in (torch.float32, torch.float64) and not dispatch.traced(x):
+                # y = diag(γ)·W·(x − μ) + β = Wg·x + (β − Wg·μ): one batched product on x's own layout
+                G = C // self.groups
+                W = self.running_whitening.to(x.dtype)
+                Wg = W * self.weight.reshape(self.groups, G, 1) if self.weight is not None else W
+                shift = -(Wg @ self.running_mean.to(x.dtype).reshape(self.groups, G, 1)).squeeze(-1)   # g, G
+                beta = shift + self.bias.reshape(self.groups, G) if self.bias is not None else shift
+                return _apply(kind, A, Wg, beta, x, x.shape[0], self.groups, G)
             X = x.transpose(0, 1).reshape(C, -1).view(self.groups, C // self.groups, -1)
             Y = self.running_whitening @ (X - self.running_mean.view(self.groups, -1, 1))
         rest = x.shape[2:]
