@@ -61,10 +61,10 @@ class _DetachedMixin:
         else:
             mean, var = self.running_mean, self.running_var
             if input.numel() > 0:        # BN's inference transform (x − μ)·γ/√(var + ε) + β, on its kernel
-                zero_mean = mean if self.center else torch.zeros_like(mean)
+                mu = mean if self.center else torch.zeros_like(mean)
                 if self.scale:
-                    return dispatch.evaluate(input, zero_mean, var, self.weight, self.bias, self.eps)
-                return dispatch.evaluate(input, zero_mean, torch.ones_like(var), self.weight, self.bias, 0.0)
+                    return dispatch.evaluate(input, mu, var, self.weight, self.bias, self.eps)
+                return dispatch.evaluate(input, mu, torch.ones_like(var), self.weight, self.bias, 0.0)
         if not self.center:
             mean = torch.zeros_like(mean)
         return detached_norm(input, mean, var if self.scale else None, self.weight, self.bias, self.eps)
