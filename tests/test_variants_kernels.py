@@ -119,6 +119,63 @@ def test_renorm_corrections_clip_on_the_kernel_path_as_in_the_definition():
     torch.testing.assert_close(y, (x - mean) / std * r + d)
 
 
+@pytest.mark.parametrize("name", [n for n, _ in _layers(4)])
+def test_kernel_path_double_backward_equals_the_definitions(name):
+    """create_graph=True through the compiled node (it calls its registered graph backward) against
+    the readable layer: the gradient of a function of the gradient — also where the gradient is
+    not the forward's derivative (Detached, Renorm with clipped r and d)."""
+    make = dict(_layers(4))[name]
+    g = torch.Generator().manual_seed(4)
+    x0 = (torch.randn(9, 6, 3, 2, generator=g) * 2 + 1).double()
+    dy = torch.randn(9, 6, 3, 2, generator=g).double()
+
+    def run(layer):
+        x = x0.clone().requires_grad_()
+        gx, gw = torch.autograd.grad((layer(x) * dy).sum(), (x, layer.weight), create_graph=True)
+        (gx.square().sum() + gw.square().sum()).backward()
+        return gx.detach(), gw.detach(), x.grad, layer.weight.grad
+
+    fast = _prepare(make(), x0)
+    slow = copy.deepcopy(fast)
+    got = run(fast)
+    with kernels.disabled():
+        want = run(slow)
+    for what, a, b in zip(("dx", "dgamma", "d²/dx", "d²/dγ"), got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9, msg=f"{name}: {what}")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("v", [16, 3], ids=["large-groups", "small-groups"])
+def test_group_orders_equal_the_definition(threads, v):
+    """Groups of ≥ 2¹⁶ values run one after another, each pass parallel; smaller groups run in
+    parallel with each other, each pass serial: both against the definition, at 1 and 2 threads,
+    and the C++ node's closed-form backward is what ran."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(40, 8, 32, 32, generator=g) * 2 + 1 if v == 16 else torch.randn(40, 8, 3, 3, generator=g)
+    dy = torch.randn(x.shape, generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for make in (lambda: bnlab.GhostBatchNorm2d(8, virtual_batch_size=v),
+                     lambda: bnlab.BatchRenorm2d(8, rmax=1.5, dmax=0.3, warmup=False, virtual_batch_size=v)):
+            fast = make()
+            with torch.no_grad():
+                fast.weight.uniform_(0.5, 1.5, generator=g)
+                fast.running_var.fill_(2.0)
+            slow = copy.deepcopy(fast)
+            calls = kernels.load().control.group_node_calls()
+            got = _step(fast, x, dy)
+            assert kernels.load().control.group_node_calls() == calls + 1
+            with kernels.disabled():
+                want = _step(slow, x, dy)
+            for what, a, b in zip(("y", "dx", "dgamma", "dbeta"), got, want):
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=what)
+            for buf in ("running_mean", "running_var"):
+                torch.testing.assert_close(getattr(fast, buf), getattr(slow, buf), atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
 LP = [(p, g) for p in (1, 2, "inf") for g in (1, 3)]
 
 
@@ -137,7 +194,9 @@ def test_lp_kernels_equal_the_definition(shape, fmt, p, groups):
         fast.bias.uniform_(-1, 1, generator=g)
     slow = copy.deepcopy(fast)
     assert kernels_for(x) is not None
+    calls = kernels.load().control.lp_node_calls()
     got = _step(fast, x, dy)
+    assert kernels.load().control.lp_node_calls() == calls + 1          # the C++ node's backward ran
     with kernels.disabled():
         want = _step(slow, x, dy)
     for what, a, b in zip(("y", "dx", "dgamma", "dbeta"), got, want):

@@ -1261,7 +1261,7 @@ void lp_sample(const scalar_t* x, const Layout& l, int64_t i, const acc_t* mu, i
 template <int P, typename acc_t>
 inline acc_t lp_phi(acc_t z, acc_t inv_m, acc_t n, acc_t share_of_tie) {
   // branch-free (signs are random: a branch mispredicts half the time and stops vectorization)
-  if constexpr (P == 1) return (z > 0 ? inv_m : acc_t(0)) - (z < 0 ? inv_m : acc_t(0));
+  if constexpr (P == 1) return inv_m * (acc_t(z > 0) - acc_t(z < 0));
   else if constexpr (P == 2) return z * (inv_m / n);
   else {
     const acc_t at_max = acc_t(std::abs(z) >= n);          // n is the maximum: >= is ==
@@ -1323,12 +1323,19 @@ void lp_backward_impl(const at::Tensor& dy, const at::Tensor& x, const Layout& l
     double* s1 = p1[tid].data();
     double* s2 = p2[tid].data();
     double* s3 = p3[tid].data();
-    std::vector<acc_t> b1(C), b2(C), b3(C);     // one sample's sums (rows layout)
+    // rows layout: sums in acc_t over whole samples, ≥ kChunkRows rows at a time, then added to
+    // the double partials (a flush per sample cost more than the sample's work when L = 1)
+    std::vector<acc_t> b1(l.rows ? C : 0, acc_t(0)), b2(b1), b3(b1);
+    int64_t pending = 0;                       // rows summed into b1..b3 since the last flush
+    auto flush = [&] {
+      for (int64_t c = 0; c < C; ++c) { s1[c] += b1[c]; s2[c] += b2[c]; s3[c] += b3[c]; }
+      std::fill(b1.begin(), b1.end(), acc_t(0));
+      std::fill(b2.begin(), b2.end(), acc_t(0));
+      std::fill(b3.begin(), b3.end(), acc_t(0));
+      pending = 0;
+    };
     for (int64_t i = i0; i < i1; ++i) {
       if (l.rows) {                          // rows of C values: channels innermost, contiguous
-        std::fill(b1.begin(), b1.end(), acc_t(0));
-        std::fill(b2.begin(), b2.end(), acc_t(0));
-        std::fill(b3.begin(), b3.end(), acc_t(0));
         acc_t* __restrict q1 = b1.data();
         acc_t* __restrict q2 = b2.data();
         acc_t* __restrict q3 = b3.data();
@@ -1350,7 +1357,8 @@ void lp_backward_impl(const at::Tensor& dy, const at::Tensor& x, const Layout& l
               }
           }
         }
-        for (int64_t c = 0; c < C; ++c) { s1[c] += q1[c]; s2[c] += q2[c]; s3[c] += q3[c]; }
+        pending += L;
+        if (pending >= kChunkRows || i + 1 == i1) flush();
         continue;
       }
       for (int64_t g = 0; g < G; ++g) {
@@ -1487,62 +1495,10 @@ std::vector<at::Tensor> lp_backward(const at::Tensor& dy_in, const at::Tensor& x
   return {dx, vec(dgamma, acc), vec(S1, acc)};
 }
 
-// (mean, var): each group's mean and biased variance, (G, C).
-std::vector<at::Tensor> group_moments(const at::Tensor& x, const std::vector<int64_t>& sizes) {
-  const Layout l = layout_of(x);
-  const Groups gr = groups_of(l, sizes);
-  const int64_t G = int64_t(sizes.size()), C = l.C, per_row = l.C * l.L;
-  std::vector<double> mean(G * C), var(G * C), m2(C);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bnlab_group_moments", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    for (int64_t g = 0; g < G; ++g) {
-      const Layout lg = slice_layout(l, gr.size[g]);
-      const scalar_t* xg = xp + gr.start[g] * per_row;
-      double* mg = mean.data() + g * C;
-      if (l.rows) stats_rows<scalar_t>(xg, lg, mg, m2.data());
-      else stats_ncl<scalar_t>(xg, lg, mg, m2.data());
-      for (int64_t c = 0; c < C; ++c) {
-        if (!std::isfinite(mg[c])) mg[c] = plain_mean<scalar_t>(xg, lg, c);
-        var[g * C + c] = m2[c] / double(lg.M);
-      }
-    }
-  });
-  const auto acc = acc_type(x.scalar_type());
-  return {mat(mean, G, C, acc), mat(var, G, C, acc)};
-}
-
-// y = (x − mean_g)·rsqrt(var_g + eps)·w_g + b_g for each group g; weight and bias (G, C), (C) or None.
-at::Tensor group_normalize(const at::Tensor& x, const at::Tensor& mean_t, const at::Tensor& var_t,
-                           const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-                           double eps, const std::vector<int64_t>& sizes, bool training) {
-  const Layout l = layout_of(x);
-  const Groups gr = groups_of(l, sizes);
-  const int64_t G = int64_t(sizes.size()), C = l.C, per_row = l.C * l.L;
-  const std::vector<double> mean = per_group(mean_t, G, C), var = per_group(var_t, G, C);
-  const std::vector<double> w = per_group(weight, G, C), b = per_group(bias, G, C);
-  at::Tensor y = empty_out(x, x.scalar_type());
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bnlab_group_normalize", [&] {
-    using acc_t = typename Acc<scalar_t>::type;
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    std::vector<acc_t> alpha(C), beta(C);
-    for (int64_t g = 0; g < G; ++g) {
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t i = g * C + c;
-        const double a = (w.empty() ? 1.0 : w[i]) / std::sqrt(var[i] + eps);
-        alpha[c] = acc_t(a);
-        beta[c] = acc_t((b.empty() ? 0.0 : b[i]) - mean[i] * a);
-      }
-      affine<scalar_t>(xp + gr.start[g] * per_row, yp + gr.start[g] * per_row, slice_layout(l, gr.size[g]),
-                       alpha, beta, kIdentity, 0.0, training);
-    }
-  });
-  return y;
-}
-
-// Backward of group_normalize when the statistics are the groups' own (project = true: BN's closed
-// form per group, dx = w·invstd·(dy − mean(dy) − x̂·mean(dy·x̂))) or constants (project = false:
-// dx = w·invstd·dy). Returns (dx, Σdy·x̂ (G, C), Σdy (G, C)).
+// Per-group BN backward, y = (x − mean_g)·invstd_g·w_g + b_g, with the statistics the groups' own
+// (project = true: BN's closed form per group, dx = w·invstd·(dy − mean(dy) − x̂·mean(dy·x̂))) or
+// constants (project = false: dx = w·invstd·dy, the eval transform's backward in dispatch._EvalFn).
+// Returns (dx, Σdy·x̂ (G, C), Σdy (G, C)).
 std::vector<at::Tensor> group_backward(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& mean_t,
                                        const at::Tensor& invstd_t, const c10::optional<at::Tensor>& weight,
                                        const std::vector<int64_t>& sizes, bool project) {
@@ -1896,6 +1852,419 @@ at::Tensor batch_norm_train(const at::Tensor& x, const c10::optional<at::Tensor>
   return TrainBN::apply(x, weight, bias, eps, running_mean, running_var, momentum, unbiased);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The grouped variants' training step as one C++ autograd node (variants/_grouped.py): Ghost BN,
+// Batch Renorm and DetachedNorm. Per group g of consecutive examples,
+//     y = (x − μ_g)·s_g·w_g + b_g,   s_g = 1/√(σ²_g + ε)  (or 1: DetachedNorm's centering alone),
+//     w_g = γ·r_g,   b_g = β + γ·d_g                       (r = 1, d = 0 but in Batch Renorm)
+// with Batch Renorm's r_g = clip(√(σ²_g + ε)/σ, 1/r_max, r_max), d_g = clip((μ_g − μ)/σ, ±d_max),
+// σ = √(running_var + ε) and μ = running_mean read before this step's update. Backward, with
+// x̂ = (x − μ_g)·s_g:
+//     dx = w_g·s_g·(dy − mean_g(dy) − x̂·mean_g(dy·x̂))   (project: the statistics in the gradient)
+//     dx = w_g·s_g·dy                                     (DetachedNorm: the statistics constant)
+//     dγ = Σ_g (r_g·Σ_g dy·x̂ + d_g·Σ_g dy),   dβ = Σ dy
+// Running statistics (`update`): 0 none; 1 the whole batch's moments (Chan's merge of the groups'
+// moments); 2 each group's moments in turn; 3 Batch Renorm's: μ ← μ + m·(mean_g μ_g − μ),
+// σ ← σ + m·(mean_g √(σ²_g + ε) − σ), running_var = σ² − ε.
+// One call does what a dozen small tensor operations did: on (256, 512) each cost µs, together
+// more than BN's whole step.
+// ---------------------------------------------------------------------------------------------
+
+std::atomic<int64_t> group_node_calls{0};
+
+py::object& group_graph_backward() {
+  static py::object* fn = new py::object();             // never destroyed: no Python at exit
+  return *fn;
+}
+
+enum GroupUpdate : int64_t { kNoUpdate = 0, kWholeBatch = 1, kPerGroup = 2, kRenorm = 3 };
+
+// write v (C doubles) into a 1-D running buffer of any floating dtype and stride
+void write_running(at::Tensor t, const std::vector<double>& v) {
+  const int64_t st = channel_stride(t), C = int64_t(v.size());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "bnlab_write_running", [&] {
+    scalar_t* p = t.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) p[c * st] = scalar_t(v[c]);
+  });
+}
+
+// body(g) for every group g: the groups in parallel when each is small (the passes inside then run
+// serially — at::parallel_for does not nest — so one fork per pass per group is not paid G times),
+// else one group after another, each pass parallel.
+constexpr int64_t kSmallGroup = 1 << 16;          // values
+
+template <typename F>
+void for_groups(const Groups& gr, int64_t values, F&& body) {
+  const int64_t G = int64_t(gr.size.size());
+  if (G > 1 && at::get_num_threads() > 1 && values / G < kSmallGroup && !at::in_parallel_region()) {
+    at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) body(g);
+    });
+  } else {
+    for (int64_t g = 0; g < G; ++g) body(g);
+  }
+}
+
+inline double clip(double v, double lo, double hi) { return v < lo ? lo : (v > hi ? hi : v); }   // NaN stays NaN
+
+struct GroupTrain : public torch::autograd::Function<GroupTrain> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                            std::vector<int64_t> sizes, double eps, bool scale, bool project, bool renorm,
+                            double rmax, double dmax, const c10::optional<at::Tensor>& running_mean,
+                            const c10::optional<at::Tensor>& running_var, int64_t update, double momentum,
+                            bool unbiased) {
+    const Layout l = layout_of(x);
+    const Groups gr = groups_of(l, sizes);
+    const int64_t G = int64_t(sizes.size()), C = l.C, per_row = l.C * l.L;
+    const bool has_w = weight.has_value() && weight->defined(), has_b = bias.has_value() && bias->defined();
+    const bool has_rm = running_mean.has_value() && running_mean->defined();
+    const bool has_rv = running_var.has_value() && running_var->defined();
+    TORCH_CHECK(!(renorm || update == kRenorm) || (has_rm && has_rv), "Batch Renorm needs its running statistics");
+    TORCH_CHECK(update == kNoUpdate || has_rm || has_rv, "no running statistics to update");
+    const std::vector<double> w = has_w ? to_vec(*weight, C) : std::vector<double>();
+    const std::vector<double> b = has_b ? to_vec(*bias, C) : std::vector<double>();
+    std::vector<double> mean(G * C), var(G * C), invstd(G * C), w_eff, r, d;
+    at::Tensor y = empty_out(x, x.scalar_type());
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bnlab_group_train", [&] {
+      const scalar_t* xp = x.data_ptr<scalar_t>();
+      for_groups(gr, x.numel(), [&](int64_t g) {
+        const Layout lg = slice_layout(l, gr.size[g]);
+        const scalar_t* xg = xp + gr.start[g] * per_row;
+        double* mg = mean.data() + g * C;
+        double* m2 = var.data() + g * C;                     // Σ(x − μ)², then σ² in place
+        if (l.rows) stats_rows<scalar_t>(xg, lg, mg, m2);
+        else stats_ncl<scalar_t>(xg, lg, mg, m2);
+        for (int64_t c = 0; c < C; ++c) {
+          if (!std::isfinite(mg[c])) mg[c] = plain_mean<scalar_t>(xg, lg, c);
+          m2[c] /= double(lg.M);
+          invstd[g * C + c] = scale ? 1.0 / std::sqrt(m2[c] + eps) : 1.0;
+        }
+      });
+    });
+    std::vector<double> rm, rstd;                     // Batch Renorm's μ and σ before the update
+    if (renorm || update == kRenorm) {
+      rm = to_vec(*running_mean, C);
+      rstd = to_vec(*running_var, C);
+      for (double& s : rstd) s = std::sqrt(s + eps);
+    }
+    if (renorm) {
+      r.resize(G * C), d.resize(G * C);
+      for (int64_t i = 0; i < G * C; ++i) {
+        const int64_t c = i % C;
+        r[i] = clip(std::sqrt(var[i] + eps) / rstd[c], 1.0 / rmax, rmax);
+        d[i] = clip((mean[i] - rm[c]) / rstd[c], -dmax, dmax);
+      }
+    }
+    // the per-group affine: w_eff = γ·r, shift = β + γ·d
+    std::vector<double> shift(G * C);
+    w_eff.resize(G * C);
+    for (int64_t i = 0; i < G * C; ++i) {
+      const int64_t c = i % C;
+      const double gamma = has_w ? w[c] : 1.0;
+      w_eff[i] = renorm ? gamma * r[i] : gamma;
+      shift[i] = (has_b ? b[c] : 0.0) + (renorm ? gamma * d[i] : 0.0);
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bnlab_group_train_normalize", [&] {
+      using acc_t = typename Acc<scalar_t>::type;
+      const scalar_t* xp = x.data_ptr<scalar_t>();
+      scalar_t* yp = y.data_ptr<scalar_t>();
+      for_groups(gr, x.numel(), [&](int64_t g) {
+        std::vector<acc_t> alpha(C), beta(C);
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t i = g * C + c;
+          const double a = w_eff[i] * invstd[i];
+          alpha[c] = acc_t(a);
+          beta[c] = acc_t(shift[i] - mean[i] * a);
+        }
+        affine<scalar_t>(xp + gr.start[g] * per_row, yp + gr.start[g] * per_row, slice_layout(l, gr.size[g]),
+                         alpha, beta, kIdentity, 0.0, true);
+      });
+    });
+    // running statistics
+    if (update == kWholeBatch) {
+      std::vector<double> wm(C, 0.0), wv(C, 0.0);
+      const double total = double(l.M);
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t c = 0; c < C; ++c) wm[c] += double(gr.size[g] * l.L) * mean[g * C + c];
+      for (int64_t c = 0; c < C; ++c) wm[c] /= total;
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t c = 0; c < C; ++c) {
+          const double dm = mean[g * C + c] - wm[c];
+          wv[c] += double(gr.size[g] * l.L) * (var[g * C + c] + dm * dm);
+        }
+      for (int64_t c = 0; c < C; ++c) wv[c] /= total;
+      update_running(running_mean, running_var, wm, wv, total, momentum, unbiased);
+    } else if (update == kPerGroup) {
+      for (int64_t g = 0; g < G; ++g)
+        update_running(running_mean, running_var, std::vector<double>(mean.begin() + g * C, mean.begin() + (g + 1) * C),
+                       std::vector<double>(var.begin() + g * C, var.begin() + (g + 1) * C),
+                       double(gr.size[g] * l.L), momentum, unbiased);
+    } else if (update == kRenorm) {
+      std::vector<double> new_mean(C), new_var(C);
+      for (int64_t c = 0; c < C; ++c) {
+        double mu = 0.0, sd = 0.0;
+        for (int64_t g = 0; g < G; ++g) {
+          mu += mean[g * C + c];
+          sd += std::sqrt(var[g * C + c] + eps);
+        }
+        mu /= double(G), sd /= double(G);
+        new_mean[c] = rm[c] + momentum * (mu - rm[c]);
+        const double s = rstd[c] + momentum * (sd - rstd[c]);
+        new_var[c] = s * s - eps;
+      }
+      write_running(*running_mean, new_mean);
+      write_running(*running_var, new_var);
+    }
+    // the per-group constants in one float64 tensor, rows μ, s, γ·r, r, d (a list IValue would box
+    // every value)
+    at::Tensor pack = at::empty({5, G * C}, at::TensorOptions().dtype(at::kDouble));
+    double* pk = pack.data_ptr<double>();
+    std::copy(mean.begin(), mean.end(), pk);
+    std::copy(invstd.begin(), invstd.end(), pk + G * C);
+    std::copy(w_eff.begin(), w_eff.end(), pk + 2 * G * C);
+    if (renorm) {
+      std::copy(r.begin(), r.end(), pk + 3 * G * C);
+      std::copy(d.begin(), d.end(), pk + 4 * G * C);
+    }
+    ctx->save_for_backward({x, weight.value_or(at::Tensor()), bias.value_or(at::Tensor())});
+    ctx->saved_data["sizes"] = sizes;
+    ctx->saved_data["pack"] = pack;
+    ctx->saved_data["renorm"] = renorm;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["project"] = project;
+    ctx->set_materialize_grads(false);
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list& grads) {
+    const at::Tensor& dy_in = grads[0];
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &bias = saved[2];
+    const bool has_w = weight.defined(), has_b = bias.defined();
+    const bool need_dx = ctx->needs_input_grad(0), need_dw = has_w && ctx->needs_input_grad(1),
+               need_db = has_b && ctx->needs_input_grad(has_w ? 2 : 1);
+    torch::autograd::variable_list result(15);                 // one per forward argument
+    if (!dy_in.defined()) return result;
+    const std::vector<int64_t> sizes = ctx->saved_data["sizes"].toIntVector();
+    const at::Tensor pack = ctx->saved_data["pack"].toTensor();
+    const bool project = ctx->saved_data["project"].toBool(), renorm = ctx->saved_data["renorm"].toBool();
+    const Layout l = layout_of(x);
+    const int64_t G = int64_t(sizes.size()), C = l.C;
+    const double* mean = pack.data_ptr<double>();
+    const double* invstd = mean + G * C;
+    const double* w_eff = mean + 2 * G * C;
+    const double* r = renorm ? mean + 3 * G * C : nullptr;
+    const double* d = renorm ? mean + 4 * G * C : nullptr;
+    at::Tensor dx, dw, db;
+    if (at::GradMode::is_enabled()) {                          // a graph of the backward: the definition
+      py::gil_scoped_acquire gil;
+      auto row = [&](int64_t i) { return py::cast(pack[i].view({G, C})); };
+      py::tuple out = group_graph_backward()(
+          dy_in, x, has_w ? py::cast(weight) : py::none(), has_b ? py::cast(bias) : py::none(), sizes,
+          ctx->saved_data["eps"].toDouble(), ctx->saved_data["scale"].toBool(), project, row(0), row(1),
+          renorm ? row(3) : py::none(), renorm ? row(4) : py::none(), need_dx, need_dw, need_db);
+      dx = tensor_or_undefined(out[0]), dw = tensor_or_undefined(out[1]), db = tensor_or_undefined(out[2]);
+    } else {
+      group_node_calls.fetch_add(1);
+      const Groups gr = groups_of(l, sizes);
+      const int64_t per_row = l.C * l.L;
+      const at::Tensor dy = dy_in.scalar_type() == x.scalar_type() && dy_in.strides() == x.strides()
+                                ? dy_in : dy_in.to(x.scalar_type()).contiguous(x.suggest_memory_format());
+      const bool own_copy = !dy.is_alias_of(dy_in) && dy.strides() == x.strides();
+      const bool inplace = need_dx && dx_over_dy.load() && ((dy_dead_for(dy_in, x) && dy.is_same(dy_in)) || own_copy);
+      const bool sums = project || need_dw || need_db;     // DetachedNorm without γ, β: dx = s·dy alone
+      if (need_dx) dx = inplace ? dy : empty_out(x, x.scalar_type());
+      std::vector<double> s1(G * C, 0.0), s2(G * C, 0.0);     // per group: Σdy, Σdy·(x − μ)
+      AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bnlab_group_train_backward", [&] {
+        using acc_t = typename Acc<scalar_t>::type;
+        const scalar_t* dyp = dy.data_ptr<scalar_t>();
+        const scalar_t* xp = x.data_ptr<scalar_t>();
+        for_groups(gr, x.numel(), [&](int64_t g) {
+          const Layout lg = slice_layout(l, gr.size[g]);
+          const int64_t off = gr.start[g] * per_row;
+          const double* mg = mean + g * C;
+          double* s1g = s1.data() + g * C;
+          double* s2g = s2.data() + g * C;
+          if (sums) {
+            if (l.rows) grad_sums_rows<scalar_t>(dyp + off, xp + off, mg, lg, s1g, s2g);
+            else grad_sums_ncl<scalar_t>(dyp + off, xp + off, mg, lg, s1g, s2g);
+          }
+          if (!need_dx) return;
+          const double m = double(lg.M);
+          std::vector<acc_t> k1(C), k2(C), k3(C);
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t i = g * C + c;
+            const double k = invstd[i] * w_eff[i];
+            const double kk = project ? invstd[i] * invstd[i] * s2g[c] / m : 0.0;
+            k1[c] = acc_t(k);
+            k2[c] = acc_t(-k * kk);
+            k3[c] = acc_t(project ? -k * s1g[c] / m + k * kk * mg[c] : 0.0);
+          }
+          if (inplace) dx_pass_inplace<scalar_t>(dx.data_ptr<scalar_t>() + off, xp + off, lg, k1, k2, k3);
+          else dx_pass<scalar_t>(dyp + off, xp + off, dx.data_ptr<scalar_t>() + off, lg, k1, k2, k3);
+        });
+      });
+      std::vector<double> dgamma(C, 0.0), dbeta(C, 0.0);
+      for (int64_t g = 0; g < G; ++g)                                  // in group order: deterministic
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t i = g * C + c;
+          const double sxh = s2[i] * invstd[i];                          // Σ dy·x̂
+          dgamma[c] += renorm ? r[i] * sxh + d[i] * s1[i] : sxh;
+          dbeta[c] += s1[i];
+        }
+      if (need_dw) dw = vec(dgamma, at::kDouble);
+      if (need_db) db = vec(dbeta, at::kDouble);
+    }
+    if (need_dx && dx.defined()) result[0] = dx.scalar_type() == x.scalar_type() ? dx : dx.to(x.scalar_type());
+    if (need_dw && dw.defined()) result[1] = dw.to(weight.scalar_type()).view(weight.sizes());
+    if (need_db && db.defined()) result[2] = db.to(bias.scalar_type()).view(bias.sizes());
+    return result;
+  }
+};
+
+// Ghost BN, Batch Renorm and DetachedNorm's training step (see GroupTrain); the node records
+// itself when a gradient is wanted.
+at::Tensor group_train(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                       const c10::optional<at::Tensor>& bias, std::vector<int64_t> sizes, double eps, bool scale,
+                       bool project, bool renorm, double rmax, double dmax,
+                       const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+                       int64_t update, double momentum, bool unbiased) {
+  TORCH_CHECK(group_graph_backward() && !group_graph_backward().is_none(),
+              "group_train: set_group_graph_backward was not called");
+  TORCH_CHECK(update >= kNoUpdate && update <= kRenorm, "group_train: update must be 0, 1, 2 or 3");
+  auto opt = [](const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined() ? t : c10::nullopt; };
+  return GroupTrain::apply(x, opt(weight), opt(bias), std::move(sizes), eps, scale, project, renorm, rmax, dmax,
+                           running_mean, running_var, update, momentum, unbiased);
+}
+
+// ---------------------------------------------------------------------------------------------
+// ℓp normalization's training step as one C++ autograd node (variants/lp.py): lp_forward, the
+// running statistics (μ ← μ + m·(μ_B − μ), d ← d + m·(d_B − d), the step counter), and
+// lp_backward in the node — no small tensor operation around the kernels. A graph of the backward
+// (create_graph=True) calls the registered Python function, which differentiates the definition.
+// ---------------------------------------------------------------------------------------------
+
+std::atomic<int64_t> lp_node_calls{0};
+
+py::object& lp_graph_backward() {
+  static py::object* fn = new py::object();             // never destroyed: no Python at exit
+  return *fn;
+}
+
+struct LpTrain : public torch::autograd::Function<LpTrain> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, int64_t p,
+                            int64_t groups, double eps, const c10::optional<at::Tensor>& running_mean,
+                            const c10::optional<at::Tensor>& running_scale,
+                            const c10::optional<at::Tensor>& num_batches_tracked, double momentum) {
+    const Layout l = layout_of(x);
+    TORCH_CHECK(groups >= 1 && l.C % groups == 0, "bnlab kernel: channels must split into the groups");
+    TORCH_CHECK(p == 0 || p == 1 || p == 2, "bnlab kernel: p must be 1, 2 or 0 (inf)");
+    const int64_t N = l.N, C = l.C, G = groups;
+    const bool has_rm = running_mean.has_value() && running_mean->defined();
+    const bool has_rs = running_scale.has_value() && running_scale->defined();
+    TORCH_CHECK(!has_rm || running_layout_ok(*running_mean, C), "running_mean must be 1-D with ", C, " values");
+    TORCH_CHECK(!has_rs || running_layout_ok(*running_scale, G), "running_scale must be 1-D with ", G, " values");
+    // μ (C), n (N·G), ties (N·G), D (G) in one float64 tensor: what the backward reads
+    at::Tensor pack = at::empty({C + 2 * N * G + G}, at::TensorOptions().dtype(at::kDouble));
+    std::vector<double> mean(C), n(N * G), ties(N * G, 1.0), D(G);
+    at::Tensor y = empty_out(x, x.scalar_type());
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bnlab_lp_train", [&] {
+      summed_means<scalar_t>(x.data_ptr<scalar_t>(), l, mean.data());
+      const at::Tensor w = weight.value_or(at::Tensor()), b = bias.value_or(at::Tensor());
+      if (p == 1) lp_forward_impl<1, scalar_t>(x, l, G, eps, mean, n, ties, D, w, b, y);
+      else if (p == 2) lp_forward_impl<2, scalar_t>(x, l, G, eps, mean, n, ties, D, w, b, y);
+      else lp_forward_impl<0, scalar_t>(x, l, G, eps, mean, n, ties, D, w, b, y);
+    });
+    double* pk = pack.data_ptr<double>();
+    std::copy(mean.begin(), mean.end(), pk);
+    std::copy(n.begin(), n.end(), pk + C);
+    std::copy(ties.begin(), ties.end(), pk + C + N * G);
+    std::copy(D.begin(), D.end(), pk + C + 2 * N * G);
+    if (has_rm) {
+      std::vector<double> rm = to_vec(*running_mean, C);
+      for (int64_t c = 0; c < C; ++c) rm[c] += momentum * (mean[c] - rm[c]);
+      write_running(*running_mean, rm);
+    }
+    if (has_rs) {
+      std::vector<double> rs = to_vec(*running_scale, G);
+      for (int64_t g = 0; g < G; ++g) rs[g] += momentum * ((D[g] - eps) - rs[g]);
+      write_running(*running_scale, rs);
+    }
+    if (num_batches_tracked.has_value() && num_batches_tracked->defined()) num_batches_tracked->add_(1);
+    ctx->save_for_backward({x, weight.value_or(at::Tensor()), bias.value_or(at::Tensor())});
+    ctx->saved_data["pack"] = pack;
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["eps"] = eps;
+    ctx->set_materialize_grads(false);
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list& grads) {
+    const at::Tensor& dy_in = grads[0];
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &bias = saved[2];
+    const bool has_w = weight.defined(), has_b = bias.defined();
+    const bool need_dx = ctx->needs_input_grad(0), need_dw = has_w && ctx->needs_input_grad(1),
+               need_db = has_b && ctx->needs_input_grad(has_w ? 2 : 1);
+    torch::autograd::variable_list result(10);                 // one per forward argument
+    if (!dy_in.defined()) return result;
+    const int64_t p = ctx->saved_data["p"].toInt(), G = ctx->saved_data["groups"].toInt();
+    at::Tensor dx, dw, db;
+    if (at::GradMode::is_enabled()) {                          // a graph of the backward: the definition
+      py::gil_scoped_acquire gil;
+      py::tuple out = lp_graph_backward()(dy_in, x, has_w ? py::cast(weight) : py::none(),
+                                          has_b ? py::cast(bias) : py::none(), p, G,
+                                          ctx->saved_data["eps"].toDouble(), need_dx, need_dw, need_db);
+      dx = tensor_or_undefined(out[0]), dw = tensor_or_undefined(out[1]), db = tensor_or_undefined(out[2]);
+    } else {
+      lp_node_calls.fetch_add(1);
+      const Layout l = layout_of(x);
+      const int64_t N = l.N, C = l.C;
+      const double* pk = ctx->saved_data["pack"].toTensor().data_ptr<double>();
+      const std::vector<double> mean(pk, pk + C), n(pk + C, pk + C + N * G),
+          ties(pk + C + N * G, pk + C + 2 * N * G), D(pk + C + 2 * N * G, pk + C + 2 * N * G + G);
+      const at::Tensor dy = dy_in.scalar_type() == x.scalar_type() && dy_in.strides() == x.strides()
+                                ? dy_in : dy_in.to(x.scalar_type()).contiguous(x.suggest_memory_format());
+      const std::vector<double> w = has_w ? to_vec(weight, C) : std::vector<double>();
+      std::vector<double> S1(C), S2(C);
+      at::Tensor out = empty_out(x, x.scalar_type());
+      AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bnlab_lp_train_backward", [&] {
+        if (p == 1) lp_backward_impl<1, scalar_t>(dy, x, l, G, mean, n, ties, D, w, out, S1, S2);
+        else if (p == 2) lp_backward_impl<2, scalar_t>(dy, x, l, G, mean, n, ties, D, w, out, S1, S2);
+        else lp_backward_impl<0, scalar_t>(dy, x, l, G, mean, n, ties, D, w, out, S1, S2);
+      });
+      if (need_dx) dx = out;
+      const int64_t Cg = C / G;
+      if (need_dw) {
+        std::vector<double> dgamma(C);
+        for (int64_t c = 0; c < C; ++c) dgamma[c] = S2[c] / D[c / Cg];          // Σ dy·(x − μ)/D
+        dw = vec(dgamma, at::kDouble);
+      }
+      if (need_db) db = vec(S1, at::kDouble);
+    }
+    if (need_dx && dx.defined()) result[0] = dx.scalar_type() == x.scalar_type() ? dx : dx.to(x.scalar_type());
+    if (need_dw && dw.defined()) result[1] = dw.to(weight.scalar_type()).view(weight.sizes());
+    if (need_db && db.defined()) result[2] = db.to(bias.scalar_type()).view(bias.sizes());
+    return result;
+  }
+};
+
+at::Tensor lp_train(const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                    int64_t p, int64_t groups, double eps, const c10::optional<at::Tensor>& running_mean,
+                    const c10::optional<at::Tensor>& running_scale,
+                    const c10::optional<at::Tensor>& num_batches_tracked, double momentum) {
+  TORCH_CHECK(lp_graph_backward() && !lp_graph_backward().is_none(), "lp_train: set_lp_graph_backward was not called");
+  auto opt = [](const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined() ? t : c10::nullopt; };
+  return LpTrain::apply(x, opt(weight), opt(bias), p, groups, eps, running_mean, running_scale, num_batches_tracked,
+                        momentum);
+}
+
 // functional.batch_norm's two commonest calls decided in one C++ call each: training with
 // autograd (ending in batch_norm_train's node) and inference without it (forward_eval). Each
 // returns None when any condition fails, and the Python path then runs (raising its errors with
@@ -2015,10 +2384,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lp_backward", &lp_backward, "lp normalization backward: (dx, dgamma, dbeta)", py::arg("dy"), py::arg("x"),
         py::arg("mean"), py::arg("n"), py::arg("D"), py::arg("ties"), py::arg("weight"), py::arg("p"),
         py::arg("groups"));
-  m.def("group_moments", &group_moments, "per-group (mean, biased var), (G, C)", py::arg("x"), py::arg("sizes"));
-  m.def("group_normalize", &group_normalize, "per-group normalize with given statistics and affine",
-        py::arg("x"), py::arg("mean"), py::arg("var"), py::arg("weight"), py::arg("bias"), py::arg("eps"),
-        py::arg("sizes"), py::arg("training") = true);
   m.def("group_backward", &group_backward, "per-group backward: (dx, sum dy*xhat, sum dy)",
         py::arg("dy"), py::arg("x"), py::arg("mean"), py::arg("invstd"), py::arg("weight"), py::arg("sizes"),
         py::arg("project") = true);
@@ -2039,6 +2404,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("eps"));
   m.def("set_graph_backward", [](py::object fn) { graph_backward() = fn; },
         "the differentiable backward batch_norm_train's node calls under create_graph=True");
+  m.def("group_train", &group_train,
+        "Ghost BN / Batch Renorm / DetachedNorm training step as a C++ autograd node (see GroupTrain)",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("sizes"), py::arg("eps"), py::arg("scale"),
+        py::arg("project"), py::arg("renorm"), py::arg("rmax"), py::arg("dmax"), py::arg("running_mean"),
+        py::arg("running_var"), py::arg("update"), py::arg("momentum"), py::arg("unbiased"));
+  m.def("lp_train", &lp_train, "lp normalization's training step as a C++ autograd node (see LpTrain)",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("p"), py::arg("groups"), py::arg("eps"),
+        py::arg("running_mean"), py::arg("running_scale"), py::arg("num_batches_tracked"), py::arg("momentum"));
+  m.def("set_lp_graph_backward", [](py::object fn) { lp_graph_backward() = fn; },
+        "the differentiable backward lp_train's node calls under create_graph=True");
+  m.def("set_group_graph_backward", [](py::object fn) { group_graph_backward() = fn; },
+        "the differentiable backward group_train's node calls under create_graph=True");
   m.def("bn_act_backward", &bn_act_backward, "fused BN+activation backward from the output or the input",
         py::arg("da"), py::arg("v"), py::arg("mean"), py::arg("invstd"), py::arg("weight"), py::arg("bias"),
         py::arg("act"), py::arg("slope"), py::arg("from_input"));
@@ -2065,5 +2442,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "how many times batch_norm_train's node ran backward_train");
   c.def("node_inplace_calls", [] { return node_inplace_calls.load(); },
         "how many of those wrote dx over the incoming gradient (no other reference) or its converted copy");
+  c.def("lp_node_calls", [] { return lp_node_calls.load(); },
+        "how many times lp_train's node ran its closed-form backward");
+  c.def("group_node_calls", [] { return group_node_calls.load(); },
+        "how many times group_train's node ran its closed-form backward");
   c.def("bench_pass", &bench_pass, "one pass alone (0 statistics, 1 normalize, 2 gradient sums, 3 dx), for benchmarks");
 }

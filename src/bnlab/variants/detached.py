@@ -24,7 +24,8 @@ from .. import definition as D
 from .. import functional as BF
 from ..kernels import dispatch
 from ..batchnorm import BatchNorm1d, BatchNorm2d, _BatchNorm
-from ._grouped import GroupNorm, kernels_for
+from . import _grouped as G
+from ._grouped import kernels_for
 
 __all__ = ["DetachedNorm", "DetachedNorm2d", "detached_norm"]
 
@@ -73,21 +74,11 @@ class _DetachedMixin:
         """BN's kernels: the forward is BN's normalize (or the mean subtraction alone), the backward
         BN's with the statistics' terms dropped (see variants._grouped)."""
         BF.check_batch_size(input)
-        sizes = [input.shape[0]]
-        mean, var = k.group_moments(input, sizes)                                   # 1, C
-        if self._updates_running_stats():
-            D.update_running_stats(self.running_mean, self.running_var, mean[0], var[0],
-                                   D.values_per_channel(input), self._momentum_step(), self.running_var_correction)
-        scale, eps = self.scale, self.eps
-
-        def reference(x, weight, bias):
-            return detached_norm(x, mean[0], var[0] if scale else None, weight, bias, eps)
-
-        if scale:
-            return GroupNorm.apply(input, self.weight, self.bias, mean, var, None, None, eps, sizes, False, k,
-                                   reference)
-        ones = torch.ones_like(var)                      # invstd = 1 exactly: x − μ alone
-        return GroupNorm.apply(input, self.weight, self.bias, mean, ones, None, None, 0.0, sizes, False, k, reference)
+        update = self._updates_running_stats()
+        return G.train(k, input, self.weight, self.bias, [input.shape[0]], self.eps, scale=self.scale,
+                       project=False, running_mean=self.running_mean, running_var=self.running_var,
+                       update=G.WHOLE_BATCH if update else G.NO_UPDATE, momentum=self._momentum_step(),
+                       unbiased=self.running_var_correction == "unbiased")
 
     @property
     def _eval_is_bn(self) -> bool:

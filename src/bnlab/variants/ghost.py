@@ -27,7 +27,8 @@ from ..options import GhostStatistics
 from .. import definition as D
 from .. import functional as BF
 from ..batchnorm import BatchNorm1d, BatchNorm2d
-from ._grouped import GroupNorm, kernels_for
+from . import _grouped as G
+from ._grouped import kernels_for
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "ghost_splits", "check_virtual_batch_size"]
 
@@ -74,7 +75,10 @@ class _GhostMixin:
         sizes = ghost_splits(input.shape[0], self.virtual_batch_size)
         k = kernels_for(input)
         if k is not None:                                 # BN's kernels, one set of moments per group
-            return self._forward_kernels(input, sizes, k, update, per_chunk, momentum)
+            return G.train(k, input, self.weight, self.bias, sizes, self.eps, running_mean=self.running_mean,
+                           running_var=self.running_var,
+                           update=(G.PER_GROUP if per_chunk else G.WHOLE_BATCH) if update else G.NO_UPDATE,
+                           momentum=momentum, unbiased=self.running_var_correction == "unbiased")
         chunks = input.split(sizes)
         out = torch.cat([BF.batch_norm(c, self.running_mean if per_chunk else None,
                                        self.running_var if per_chunk else None, self.weight, self.bias,
@@ -86,30 +90,6 @@ class _GhostMixin:
             D.update_running_stats(self.running_mean, self.running_var, mean, var, D.values_per_channel(input),
                                    momentum, self.running_var_correction)
         return out
-
-    def _forward_kernels(self, input: Tensor, sizes: list[int], k, update: bool, per_chunk: bool,
-                         momentum: float) -> Tensor:
-        mean, var = k.group_moments(input, sizes)                                   # G, C
-        eps = self.eps
-
-        def reference(x, weight, bias):
-            return torch.cat([D.batch_norm(c, None, None, weight, bias, True, 0.0, eps) for c in x.split(sizes)])
-
-        y = GroupNorm.apply(input, self.weight, self.bias, mean, var, None, None, eps, sizes, True, k, reference)
-        if update:
-            per_value = D.values_per_channel(input) // input.shape[0]                # L
-            if per_chunk:
-                for g, n in enumerate(sizes):
-                    D.update_running_stats(self.running_mean, self.running_var, mean[g], var[g], n * per_value,
-                                           momentum, self.running_var_correction)
-            else:                                        # the whole batch's moments: Chan's merge
-                n = torch.tensor(sizes, dtype=mean.dtype).unsqueeze(1)             # G, 1
-                total = n.sum()
-                whole_mean = (n * mean).sum(0) / total
-                whole_var = (n * (var + (mean - whole_mean).square())).sum(0) / total
-                D.update_running_stats(self.running_mean, self.running_var, whole_mean, whole_var,
-                                       D.values_per_channel(input), momentum, self.running_var_correction)
-        return y
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"

@@ -74,43 +74,29 @@ def lp_norm(x: Tensor, mean: Tensor, scale: Tensor, weight: Optional[Tensor], bi
     return D.affine((x - D.channel_view(mean, x)) / D.channel_view(d + eps, x), weight, bias)
 
 
-class _LpFn(torch.autograd.Function):
-    """Training ℓp normalization on the compiled kernels; a create_graph backward differentiates
-    the definition (:func:`lp_scale`, :func:`lp_norm`)."""
+def _graph_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], code: int,
+                    groups: int, eps: float, need_x: bool, need_w: bool, need_b: bool) -> tuple:
+    """The training backward as a differentiable graph (create_graph=True; the compiled node calls
+    it): the gradients of the definition (:func:`lp_scale`, :func:`lp_norm`) rebuilt from x."""
+    p = math.inf if code == 0 else float(code)
 
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], p: float, groups: int,
-                eps: float, k):
-        code = 0 if p == math.inf else int(p)
-        w = None if weight is None else weight.detach()
-        b = None if bias is None else bias.detach()
-        y, mean, n, denom, ties = k.lp_forward(x, code, groups, eps, w, b)         # denom: d + ε per group
-        ctx.save_for_backward(x, weight, bias, mean, n, denom, ties)
-        ctx.p, ctx.code, ctx.groups, ctx.eps, ctx.k = p, code, groups, eps, k
-        ctx.set_materialize_grads(False)
-        scale = denom - eps
-        ctx.mark_non_differentiable(mean, scale)
-        return y, mean, scale
+    def reference(x, weight, bias):
+        m = x.mean(dim=D.reduction_dims(x))
+        return lp_norm(x, m, lp_scale(x - D.channel_view(m, x), p, groups), weight, bias, eps, groups)
 
-    @staticmethod
-    def backward(ctx, dy, _dmean, _dscale):
-        if dy is None:
-            return (None,) * 7
-        x, weight, bias, mean, n, denom, ties = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():                      # a graph of the backward: the definition's
-            p, groups, eps = ctx.p, ctx.groups, ctx.eps
+    return differentiable_backward(reference, (x, weight, bias), (need_x, need_w, need_b), dy)
 
-            def reference(x, weight, bias):
-                m = x.mean(dim=D.reduction_dims(x))
-                return lp_norm(x, m, lp_scale(x - D.channel_view(m, x), p, groups), weight, bias, eps, groups)
 
-            return differentiable_backward(reference, (x, weight, bias), (need_x, need_w, need_b), dy) \
-                + (None,) * 4
-        w = None if weight is None else weight.detach()
-        dx, dw, db = ctx.k.lp_backward(dy, x, mean, n, denom, ties, w, ctx.code, ctx.groups)
-        return (dx if need_x else None, dw.to(weight.dtype) if need_w and weight is not None else None,
-                db.to(bias.dtype) if need_b and bias is not None else None, None, None, None, None)
+def _kernels(x: Tensor):
+    """The compiled module if it takes x, with the graph backward its ℓp node calls registered."""
+    k = kernels_for(x) if x.numel() > 0 else None
+    if k is not None and not _kernels.registered:
+        k.set_lp_graph_backward(_graph_backward)
+        _kernels.registered = True
+    return k
+
+
+_kernels.registered = False
 
 
 class _LpNorm(nn.Module):
@@ -142,15 +128,13 @@ class _LpNorm(nn.Module):
             raise ShapeError(f"{type(self).__name__} expects {self._expected_dims}-D input, got {x.dim()}-D")
         if self.training or self.running_mean is None:
             BF.check_batch_size(x)
-            k = kernels_for(x) if x.numel() > 0 else None
-            if k is not None:
-                y, mean, scale = _LpFn.apply(x, self.weight, self.bias, self.p, self.groups, self.eps, k)
-                if self.training and self.running_mean is not None:
-                    with torch.no_grad():
-                        self.num_batches_tracked.add_(1)
-                        self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
-                        self.running_scale.lerp_(scale.to(self.running_scale.dtype), self.momentum)
-                return y
+            k = _kernels(x)
+            if k is not None:          # one C++ call: forward, running statistics, the backward's node
+                update = self.training and self.running_mean is not None
+                return k.lp_train(x, self.weight, self.bias, 0 if self.p == math.inf else int(self.p), self.groups,
+                                  self.eps, self.running_mean if update else None,
+                                  self.running_scale if update else None,
+                                  self.num_batches_tracked if update else None, float(self.momentum))
             mean = x.mean(dim=D.reduction_dims(x))
             scale = lp_scale(x - D.channel_view(mean, x), self.p, self.groups)
             if self.training and self.running_mean is not None:

@@ -34,7 +34,8 @@ from torch import Tensor
 from .. import definition as D
 from .. import functional as BF
 from ..batchnorm import BatchNorm1d, BatchNorm2d
-from ._grouped import GroupNorm, kernels_for
+from . import _grouped as G
+from ._grouped import kernels_for
 from .ghost import check_virtual_batch_size, ghost_splits
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "batch_renorm", "renorm_limits"]
@@ -105,19 +106,21 @@ class _RenormMixin:
         BF.check_batch_size(input)
         self._check_finite(input)
         momentum = self._momentum_step()                        # counts the step the schedule reads
-        rmax, dmax = self.limits()
+        rmax, dmax = self.limits() if self.warmup else (self.rmax, self.dmax)
+        sizes = [input.shape[0]]
+        if self.virtual_batch_size is not None and input.shape[0] > self.virtual_batch_size:
+            sizes = ghost_splits(input.shape[0], self.virtual_batch_size)
+        k = kernels_for(input)
+        if k is not None:              # BN's kernels with r, d folded into the per-group scale and shift
+            return G.train(k, input, self.weight, self.bias, sizes, self.eps, renorm=(rmax, dmax),
+                           running_mean=self.running_mean, running_var=self.running_var, update=G.RENORM,
+                           momentum=momentum)
         acc = D.accumulation_dtype(input.dtype)
         running_std = torch.sqrt(self.running_var.to(acc) + self.eps)
-        k = kernels_for(input)
-        if k is not None:
-            return self._forward_kernels(input, k, rmax, dmax, running_std, momentum)
         weight = None if self.weight is None else self.weight.to(acc)
         bias = None if self.bias is None else self.bias.to(acc)
-        groups = [input.to(acc)]
-        if self.virtual_batch_size is not None and input.shape[0] > self.virtual_batch_size:
-            groups = list(input.to(acc).split(ghost_splits(input.shape[0], self.virtual_batch_size)))
         results = [batch_renorm(g, self.running_mean.to(acc), running_std, weight, bias, rmax, dmax, self.eps)
-                   for g in groups]
+                   for g in input.to(acc).split(sizes)]
         y = torch.cat([r[0] for r in results])
         mean = torch.stack([r[1] for r in results]).mean(0)
         std = torch.stack([r[2] for r in results]).mean(0)
@@ -126,35 +129,6 @@ class _RenormMixin:
             new_std = running_std + momentum * (std - running_std)
             self.running_var.copy_((new_std.square() - self.eps).to(self.running_var.dtype))
         return y.to(input.dtype)
-
-    def _forward_kernels(self, input: Tensor, k, rmax: float, dmax: float, running_std: Tensor,
-                         momentum: float) -> Tensor:
-        """BN's kernels with r, d folded into the per-group scale and shift (see variants._grouped)."""
-        N = input.shape[0]
-        sizes = [N]
-        if self.virtual_batch_size is not None and N > self.virtual_batch_size:
-            sizes = ghost_splits(N, self.virtual_batch_size)
-        mean, var = k.group_moments(input, sizes)                                   # G, C
-        running_mean = self.running_mean.to(mean.dtype)
-        running_std = running_std.to(mean.dtype)
-        std = torch.sqrt(var + self.eps)                                             # G, C: σ_B per group
-        r = (std / running_std).clamp(1.0 / rmax, rmax)
-        d = ((mean - running_mean) / running_std).clamp(-dmax, dmax)
-        eps = self.eps
-
-        def reference(x, weight, bias):
-            acc = D.accumulation_dtype(x.dtype)
-            w = None if weight is None else weight.to(acc)
-            b = None if bias is None else bias.to(acc)
-            return torch.cat([batch_renorm(g, running_mean, running_std, w, b, rmax, dmax, eps)[0]
-                              for g in x.to(acc).split(sizes)]).to(x.dtype)
-
-        y = GroupNorm.apply(input, self.weight, self.bias, mean, var, r, d, eps, sizes, True, k, reference)
-        with torch.no_grad():
-            self.running_mean.lerp_(mean.mean(0).to(self.running_mean.dtype), momentum)
-            new_std = running_std + momentum * (std.mean(0) - running_std)
-            self.running_var.copy_((new_std.square() - self.eps).to(self.running_var.dtype))
-        return y
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", rmax={self.rmax}, dmax={self.dmax}, warmup={self.warmup}"
