@@ -367,3 +367,16 @@ def test_whitening_eval_equals_running_matrix_applied_per_group(shape, fmt, make
     got.backward(dy)
     want.backward(dy)
     torch.testing.assert_close(xr.grad, xd.grad, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", list(WHITENERS))
+def test_whitening_backward_twice_with_retained_graph_doubles_the_gradient(name):
+    """The backward reuses the forward's small matrix-function graph (one eigendecomposition a
+    step): a retained graph must give the same gradient on a second backward."""
+    x = torch.randn(16, 12, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(16, 12, dtype=torch.float64)
+    y = WHITENERS[name](12).double()(x)
+    y.backward(dy, retain_graph=True)
+    first = x.grad.clone()
+    y.backward(dy)
+    torch.testing.assert_close(x.grad, 2 * first)

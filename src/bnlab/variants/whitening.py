@@ -211,13 +211,21 @@ class _WhitenFn(torch.autograd.Function):
         if not torch.isfinite(sigma).all():
             raise NonFiniteError("whitening: NaN/Inf in the input — its covariance has no eigendecomposition "
                                  "or inverse square root; no statistics were updated")
-        W = matrix(sigma)                                                    # g, G, G
+        # the small matrix function with its graph on (g, G, G) kept for the backward's
+        # vector-Jacobian product: one eigendecomposition per step, and the backward differentiates
+        # the very function the forward applied (PCA's axis alignment reads the running matrix,
+        # which the step then updates)
+        with torch.enable_grad():
+            s = sigma.detach().requires_grad_()
+            W_graph = matrix(s)
+        W = W_graph.detach()                                                 # g, G, G
         gamma = weight.detach().reshape(groups, G, 1) if weight is not None else None
         Wg = W * gamma if gamma is not None else W                           # diag(γ)·W
         beta = bias.detach().reshape(groups, G) if bias is not None else None
         y = _apply(kind, A, Wg, beta, x, N, groups, G)
-        ctx.save_for_backward(x, xc, W, sigma, weight, bias)
-        ctx.kind, ctx.groups, ctx.m, ctx.matrix, ctx.reference, ctx.x_shape = kind, groups, m, matrix, reference, x.shape
+        ctx.save_for_backward(x, xc, W, weight, bias)
+        ctx.kind, ctx.groups, ctx.m, ctx.reference, ctx.x_shape = kind, groups, m, reference, x.shape
+        ctx.sigma_leaf, ctx.W_graph = s, W_graph
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(mean, W)
         return y, mean, W
@@ -226,7 +234,7 @@ class _WhitenFn(torch.autograd.Function):
     def backward(ctx, dy, _dmean, _dW):
         if dy is None:
             return (None,) * 7
-        x, xc, W, sigma, weight, bias = ctx.saved_tensors
+        x, xc, W, weight, bias = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         groups, kind, m = ctx.groups, ctx.kind, ctx.m
         N, C = ctx.x_shape[:2]
@@ -248,9 +256,7 @@ class _WhitenFn(torch.autograd.Function):
         dx = None
         if need_x:
             dW = P * gamma if gamma is not None else P
-            with torch.enable_grad():
-                s = sigma.detach().requires_grad_()
-                dS, = torch.autograd.grad(ctx.matrix(s), s, dW)
+            dS, = torch.autograd.grad(ctx.W_graph, ctx.sigma_leaf, dW, retain_graph=True)
             S = (dS + dS.transpose(1, 2)) / m                                       # g, G, G
             Wg = W * gamma if gamma is not None else W
             shift = -(Wg.transpose(1, 2) @ (dbeta / m).reshape(groups, G, 1))       # −Wᵀ mean(dY), g, G, 1
