@@ -317,7 +317,7 @@ def test_lp_and_detached_eval_on_bn_kernel_equal_their_readable_definitions(fmt)
     x = x if fmt is None else x.contiguous(memory_format=fmt)
     lp = bnlab.LpNorm2d(6, p=1, groups=3).double()
     layers = [lp] + [bnlab.DetachedNorm2d(6, affine=True, center=c, scale=s).double()
-                     for c, s in ((True, True), (True, False), (False, True))]
+                     for c, s in ((True, True), (True, False), (False, True), (False, False))]
     for layer in layers:
         with torch.no_grad():
             layer.weight.uniform_(0.5, 1.5, generator=g)
@@ -337,6 +337,8 @@ def test_lp_and_detached_eval_on_bn_kernel_equal_their_readable_definitions(fmt)
         want.backward(torch.ones_like(want))
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
         torch.testing.assert_close(xr.grad, xd.grad, atol=1e-12, rtol=1e-10)
+        with torch.no_grad():                    # no graph wanted: the one-call kernel entry (scaled_eval)
+            torch.testing.assert_close(layer(x), want.detach(), atol=1e-12, rtol=1e-10)
 
 
 @pytest.mark.parametrize("shape,fmt", SHAPES, ids=["2d", "3d", "nchw", "channels_last"])

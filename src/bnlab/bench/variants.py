@@ -4,6 +4,10 @@ For every thread count, shape (2-D, NCHW and channels_last) and mode — trainin
 backward, and inference (eval, no autograd) — the variant and BatchNorm take turns (3 calls each
 per turn, the order alternating), and the ratio is the median of the per-turn ratios: load on the
 shared machine moves both sides of a turn together. ``--quick`` takes fewer turns.
+
+Two floors follow, the measured bounds where a target is out of reach: what a whitening step
+cannot do without (the eigendecomposition or Newton iterations, and five data-sized products),
+and Noisy BN's two draws from its generator, each × BN's step on the same input.
 """
 
 from __future__ import annotations
@@ -116,6 +120,102 @@ def run(threads=(1, 2), repeats: int = 15, calls: int = 3, log=print) -> list[di
     return rows
 
 
+def whitening_floor(threads=(1, 2), repeats: int = 9, log=print) -> list[dict]:
+    """What a whitening training step cannot do without, timed against BN's step on the same input
+    (NCHW): one batched eigendecomposition of the g groups' G×G covariances (ZCA, PCA), one
+    data-sized batched product X_c·X_cᵀ (g × (G, M)·(M, G): the covariance; the step needs five —
+    covariance, apply, and three in the backward) and IterNorm's T = 5 Newton iterations on the
+    small matrices (three small products each). ``floor`` is the sum a step needs, × BN."""
+    rows = []
+    before = torch.get_num_threads()
+    try:
+        for t in threads:
+            torch.set_num_threads(t)
+            for shape in ((256, 512), (64, 64, 28, 28)):
+                g = torch.Generator().manual_seed(0)
+                x = torch.randn(*shape, generator=g)
+                dy = torch.randn(*shape, generator=g)
+                bn = _call((BatchNorm2d if len(shape) == 4 else BatchNorm1d)(shape[1]), x, dy, "fwdbwd")
+                C = shape[1]
+                X = x.transpose(0, 1).reshape(C, -1)                                    # C, M
+                for G in (16, 64):
+                    A = (X - X.mean(1, keepdim=True)).reshape(C // G, G, -1).contiguous()  # g, G, M
+                    S = torch.bmm(A, A.transpose(1, 2)) / A.shape[-1] + 1e-5 * torch.eye(G)
+                    P = torch.eye(G).expand_as(S).contiguous()
+
+                    def newton():
+                        Q = P
+                        for _ in range(5):
+                            Q = 1.5 * Q - 0.5 * Q @ Q @ Q @ S
+                    parts = {"bn": bn, "eigh": lambda: torch.linalg.eigh(S),
+                             "product": lambda: torch.bmm(A, A.transpose(1, 2)), "newton": newton}
+                    for f in parts.values():
+                        f()
+                    ms = {k: statistics.median(_timed(f, 3) for _ in range(repeats)) * 1e3 for k, f in parts.items()}
+                    label = "x".join(map(str, shape))
+                    row = dict(threads=t, shape=label, G=G, bn_ms=ms["bn"], eigh_ms=ms["eigh"],
+                               product_ms=ms["product"], newton_ms=ms["newton"],
+                               zca_floor=(ms["eigh"] + 5 * ms["product"]) / ms["bn"],
+                               iternorm_floor=(ms["newton"] + 5 * ms["product"]) / ms["bn"])
+                    rows.append(row)
+                    log(f"{t}t {label:>12} G={G:<3} BN {ms['bn']:.3f} ms  eigh {ms['eigh']:.3f}  product "
+                        f"{ms['product']:.3f}  newton {ms['newton']:.3f}  floor ZCA/PCA ×{row['zca_floor']:.2f}  "
+                        f"IterNorm ×{row['iternorm_floor']:.2f}")
+    finally:
+        torch.set_num_threads(before)
+    return rows
+
+
+def noise_floor(threads=(1, 2), repeats: int = 9, log=print) -> list[dict]:
+    """Noisy BN's two full-size draws from its own torch.Generator (a uniform and a normal value per
+    activation, the layer's noise stream), timed against BN's training step on the same shape."""
+    rows = []
+    before = torch.get_num_threads()
+    try:
+        for t in threads:
+            torch.set_num_threads(t)
+            for shape, fmt in SHAPES[:2]:
+                g = torch.Generator().manual_seed(0)
+                x = torch.randn(*shape, generator=g)
+                dy = torch.randn(*shape, generator=g)
+                bn = _call((BatchNorm2d if len(shape) == 4 else BatchNorm1d)(shape[1]), x, dy, "fwdbwd")
+
+                def draws():
+                    torch.empty(shape).uniform_(0, 1, generator=g)
+                    torch.empty(shape).normal_(0, 1, generator=g)
+                for f in (bn, draws):
+                    f()
+                ms = {k: statistics.median(_timed(f, 3) for _ in range(repeats)) * 1e3
+                      for k, f in (("bn", bn), ("draws", draws))}
+                label = "x".join(map(str, shape))
+                rows.append(dict(threads=t, shape=label, bn_ms=ms["bn"], draws_ms=ms["draws"],
+                                 floor=ms["draws"] / ms["bn"]))
+                log(f"{t}t {label:>12} BN {ms['bn']:.3f} ms  the two draws {ms['draws']:.3f} ms  "
+                    f"×{ms['draws'] / ms['bn']:.2f}")
+    finally:
+        torch.set_num_threads(before)
+    return rows
+
+
+def floor_markdown(rows: list[dict]) -> str:
+    out = ["**whitening's floor** (ms; floor = what one training step needs, × bnlab BatchNorm's step)\n",
+           "| threads | shape | G | BN step | eigh (all groups) | one data-sized product | 5 Newton iterations "
+           "| ZCA/PCA floor (eigh + 5 products) | IterNorm floor (Newton + 5 products) |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['threads']} | {r['shape']} | {r['G']} | {r['bn_ms']:.3f} | {r['eigh_ms']:.3f} | "
+                   f"{r['product_ms']:.3f} | {r['newton_ms']:.3f} | {r['zca_floor']:.2f}× | {r['iternorm_floor']:.2f}× |")
+    return "\n".join(out) + "\n"
+
+
+def noise_markdown(rows: list[dict]) -> str:
+    out = ["**Noisy BN's floor**: the two draws alone (ms), × bnlab BatchNorm's step\n",
+           "| threads | shape | BN step | the two draws | × BN |", "|---:|---|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['threads']} | {r['shape']} | {r['bn_ms']:.3f} | {r['draws_ms']:.3f} | {r['floor']:.2f}× |")
+    return "\n".join(out) + "\n"
+
+
 def markdown(rows: list[dict]) -> str:
     """One table per mode: a row per variant, a column per (threads, shape), × bnlab's BatchNorm."""
     out = []
@@ -138,9 +238,13 @@ def command(args) -> int:
     """``bnlab bench variants``."""
     threads = tuple(int(t) for t in (args.threads or "1,2").split(","))
     rows = run(threads=threads, repeats=3 if args.quick else 15)
+    floor = whitening_floor(threads=threads, repeats=3 if args.quick else 9)
+    noise = noise_floor(threads=threads, repeats=3 if args.quick else 9)
     if args.markdown:
         print(markdown(rows))
+        print(floor_markdown(floor))
+        print(noise_markdown(noise))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"variants": rows, "whitening_floor": floor, "noise_floor": noise}, f, indent=1)
     return 0

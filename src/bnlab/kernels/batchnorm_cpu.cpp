@@ -1018,6 +1018,39 @@ at::Tensor forward_eval(const at::Tensor& x, const at::Tensor& running_mean, con
   return y;
 }
 
+// Inference of the variants whose transform is BN's with another divisor, in one call (no small
+// tensor operation before the pass): y = (x − μ)/s·γ + β per channel, μ = mean or 0 (None), and
+// s = scale_g + add (ℓp: the running ℓp scale of the channel's group, G values), √(scale_c + add)
+// (sqrt_scale: DetachedNorm's running variance), or 1 (no scale).
+at::Tensor scaled_eval(const at::Tensor& x, const c10::optional<at::Tensor>& mean_t,
+                       const c10::optional<at::Tensor>& scale_t, const c10::optional<at::Tensor>& weight,
+                       const c10::optional<at::Tensor>& bias, double add, bool sqrt_scale) {
+  const Layout l = layout_of(x);
+  const int64_t C = l.C;
+  const bool has_mean = mean_t.has_value() && mean_t->defined(), has_scale = scale_t.has_value() && scale_t->defined();
+  const std::vector<double> mean = has_mean ? to_vec(*mean_t, C) : std::vector<double>(C, 0.0);
+  std::vector<double> invstd(C, 1.0);
+  if (has_scale) {
+    const int64_t G = scale_t->numel();
+    TORCH_CHECK(G >= 1 && C % G == 0, "scaled_eval: the scale's ", G, " values must split the ", C, " channels");
+    const std::vector<double> sc = to_vec(*scale_t, G);
+    for (int64_t c = 0; c < C; ++c) {
+      const double v = sc[c / (C / G)] + add;
+      invstd[c] = 1.0 / (sqrt_scale ? std::sqrt(v) : v);
+    }
+  }
+  at::Tensor y = empty_out(x, x.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bnlab_scaled_eval", [&] {
+    using acc_t = typename Acc<scalar_t>::type;
+    std::vector<acc_t> alpha, beta;
+    coefficients<acc_t>(mean.data(), invstd.data(), weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), C,
+                        alpha, beta);
+    affine<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), l, alpha, beta, kIdentity, 0.0,
+                     /*training=*/false);
+  });
+  return y;
+}
+
 // Training backward of BN: (dx, dgamma, dbeta) from dy, x and the forward's mean and invstd.
 //   dx = γ·invstd·(dy − Σdy/m − x̂·Σ(dy·x̂)/m) = dy·k1 + x·k2 + k3
 // dx is written over dy and returned in its place (*wrote_over_dy set) when dy is dead — the caller
@@ -2391,6 +2424,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("running_var"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("act") = 0,
         py::arg("slope") = 0.0);
   m.def("backward_train", &backward_train, "training backward: (dx, dgamma, dbeta)");
+  m.def("scaled_eval", &scaled_eval, "inference (x − μ)/s·γ + β with s from a per-group scale (see scaled_eval)",
+        py::arg("x"), py::arg("mean"), py::arg("scale"), py::arg("weight"), py::arg("bias"), py::arg("add"),
+        py::arg("sqrt_scale"));
   m.def("batch_norm_train", &batch_norm_train, "training BN as a C++ autograd node (forward_train / backward_train)",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("running_mean"),
         py::arg("running_var"), py::arg("momentum"), py::arg("unbiased"));
