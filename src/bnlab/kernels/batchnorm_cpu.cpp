@@ -959,6 +959,12 @@ void update_running(const c10::optional<at::Tensor>& running_mean, const c10::op
   }
 }
 
+// dy in x's dtype and strides: itself when it already is, else a converted copy
+inline at::Tensor in_layout_of(const at::Tensor& dy, const at::Tensor& x) {
+  return dy.scalar_type() == x.scalar_type() && dy.strides() == x.strides()
+             ? dy : dy.to(x.scalar_type()).contiguous(x.suggest_memory_format());
+}
+
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 }  // namespace
@@ -1061,8 +1067,7 @@ std::vector<at::Tensor> backward_train_impl(const at::Tensor& dy_in, const at::T
                                             const at::Tensor& invstd_t, const c10::optional<at::Tensor>& weight,
                                             bool dy_dead, bool* wrote_over_dy = nullptr, bool may_overwrite = true) {
   const Layout l = layout_of(x);
-  const at::Tensor dy = dy_in.scalar_type() == x.scalar_type() && dy_in.strides() == x.strides()
-                            ? dy_in : dy_in.to(x.scalar_type()).contiguous(x.suggest_memory_format());
+  const at::Tensor dy = in_layout_of(dy_in, x);
   const std::vector<double> md = to_vec(mean_t, l.C), id = to_vec(invstd_t, l.C);
   const double* mean = md.data();
   const double* invstd = id.data();
@@ -1483,50 +1488,53 @@ void lp_backward_impl(const at::Tensor& dy, const at::Tensor& x, const Layout& l
 
 }  // namespace
 
-// (y, mean (C), n (N, G), D (G), ties (N, G)); p = 1, 2 or 0 (∞)
-std::vector<at::Tensor> lp_forward(const at::Tensor& x, int64_t p, int64_t groups, double eps,
-                                   const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias) {
+namespace {
+
+// What ℓp's backward needs from its forward: μ (C), n (N·G), ties (N·G), D (G)
+struct LpStats {
+  std::vector<double> mean, n, ties, D;
+};
+
+// ℓp's training forward: y, and the statistics in *st; p = 1, 2 or 0 (∞)
+at::Tensor lp_forward(const at::Tensor& x, int64_t p, int64_t groups, double eps,
+                      const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, LpStats* st) {
   const Layout l = layout_of(x);
   TORCH_CHECK(groups >= 1 && l.C % groups == 0, "bnlab kernel: channels must split into the groups");
   TORCH_CHECK(p == 0 || p == 1 || p == 2, "bnlab kernel: p must be 1, 2 or 0 (inf)");
   const int64_t N = l.N, C = l.C, G = groups;
-  std::vector<double> mean(C), n(N * G), ties(N * G, 1.0), D(G);
+  st->mean.assign(C, 0.0), st->n.assign(N * G, 0.0), st->ties.assign(N * G, 1.0), st->D.assign(G, 0.0);
   at::Tensor y = empty_out(x, x.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bnlab_lp_forward", [&] {
-    summed_means<scalar_t>(x.data_ptr<scalar_t>(), l, mean.data());
+    summed_means<scalar_t>(x.data_ptr<scalar_t>(), l, st->mean.data());
     const at::Tensor w = weight.value_or(at::Tensor()), b = bias.value_or(at::Tensor());
-    if (p == 1) lp_forward_impl<1, scalar_t>(x, l, G, eps, mean, n, ties, D, w, b, y);
-    else if (p == 2) lp_forward_impl<2, scalar_t>(x, l, G, eps, mean, n, ties, D, w, b, y);
-    else lp_forward_impl<0, scalar_t>(x, l, G, eps, mean, n, ties, D, w, b, y);
+    if (p == 1) lp_forward_impl<1, scalar_t>(x, l, G, eps, st->mean, st->n, st->ties, st->D, w, b, y);
+    else if (p == 2) lp_forward_impl<2, scalar_t>(x, l, G, eps, st->mean, st->n, st->ties, st->D, w, b, y);
+    else lp_forward_impl<0, scalar_t>(x, l, G, eps, st->mean, st->n, st->ties, st->D, w, b, y);
   });
-  const auto acc = acc_type(x.scalar_type());
-  return {y, vec(mean, acc), mat(n, N, G, acc), vec(D, acc), mat(ties, N, G, acc)};
+  return y;
 }
 
-// (dx, dgamma, dbeta) of lp_forward
-std::vector<at::Tensor> lp_backward(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& mean_t,
-                                    const at::Tensor& n_t, const at::Tensor& D_t, const at::Tensor& ties_t,
-                                    const c10::optional<at::Tensor>& weight, int64_t p, int64_t groups) {
+// dx of lp_forward; *dgamma = Σ dy·(x − μ)/D, *dbeta = Σ dy (C each)
+at::Tensor lp_backward(const at::Tensor& dy_in, const at::Tensor& x, const LpStats& st, const at::Tensor& weight,
+                       int64_t p, int64_t groups, std::vector<double>* dgamma, std::vector<double>* dbeta) {
   const Layout l = layout_of(x);
-  const int64_t N = l.N, C = l.C, G = groups;
-  const at::Tensor dy = dy_in.scalar_type() == x.scalar_type() && dy_in.strides() == x.strides()
-                            ? dy_in : dy_in.to(x.scalar_type()).contiguous(x.suggest_memory_format());
-  const std::vector<double> mean = to_vec(mean_t, C), D = to_vec(D_t, G);
-  const std::vector<double> n = per_group(n_t, N, G), ties = per_group(ties_t, N, G);
-  const std::vector<double> w = (weight.has_value() && weight->defined()) ? to_vec(*weight, C) : std::vector<double>();
-  std::vector<double> S1(C), S2(C);
+  const int64_t C = l.C, G = groups;
+  const at::Tensor dy = in_layout_of(dy_in, x);
+  const std::vector<double> w = weight.defined() ? to_vec(weight, C) : std::vector<double>();
+  std::vector<double> S2(C);
+  dbeta->assign(C, 0.0);
   at::Tensor dx = empty_out(x, x.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bnlab_lp_backward", [&] {
-    if (p == 1) lp_backward_impl<1, scalar_t>(dy, x, l, G, mean, n, ties, D, w, dx, S1, S2);
-    else if (p == 2) lp_backward_impl<2, scalar_t>(dy, x, l, G, mean, n, ties, D, w, dx, S1, S2);
-    else lp_backward_impl<0, scalar_t>(dy, x, l, G, mean, n, ties, D, w, dx, S1, S2);
+    if (p == 1) lp_backward_impl<1, scalar_t>(dy, x, l, G, st.mean, st.n, st.ties, st.D, w, dx, *dbeta, S2);
+    else if (p == 2) lp_backward_impl<2, scalar_t>(dy, x, l, G, st.mean, st.n, st.ties, st.D, w, dx, *dbeta, S2);
+    else lp_backward_impl<0, scalar_t>(dy, x, l, G, st.mean, st.n, st.ties, st.D, w, dx, *dbeta, S2);
   });
-  std::vector<double> dgamma(C);
-  const int64_t Cg = C / G;
-  for (int64_t c = 0; c < C; ++c) dgamma[c] = S2[c] / D[c / Cg];
-  const auto acc = acc_type(x.scalar_type());
-  return {dx, vec(dgamma, acc), vec(S1, acc)};
+  dgamma->resize(C);
+  for (int64_t c = 0; c < C; ++c) (*dgamma)[c] = S2[c] / st.D[c / (C / G)];
+  return dx;
 }
+
+}  // namespace
 
 // Per-group BN backward, y = (x − mean_g)·invstd_g·w_g + b_g, with the statistics the groups' own
 // (project = true: BN's closed form per group, dx = w·invstd·(dy − mean(dy) − x̂·mean(dy·x̂))) or
@@ -1538,8 +1546,7 @@ std::vector<at::Tensor> group_backward(const at::Tensor& dy_in, const at::Tensor
   const Layout l = layout_of(x);
   const Groups gr = groups_of(l, sizes);
   const int64_t G = int64_t(sizes.size()), C = l.C, per_row = l.C * l.L;
-  const at::Tensor dy = dy_in.scalar_type() == x.scalar_type() && dy_in.strides() == x.strides()
-                            ? dy_in : dy_in.to(x.scalar_type()).contiguous(x.suggest_memory_format());
+  const at::Tensor dy = in_layout_of(dy_in, x);
   const std::vector<double> mean = per_group(mean_t, G, C), invstd = per_group(invstd_t, G, C);
   const std::vector<double> w = per_group(weight, G, C);
   std::vector<double> sxh(G * C), sdy(G * C), s1(C), s2(C);
@@ -1764,8 +1771,7 @@ std::vector<at::Tensor> bn_act_backward(const at::Tensor& da_in, const at::Tenso
               "bn_act_backward: only the identity and a leaky ReLU with slope > 0 can be inverted from "
               "the output; keep the input (from_input=True) for ", act == kRelu ? "ReLU" : "this slope");
   const double input_slope = act == kRelu ? 0.0 : (act == kLeakyRelu ? slope : 1.0);
-  const at::Tensor da = da_in.scalar_type() == v.scalar_type() && da_in.strides() == v.strides()
-                            ? da_in : da_in.to(v.scalar_type()).contiguous(v.suggest_memory_format());
+  const at::Tensor da = in_layout_of(da_in, v);
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, v.scalar_type(), "bnlab_bn_act_backward", [&] {
     const auto w = to_vec(weight, l.C), b = to_vec(bias, l.C), m = to_vec(mean, l.C), i = to_vec(invstd, l.C);
@@ -1940,6 +1946,27 @@ void for_groups(const Groups& gr, int64_t values, F&& body) {
 
 inline double clip(double v, double lo, double hi) { return v < lo ? lo : (v > hi ? hi : v); }   // NaN stays NaN
 
+// The inputs a variant's node saved first, (x, γ, β) — γ, β undefined when absent — which of their
+// gradients are wanted, and the gradients handed back in each tensor's dtype and shape.
+struct NodeInputs {
+  at::Tensor x, weight, bias;
+  bool need_dx, need_dw, need_db;
+  explicit NodeInputs(torch::autograd::AutogradContext* ctx) {
+    const auto saved = ctx->get_saved_variables();
+    x = saved[0], weight = saved[1], bias = saved[2];
+    // needs_input_grad counts the tensor arguments that were given (x, then weight and bias if any)
+    need_dx = ctx->needs_input_grad(0);
+    need_dw = weight.defined() && ctx->needs_input_grad(1);
+    need_db = bias.defined() && ctx->needs_input_grad(weight.defined() ? 2 : 1);
+  }
+  void hand_back(torch::autograd::variable_list& result, const at::Tensor& dx, const at::Tensor& dw,
+                 const at::Tensor& db) const {
+    if (need_dx && dx.defined()) result[0] = dx.scalar_type() == x.scalar_type() ? dx : dx.to(x.scalar_type());
+    if (need_dw && dw.defined()) result[1] = dw.to(weight.scalar_type()).view(weight.sizes());
+    if (need_db && db.defined()) result[2] = db.to(bias.scalar_type()).view(bias.sizes());
+  }
+};
+
 struct GroupTrain : public torch::autograd::Function<GroupTrain> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                             const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
@@ -2074,11 +2101,10 @@ struct GroupTrain : public torch::autograd::Function<GroupTrain> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list& grads) {
     const at::Tensor& dy_in = grads[0];
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &weight = saved[1], &bias = saved[2];
+    const NodeInputs in(ctx);
+    const at::Tensor &x = in.x, &weight = in.weight, &bias = in.bias;
     const bool has_w = weight.defined(), has_b = bias.defined();
-    const bool need_dx = ctx->needs_input_grad(0), need_dw = has_w && ctx->needs_input_grad(1),
-               need_db = has_b && ctx->needs_input_grad(has_w ? 2 : 1);
+    const bool need_dx = in.need_dx, need_dw = in.need_dw, need_db = in.need_db;
     torch::autograd::variable_list result(15);                 // one per forward argument
     if (!dy_in.defined()) return result;
     const std::vector<int64_t> sizes = ctx->saved_data["sizes"].toIntVector();
@@ -2104,8 +2130,7 @@ struct GroupTrain : public torch::autograd::Function<GroupTrain> {
       group_node_calls.fetch_add(1);
       const Groups gr = groups_of(l, sizes);
       const int64_t per_row = l.C * l.L;
-      const at::Tensor dy = dy_in.scalar_type() == x.scalar_type() && dy_in.strides() == x.strides()
-                                ? dy_in : dy_in.to(x.scalar_type()).contiguous(x.suggest_memory_format());
+      const at::Tensor dy = in_layout_of(dy_in, x);
       const bool own_copy = !dy.is_alias_of(dy_in) && dy.strides() == x.strides();
       const bool inplace = need_dx && dx_over_dy.load() && ((dy_dead_for(dy_in, x) && dy.is_same(dy_in)) || own_copy);
       const bool sums = project || need_dw || need_db;     // DetachedNorm without γ, β: dx = s·dy alone
@@ -2151,9 +2176,7 @@ struct GroupTrain : public torch::autograd::Function<GroupTrain> {
       if (need_dw) dw = vec(dgamma, at::kDouble);
       if (need_db) db = vec(dbeta, at::kDouble);
     }
-    if (need_dx && dx.defined()) result[0] = dx.scalar_type() == x.scalar_type() ? dx : dx.to(x.scalar_type());
-    if (need_dw && dw.defined()) result[1] = dw.to(weight.scalar_type()).view(weight.sizes());
-    if (need_db && db.defined()) result[2] = db.to(bias.scalar_type()).view(bias.sizes());
+    in.hand_back(result, dx, dw, db);
     return result;
   }
 };
@@ -2193,30 +2216,18 @@ struct LpTrain : public torch::autograd::Function<LpTrain> {
                             int64_t groups, double eps, const c10::optional<at::Tensor>& running_mean,
                             const c10::optional<at::Tensor>& running_scale,
                             const c10::optional<at::Tensor>& num_batches_tracked, double momentum) {
-    const Layout l = layout_of(x);
-    TORCH_CHECK(groups >= 1 && l.C % groups == 0, "bnlab kernel: channels must split into the groups");
-    TORCH_CHECK(p == 0 || p == 1 || p == 2, "bnlab kernel: p must be 1, 2 or 0 (inf)");
-    const int64_t N = l.N, C = l.C, G = groups;
+    const int64_t N = x.size(0), C = x.size(1), G = groups;
     const bool has_rm = running_mean.has_value() && running_mean->defined();
     const bool has_rs = running_scale.has_value() && running_scale->defined();
     TORCH_CHECK(!has_rm || running_layout_ok(*running_mean, C), "running_mean must be 1-D with ", C, " values");
     TORCH_CHECK(!has_rs || running_layout_ok(*running_scale, G), "running_scale must be 1-D with ", G, " values");
-    // μ (C), n (N·G), ties (N·G), D (G) in one float64 tensor: what the backward reads
+    LpStats st;
+    at::Tensor y = lp_forward(x, p, groups, eps, weight, bias, &st);
+    const std::vector<double> &mean = st.mean, &D = st.D;
+    // the statistics in one float64 tensor, μ (C), n (N·G), ties (N·G), D (G): what the backward reads
     at::Tensor pack = at::empty({C + 2 * N * G + G}, at::TensorOptions().dtype(at::kDouble));
-    std::vector<double> mean(C), n(N * G), ties(N * G, 1.0), D(G);
-    at::Tensor y = empty_out(x, x.scalar_type());
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bnlab_lp_train", [&] {
-      summed_means<scalar_t>(x.data_ptr<scalar_t>(), l, mean.data());
-      const at::Tensor w = weight.value_or(at::Tensor()), b = bias.value_or(at::Tensor());
-      if (p == 1) lp_forward_impl<1, scalar_t>(x, l, G, eps, mean, n, ties, D, w, b, y);
-      else if (p == 2) lp_forward_impl<2, scalar_t>(x, l, G, eps, mean, n, ties, D, w, b, y);
-      else lp_forward_impl<0, scalar_t>(x, l, G, eps, mean, n, ties, D, w, b, y);
-    });
     double* pk = pack.data_ptr<double>();
-    std::copy(mean.begin(), mean.end(), pk);
-    std::copy(n.begin(), n.end(), pk + C);
-    std::copy(ties.begin(), ties.end(), pk + C + N * G);
-    std::copy(D.begin(), D.end(), pk + C + 2 * N * G);
+    for (const std::vector<double>* v : {&st.mean, &st.n, &st.ties, &st.D}) pk = std::copy(v->begin(), v->end(), pk);
     if (has_rm) {
       std::vector<double> rm = to_vec(*running_mean, C);
       for (int64_t c = 0; c < C; ++c) rm[c] += momentum * (mean[c] - rm[c]);
@@ -2240,11 +2251,10 @@ struct LpTrain : public torch::autograd::Function<LpTrain> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list& grads) {
     const at::Tensor& dy_in = grads[0];
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &weight = saved[1], &bias = saved[2];
+    const NodeInputs in(ctx);
+    const at::Tensor &x = in.x, &weight = in.weight, &bias = in.bias;
     const bool has_w = weight.defined(), has_b = bias.defined();
-    const bool need_dx = ctx->needs_input_grad(0), need_dw = has_w && ctx->needs_input_grad(1),
-               need_db = has_b && ctx->needs_input_grad(has_w ? 2 : 1);
+    const bool need_dx = in.need_dx, need_dw = in.need_dw, need_db = in.need_db;
     torch::autograd::variable_list result(10);                 // one per forward argument
     if (!dy_in.defined()) return result;
     const int64_t p = ctx->saved_data["p"].toInt(), G = ctx->saved_data["groups"].toInt();
@@ -2257,33 +2267,20 @@ struct LpTrain : public torch::autograd::Function<LpTrain> {
       dx = tensor_or_undefined(out[0]), dw = tensor_or_undefined(out[1]), db = tensor_or_undefined(out[2]);
     } else {
       lp_node_calls.fetch_add(1);
-      const Layout l = layout_of(x);
-      const int64_t N = l.N, C = l.C;
+      const int64_t N = x.size(0), C = x.size(1);
       const double* pk = ctx->saved_data["pack"].toTensor().data_ptr<double>();
-      const std::vector<double> mean(pk, pk + C), n(pk + C, pk + C + N * G),
-          ties(pk + C + N * G, pk + C + 2 * N * G), D(pk + C + 2 * N * G, pk + C + 2 * N * G + G);
-      const at::Tensor dy = dy_in.scalar_type() == x.scalar_type() && dy_in.strides() == x.strides()
-                                ? dy_in : dy_in.to(x.scalar_type()).contiguous(x.suggest_memory_format());
-      const std::vector<double> w = has_w ? to_vec(weight, C) : std::vector<double>();
-      std::vector<double> S1(C), S2(C);
-      at::Tensor out = empty_out(x, x.scalar_type());
-      AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bnlab_lp_train_backward", [&] {
-        if (p == 1) lp_backward_impl<1, scalar_t>(dy, x, l, G, mean, n, ties, D, w, out, S1, S2);
-        else if (p == 2) lp_backward_impl<2, scalar_t>(dy, x, l, G, mean, n, ties, D, w, out, S1, S2);
-        else lp_backward_impl<0, scalar_t>(dy, x, l, G, mean, n, ties, D, w, out, S1, S2);
-      });
-      if (need_dx) dx = out;
-      const int64_t Cg = C / G;
-      if (need_dw) {
-        std::vector<double> dgamma(C);
-        for (int64_t c = 0; c < C; ++c) dgamma[c] = S2[c] / D[c / Cg];          // Σ dy·(x − μ)/D
-        dw = vec(dgamma, at::kDouble);
+      LpStats st;
+      for (auto [v, len] : {std::pair{&st.mean, C}, {&st.n, N * G}, {&st.ties, N * G}, {&st.D, G}}) {
+        v->assign(pk, pk + len);
+        pk += len;
       }
-      if (need_db) db = vec(S1, at::kDouble);
+      std::vector<double> dgamma, dbeta;
+      at::Tensor out = lp_backward(dy_in, x, st, weight, p, G, &dgamma, &dbeta);
+      if (need_dx) dx = out;
+      if (need_dw) dw = vec(dgamma, at::kDouble);
+      if (need_db) db = vec(dbeta, at::kDouble);
     }
-    if (need_dx && dx.defined()) result[0] = dx.scalar_type() == x.scalar_type() ? dx : dx.to(x.scalar_type());
-    if (need_dw && dw.defined()) result[1] = dw.to(weight.scalar_type()).view(weight.sizes());
-    if (need_db && db.defined()) result[2] = db.to(bias.scalar_type()).view(bias.sizes());
+    in.hand_back(result, dx, dw, db);
     return result;
   }
 };
@@ -2412,11 +2409,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("act") = 0, py::arg("slope") = 0.0,
         py::arg("running_mean") = py::none(), py::arg("running_var") = py::none(), py::arg("momentum") = 0.0,
         py::arg("unbiased") = true);
-  m.def("lp_forward", &lp_forward, "lp normalization forward: (y, mean, n, D, ties)", py::arg("x"), py::arg("p"),
-        py::arg("groups"), py::arg("eps"), py::arg("weight"), py::arg("bias"));
-  m.def("lp_backward", &lp_backward, "lp normalization backward: (dx, dgamma, dbeta)", py::arg("dy"), py::arg("x"),
-        py::arg("mean"), py::arg("n"), py::arg("D"), py::arg("ties"), py::arg("weight"), py::arg("p"),
-        py::arg("groups"));
   m.def("group_backward", &group_backward, "per-group backward: (dx, sum dy*xhat, sum dy)",
         py::arg("dy"), py::arg("x"), py::arg("mean"), py::arg("invstd"), py::arg("weight"), py::arg("sizes"),
         py::arg("project") = true);

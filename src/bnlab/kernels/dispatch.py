@@ -39,7 +39,7 @@ from torch.nn import functional as F
 from .. import definition as D
 from . import backend, enabled, load, load_triton, torch_ops     # the package: loaded before its modules
 
-__all__ = ["select", "train", "evaluate", "train_fast", "eval_fast", "graph_backward", "traced", "calls",
+__all__ = ["select", "train", "evaluate", "needs_graph", "train_fast", "eval_fast", "graph_backward", "traced", "calls",
            "forward_train", "backward_train"]
 
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -196,7 +196,8 @@ class _EvalFn(torch.autograd.Function):
                 _like(db, bias) if need_db else None, None, None, None, None)
 
 
-def _needs_graph(*tensors: Optional[Tensor]) -> bool:
+def needs_graph(*tensors: Optional[Tensor]) -> bool:
+    """Whether autograd records this call: grad mode on and some argument requires grad."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
@@ -211,7 +212,7 @@ def train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: floa
         if is_traced and (correction == "unbiased" or rm is None) and recorded(x):
             return F.batch_norm(x, rm, rv, weight, bias, True, momentum, eps)
         return D.batch_norm(x, rm, rv, weight, bias, True, momentum, eps, correction)
-    graph = _needs_graph(x, weight, bias)
+    graph = needs_graph(x, weight, bias)
     if graph and k is _Cpu.module:                         # the C++ node: no Python in its backward
         calls["forward_train"] += 1
         rm, rv, momentum, correction = running
@@ -233,7 +234,7 @@ def evaluate(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optio
             return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
         return D.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
     calls["forward_eval"] += 1
-    if _needs_graph(x, weight, bias):
+    if needs_graph(x, weight, bias):
         return _EvalFn.apply(x, weight, bias, running_mean, running_var, eps, k)
     # the kernel forms 1/√(var + ε) itself: no small tensor operation runs before it (each costs
     # ~10 µs right after a large kernel)

@@ -63,8 +63,7 @@ class _DetachedMixin:
             mean, var = self.running_mean, self.running_var
             if input.numel() > 0:        # BN's inference transform (x − μ)·γ/√(var + ε) + β, on its kernel
                 k = kernels_for(input)
-                if k is not None and not (torch.is_grad_enabled() and any(
-                        t is not None and t.requires_grad for t in (input, self.weight, self.bias))):
+                if k is not None and not dispatch.needs_graph(input, self.weight, self.bias):
                     return k.scaled_eval(input, mean if self.center else None, var if self.scale else None,
                                          self.weight, self.bias, self.eps, True)
                 mu = mean if self.center else torch.zeros_like(mean)

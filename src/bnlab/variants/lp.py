@@ -87,10 +87,6 @@ def _graph_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optio
     return differentiable_backward(reference, (x, weight, bias), (need_x, need_w, need_b), dy)
 
 
-def _needs_graph(*tensors: Optional[Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _kernels(x: Tensor):
     """The compiled module if it takes x, with the graph backward its ℓp node calls registered."""
     k = kernels_for(x) if x.numel() > 0 else None
@@ -151,7 +147,7 @@ class _LpNorm(nn.Module):
             return lp_norm(x, self.running_mean, self.running_scale, self.weight, self.bias, self.eps, self.groups)
         # eval is BN's inference transform with 1/√var = 1/(d + ε): one kernel pass
         k = _kernels(x)
-        if k is not None and not _needs_graph(x, self.weight, self.bias):
+        if k is not None and not dispatch.needs_graph(x, self.weight, self.bias):
             return k.scaled_eval(x, self.running_mean, self.running_scale, self.weight, self.bias, self.eps, False)
         d = (self.running_scale + self.eps).repeat_interleave(self.num_features // self.groups)      # C
         return dispatch.evaluate(x, self.running_mean, d * d, self.weight, self.bias, 0.0)
