@@ -220,6 +220,25 @@ struct Moments {
   void reset(int64_t C) { n.assign(C, 0.0); mean.assign(C, 0.0); m2.assign(C, 0.0); }
 };
 
+// Per-thread accumulators that stay allocated on the calling thread between calls: the statistics
+// and gradient sums of a small slice (a virtual batch of 32 rows) otherwise paid a malloc per
+// buffer per call. The pass's workers write into the caller's buffers by reference; no function
+// holding one calls another that takes the same one.
+inline std::vector<Moments>& moments_scratch(int nt, int64_t C) {
+  thread_local std::vector<Moments> per;
+  per.resize(nt);
+  for (auto& p : per) p.reset(C);
+  return per;
+}
+
+inline std::vector<std::vector<double>>& sums_scratch(int which, int nt, int64_t C) {
+  thread_local std::vector<std::vector<double>> sums[2];
+  auto& v = sums[which];
+  v.resize(nt);
+  for (auto& t : v) t.assign(C, 0.0);
+  return v;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Statistics
 // ---------------------------------------------------------------------------------------------
@@ -316,8 +335,7 @@ void stats_rows(const scalar_t* x, const Layout& l, double* mean_out, double* m2
   const int64_t C = l.C, M = l.M;
   const Wide w = wide_rows(C);
   const int nt = at::get_num_threads();
-  std::vector<Moments> per(nt);
-  for (auto& p : per) p.reset(C);
+  std::vector<Moments>& per = moments_scratch(nt, C);
   const int64_t R = w.R;
   at::parallel_for(0, (M + R - 1) / R, 1, [&](int64_t b0, int64_t b1) {
     Moments& acc = per[at::get_thread_num()];
@@ -361,11 +379,23 @@ void stats_rows(const scalar_t* x, const Layout& l, double* mean_out, double* m2
       std::fill(acc.n.begin(), acc.n.end(), tot);
     }
   });
-  for (int64_t c = 0; c < C; ++c) {
-    double n = 0, mean = 0, m2 = 0;
-    for (auto& p : per) chan(n, mean, m2, p.n[c], p.mean[c], p.m2[c]);
-    mean_out[c] = mean;
-    m2_out[c] = m2;
+  // the threads' moments by Chan's merge; n is the same for every channel here, so the weights are
+  // the thread's and the channel loop vectorizes
+  std::fill(mean_out, mean_out + C, 0.0);
+  std::fill(m2_out, m2_out + C, 0.0);
+  double n = 0;
+  for (const auto& p : per) {
+    const double nb = p.n[0];
+    if (nb == 0) continue;
+    const double tot = n + nb, wb = nb / tot, wab = n * nb / tot;
+    const double* __restrict pm = p.mean.data();
+    const double* __restrict p2 = p.m2.data();
+    for (int64_t c = 0; c < C; ++c) {
+      const double delta = pm[c] - mean_out[c];
+      mean_out[c] += delta * wb;
+      m2_out[c] += p2[c] + delta * delta * wab;
+    }
+    n = tot;
   }
 }
 
@@ -389,8 +419,7 @@ void stats_ncl(const scalar_t* x, const Layout& l, double* mean_out, double* m2_
   const int64_t N = l.N, C = l.C, L = l.L;
   const int nt = at::get_num_threads();
   const int64_t cb = channel_splits(N, C);
-  std::vector<Moments> per(nt);
-  for (auto& p : per) p.reset(C);
+  std::vector<Moments>& per = moments_scratch(nt, C);
   at::parallel_for(0, N * cb, 1, [&](int64_t t0, int64_t t1) {
     Moments& acc = per[at::get_thread_num()];
     for (int64_t t = t0; t < t1; ++t) {
@@ -427,6 +456,17 @@ void stats_ncl(const scalar_t* x, const Layout& l, double* mean_out, double* m2_
 
 // Σx/m of channel c in double, by a plain sum: the mean of a channel holding ±Inf, where the
 // shifted and merged forms give NaN (Inf − Inf) but torch.nn's mean is ±Inf (or NaN for both).
+// σ² = M2/m and s = 1/√(σ² + ε) per channel (var may be m2), in a branch-free loop that vectorizes:
+// one scalar divide and root per channel cost as much as a pass over a (32, 512) slice
+inline void variance_invstd(const double* m2, double m, double eps, double* var, double* __restrict invstd,
+                            int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    const double v = m2[c] / m;
+    var[c] = v;
+    invstd[c] = 1.0 / std::sqrt(v + eps);
+  }
+}
+
 template <typename scalar_t>
 double plain_mean(const scalar_t* x, const Layout& l, int64_t c) {
   double sum = 0;
@@ -730,14 +770,16 @@ void coefficients(const double* mean, const double* invstd, const at::Tensor& we
 // Sum the per-thread partial sums (in thread order: deterministic for a given thread count).
 inline void reduce_threads(const std::vector<std::vector<double>>& s1, const std::vector<std::vector<double>>& s2,
                            int64_t C, double* sum_dy, double* sum_dy_xmu) {
-  for (int64_t c = 0; c < C; ++c) {
-    double t1 = 0, t2 = 0;
-    for (size_t t = 0; t < s1.size(); ++t) {
-      t1 += s1[t][c];
-      t2 += s2[t][c];
+  // threads outer, channels inner (contiguous, vectorized); the same order of additions per channel
+  std::fill(sum_dy, sum_dy + C, 0.0);
+  std::fill(sum_dy_xmu, sum_dy_xmu + C, 0.0);
+  for (size_t t = 0; t < s1.size(); ++t) {
+    const double* __restrict a = s1[t].data();
+    const double* __restrict b = s2[t].data();
+    for (int64_t c = 0; c < C; ++c) {
+      sum_dy[c] += a[c];
+      sum_dy_xmu[c] += b[c];
     }
-    sum_dy[c] = t1;
-    sum_dy_xmu[c] = t2;
   }
 }
 
@@ -773,8 +815,11 @@ void grad_sums_rows(const scalar_t* dy, const scalar_t* x, const double* mean, c
   const int64_t C = l.C, M = l.M;
   const Wide w = wide_rows(C);
   const int nt = at::get_num_threads();
-  std::vector<std::vector<double>> s1(nt, std::vector<double>(C, 0.0)), s2(nt, std::vector<double>(C, 0.0));
-  avec<acc_t> mu(w.W);
+  std::vector<std::vector<double>>& s1 = sums_scratch(0, nt, C);
+  std::vector<std::vector<double>>& s2 = sums_scratch(1, nt, C);
+  thread_local avec<acc_t> mu_scratch;          // the caller's: a lambda does not capture a thread_local
+  avec<acc_t>& mu = mu_scratch;
+  mu.resize(w.W);
   for (int64_t c = 0; c < C; ++c) mu[c] = acc_t(mean[c]);
   tile(mu.data(), C, w.k);
   const int64_t R = w.R;
@@ -810,7 +855,8 @@ void grad_sums_ncl(const scalar_t* dy, const scalar_t* x, const double* mean, co
   const int64_t N = l.N, C = l.C, L = l.L;
   const int nt = at::get_num_threads();
   const int64_t cb = channel_splits(N, C);
-  std::vector<std::vector<double>> s1(nt, std::vector<double>(C, 0.0)), s2(nt, std::vector<double>(C, 0.0));
+  std::vector<std::vector<double>>& s1 = sums_scratch(0, nt, C);
+  std::vector<std::vector<double>>& s2 = sums_scratch(1, nt, C);
   at::parallel_for(0, N * cb, 1, [&](int64_t t0, int64_t t1) {
     const int tid = at::get_thread_num();
     for (int64_t t = t0; t < t1; ++t) {
@@ -986,12 +1032,9 @@ std::vector<at::Tensor> forward_train(const at::Tensor& x, const c10::optional<a
     const scalar_t* xp = x.data_ptr<scalar_t>();
     if (l.rows) stats_rows<scalar_t>(xp, l, mean.data(), m2.data());
     else stats_ncl<scalar_t>(xp, l, mean.data(), m2.data());
-    const double m = double(l.M);
-    for (int64_t c = 0; c < l.C; ++c) {
+    for (int64_t c = 0; c < l.C; ++c)
       if (!std::isfinite(mean[c])) mean[c] = plain_mean<scalar_t>(xp, l, c);     // ±Inf in the channel
-      var[c] = m2[c] / m;
-      invstd[c] = 1.0 / std::sqrt(var[c] + eps);
-    }
+    variance_invstd(m2.data(), double(l.M), eps, var.data(), invstd.data(), l.C);
     using acc_t = typename Acc<scalar_t>::type;
     std::vector<acc_t> alpha, beta;
     coefficients<acc_t>(mean.data(), invstd.data(), weight.value_or(at::Tensor()), bias.value_or(at::Tensor()),
@@ -1995,11 +2038,10 @@ struct GroupTrain : public torch::autograd::Function<GroupTrain> {
         double* m2 = var.data() + g * C;                     // Σ(x − μ)², then σ² in place
         if (l.rows) stats_rows<scalar_t>(xg, lg, mg, m2);
         else stats_ncl<scalar_t>(xg, lg, mg, m2);
-        for (int64_t c = 0; c < C; ++c) {
+        for (int64_t c = 0; c < C; ++c)                      // ±Inf in the channel
           if (!std::isfinite(mg[c])) mg[c] = plain_mean<scalar_t>(xg, lg, c);
-          m2[c] /= double(lg.M);
-          invstd[g * C + c] = scale ? 1.0 / std::sqrt(m2[c] + eps) : 1.0;
-        }
+        variance_invstd(m2, double(lg.M), eps, m2, invstd.data() + g * C, C);
+        if (!scale) std::fill(invstd.begin() + g * C, invstd.begin() + (g + 1) * C, 1.0);
       });
     });
     std::vector<double> rm, rstd;                     // Batch Renorm's μ and σ before the update
@@ -2010,27 +2052,28 @@ struct GroupTrain : public torch::autograd::Function<GroupTrain> {
     }
     if (renorm) {
       r.resize(G * C), d.resize(G * C);
-      for (int64_t i = 0; i < G * C; ++i) {
-        const int64_t c = i % C;
-        r[i] = clip(std::sqrt(var[i] + eps) / rstd[c], 1.0 / rmax, rmax);
-        d[i] = clip((mean[i] - rm[c]) / rstd[c], -dmax, dmax);
-      }
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t c = 0, i = g * C; c < C; ++c, ++i) {
+          r[i] = clip(std::sqrt(var[i] + eps) / rstd[c], 1.0 / rmax, rmax);
+          d[i] = clip((mean[i] - rm[c]) / rstd[c], -dmax, dmax);
+        }
     }
     // the per-group affine: w_eff = γ·r, shift = β + γ·d
     std::vector<double> shift(G * C);
     w_eff.resize(G * C);
-    for (int64_t i = 0; i < G * C; ++i) {
-      const int64_t c = i % C;
-      const double gamma = has_w ? w[c] : 1.0;
-      w_eff[i] = renorm ? gamma * r[i] : gamma;
-      shift[i] = (has_b ? b[c] : 0.0) + (renorm ? gamma * d[i] : 0.0);
-    }
+    for (int64_t g = 0; g < G; ++g)                   // (an i % C per value cost more than the pass)
+      for (int64_t c = 0, i = g * C; c < C; ++c, ++i) {
+        const double gamma = has_w ? w[c] : 1.0;
+        w_eff[i] = renorm ? gamma * r[i] : gamma;
+        shift[i] = (has_b ? b[c] : 0.0) + (renorm ? gamma * d[i] : 0.0);
+      }
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bnlab_group_train_normalize", [&] {
       using acc_t = typename Acc<scalar_t>::type;
       const scalar_t* xp = x.data_ptr<scalar_t>();
       scalar_t* yp = y.data_ptr<scalar_t>();
       for_groups(gr, x.numel(), [&](int64_t g) {
-        std::vector<acc_t> alpha(C), beta(C);
+        thread_local std::vector<acc_t> alpha, beta;
+        alpha.resize(C), beta.resize(C);
         for (int64_t c = 0; c < C; ++c) {
           const int64_t i = g * C + c;
           const double a = w_eff[i] * invstd[i];
@@ -2151,15 +2194,16 @@ struct GroupTrain : public torch::autograd::Function<GroupTrain> {
             else grad_sums_ncl<scalar_t>(dyp + off, xp + off, mg, lg, s1g, s2g);
           }
           if (!need_dx) return;
-          const double m = double(lg.M);
-          std::vector<acc_t> k1(C), k2(C), k3(C);
+          const double inv_m = 1.0 / double(lg.M);
+          thread_local std::vector<acc_t> k1, k2, k3;
+          k1.resize(C), k2.resize(C), k3.resize(C);
           for (int64_t c = 0; c < C; ++c) {
             const int64_t i = g * C + c;
             const double k = invstd[i] * w_eff[i];
-            const double kk = project ? invstd[i] * invstd[i] * s2g[c] / m : 0.0;
+            const double kk = project ? invstd[i] * invstd[i] * s2g[c] * inv_m : 0.0;
             k1[c] = acc_t(k);
             k2[c] = acc_t(-k * kk);
-            k3[c] = acc_t(project ? -k * s1g[c] / m + k * kk * mg[c] : 0.0);
+            k3[c] = acc_t(project ? -k * s1g[c] * inv_m + k * kk * mg[c] : 0.0);
           }
           if (inplace) dx_pass_inplace<scalar_t>(dx.data_ptr<scalar_t>() + off, xp + off, lg, k1, k2, k3);
           else dx_pass<scalar_t>(dyp + off, xp + off, dx.data_ptr<scalar_t>() + off, lg, k1, k2, k3);
