@@ -192,6 +192,7 @@ def test_lp_kernels_equal_the_definition(shape, fmt, p, groups):
     with torch.no_grad():
         fast.weight.uniform_(0.5, 1.5, generator=g)
         fast.bias.uniform_(-1, 1, generator=g)
+        fast.running_mean.fill_(running)
     slow = copy.deepcopy(fast)
     assert kernels_for(x) is not None
     calls = kernels.load().control.lp_node_calls()
@@ -236,6 +237,7 @@ def test_lp_float32_kernels_on_long_rows_match_the_float64_definition(shape, fmt
     with torch.no_grad():
         fast.weight.uniform_(0.5, 1.5, generator=g)
         fast.bias.uniform_(-1, 1, generator=g)
+        fast.running_mean.fill_(running)
     slow = copy.deepcopy(fast).double()
     assert kernels_for(x) is not None
     got = _step(fast, x, dy)
@@ -269,10 +271,17 @@ WHITENERS = {"zca": lambda C: bnlab.DecorrelatedBatchNorm(C, group_size=4),
                                        ((16, 12, 4, 3), torch.channels_last)],
                          ids=["2d", "3d", "nchw", "channels_last"])
 @pytest.mark.parametrize("name", list(WHITENERS))
-def test_whitening_batched_products_equal_the_definition(shape, fmt, name, monkeypatch):
-    """The batched-product path (variants.whitening._WhitenFn) against the readable path (forced by
-    declaring no layout it takes)."""
+@pytest.mark.parametrize("products,running", [("kernels", 0.0), ("kernels", 1e4), ("torch", 0.0)],
+                         ids=["kernels-shifted", "kernels-shift-rejected", "torch"])
+def test_whitening_batched_products_equal_the_definition(shape, fmt, name, products, running, monkeypatch):
+    """The batched-product path (variants.whitening._WhitenFn) — on the compiled group_cross /
+    group_apply, or on torch's batched products where the kernels are absent — against the
+    readable path (forced by declaring no layout it takes). The kernels' one-pass covariance
+    shifted by the running mean (0, near the batch's mean of ≈ 1) and the second pass that
+    replaces it when the running mean is far off (1e4)."""
     from bnlab.variants import whitening
+    if products == "torch":
+        monkeypatch.setattr(whitening, "_kernels", lambda x: None)
     g = torch.Generator().manual_seed(2)
     x = (torch.randn(*shape, generator=g) * 2 + 1).double()
     if fmt is not None:
@@ -282,6 +291,7 @@ def test_whitening_batched_products_equal_the_definition(shape, fmt, name, monke
     with torch.no_grad():
         fast.weight.uniform_(0.5, 1.5, generator=g)
         fast.bias.uniform_(-1, 1, generator=g)
+        fast.running_mean.fill_(running)
     slow = copy.deepcopy(fast)
     got = _step(fast, x, dy)
     monkeypatch.setattr(whitening, "_views", lambda *a: (None, None))
@@ -369,6 +379,11 @@ def test_whitening_eval_equals_running_matrix_applied_per_group(shape, fmt, make
     got.backward(dy)
     want.backward(dy)
     torch.testing.assert_close(xr.grad, xd.grad, atol=1e-12, rtol=1e-10)
+    with torch.no_grad():                        # no graph wanted: one group_apply call
+        nograd = layer(x)
+    torch.testing.assert_close(nograd, want.detach(), atol=1e-12, rtol=1e-10)
+    if fmt is not None:
+        assert nograd.is_contiguous(memory_format=fmt)
 
 
 @pytest.mark.parametrize("name", list(WHITENERS))
@@ -382,3 +397,67 @@ def test_whitening_backward_twice_with_retained_graph_doubles_the_gradient(name)
     first = x.grad.clone()
     y.backward(dy)
     torch.testing.assert_close(x.grad, 2 * first)
+
+
+def _per_group(t, G):
+    """t (N, C, *) → (g, G, m) float64 with the samples of each channel along the last axis."""
+    C = t.shape[1]
+    return t.transpose(0, 1).reshape(C, -1).double().view(C // G, G, -1)
+
+
+@pytest.mark.parametrize("shape,fmt", [((37, 48), None), ((5, 48, 29), None), ((3, 48, 7, 11), None),
+                                       ((3, 48, 7, 11), torch.channels_last)],
+                         ids=["2d", "3d", "nchw", "channels_last"])
+@pytest.mark.parametrize("G", [1, 3, 8, 16, 48])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)], ids=["f64", "f32"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_group_cross_and_apply_equal_float64_products(shape, fmt, G, dtype, tol, threads):
+    """The whitening kernels against float64 products of the per-group matrices: every layout,
+    group sizes the vector tiles take (16, 48) and those they leave to plain loops (1, 3, 8),
+    lengths with a tail (29, 77 values per channel), a large mean (centering), 1 and 2 threads."""
+    k = kernels.load()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(G)
+        a = (torch.randn(*shape, generator=g) * 2 + 50).to(dtype)
+        b = torch.randn(*shape, generator=g).to(dtype)
+        if fmt is not None:
+            a, b = a.contiguous(memory_format=fmt), b.contiguous(memory_format=fmt)
+        dims = [0] + list(range(2, a.dim()))
+        mu = a.double().mean(dims)
+        A, B = _per_group(a, G) - mu.view(-1, G, 1), _per_group(b, G)
+        P, S = k.group_cross(a, mu, None, mu, G)                      # the Gram of a, centered
+        want = A @ A.transpose(1, 2)
+        torch.testing.assert_close(P, want, atol=tol * want.abs().max().item(), rtol=0)
+        assert torch.equal(P, P.transpose(1, 2))
+        P2, S2 = k.group_cross(b, None, a, mu, G)                     # Σ b (a − μ)ᵀ and Σ b
+        want2 = B @ A.transpose(1, 2)
+        torch.testing.assert_close(P2, want2, atol=tol * 50 * want2.abs().max().item(), rtol=0)
+        torch.testing.assert_close(S2, b.double().sum(dims), atol=tol * 50 * b.numel() ** 0.5, rtol=0)
+        C = shape[1]
+        Wa = torch.randn(C // G, G, G, generator=g, dtype=torch.float64)
+        Wb = torch.randn(C // G, G, G, generator=g, dtype=torch.float64)
+        c = torch.randn(C, generator=g, dtype=torch.float64)
+        for two in (False, True):
+            out = k.group_apply(a, Wa, b if two else None, Wb if two else None, c)
+            Y = Wa @ _per_group(a, G) + c.view(-1, G, 1) + (Wb @ B if two else 0)
+            want3 = Y.reshape(C, shape[0], *shape[2:]).transpose(0, 1)
+            assert out.dtype == dtype and out.stride() == a.stride()
+            torch.testing.assert_close(out.double(), want3, atol=tol * 50 * want3.abs().max().item(), rtol=0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_group_kernels_reject_what_they_do_not_take():
+    k = kernels.load()
+    x = torch.randn(4, 6, 3, 3)
+    mu = x.mean([0, 2, 3]).double()
+    with pytest.raises(RuntimeError, match="groups of 4"):
+        k.group_cross(x, mu, None, mu, 4)
+    with pytest.raises(RuntimeError, match="shape, strides and dtype"):
+        k.group_cross(x, None, x.contiguous(memory_format=torch.channels_last), mu, 3)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        k.group_apply(x.half(), torch.eye(3).repeat(2, 1, 1), None, None, torch.zeros(6))
+    with pytest.raises(RuntimeError, match="go together"):
+        k.group_apply(x, torch.eye(3).repeat(2, 1, 1), x, None, torch.zeros(6))

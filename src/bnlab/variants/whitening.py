@@ -195,19 +195,25 @@ class _WhitenFn(torch.autograd.Function):
     matrices only. A create_graph backward differentiates the readable forward instead."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, groups, eps, matrix, reference):
+    def forward(ctx, x, weight, bias, groups, eps, matrix, reference, shift=None):
         N, C = x.shape[:2]
         G = C // groups
         dims = D.reduction_dims(x)
         m = D.values_per_channel(x)
-        mean = x.mean(dim=dims)                                              # C
-        xc = x - D.channel_view(mean, x)                                     # x's layout
-        kind, A = _views(x, xc, groups)
         eye = torch.eye(G, dtype=x.dtype, device=x.device)
-        if kind == "ncl":
-            sigma = torch.bmm(A, A.transpose(1, 2)).view(N, groups, G, G).sum(0) / m + eps * eye
+        k = _kernels(x)
+        kind = xc = A = None
+        if k is not None:                       # one read of x, no centered copy (see _kernels)
+            mean, P = _centered_gram(k, x, shift, G, m)                      # C ; g, G, G float64
+            sigma = (P / m).to(x.dtype) + eps * eye                          # g, G, G
         else:
-            sigma = torch.bmm(A, A.transpose(1, 2)) / m + eps * eye        # g, G, G
+            mean = x.mean(dim=dims)                                          # C
+            xc = x - D.channel_view(mean, x)                                 # x's layout
+            kind, A = _views(x, xc, groups)
+            if kind == "ncl":
+                sigma = torch.bmm(A, A.transpose(1, 2)).view(N, groups, G, G).sum(0) / m + eps * eye
+            else:
+                sigma = torch.bmm(A, A.transpose(1, 2)) / m + eps * eye    # g, G, G
         if not torch.isfinite(sigma).all():
             raise NonFiniteError("whitening: NaN/Inf in the input — its covariance has no eigendecomposition "
                                  "or inverse square root; no statistics were updated")
@@ -222,9 +228,14 @@ class _WhitenFn(torch.autograd.Function):
         gamma = weight.detach().reshape(groups, G, 1) if weight is not None else None
         Wg = W * gamma if gamma is not None else W                           # diag(γ)·W
         beta = bias.detach().reshape(groups, G) if bias is not None else None
-        y = _apply(kind, A, Wg, beta, x, N, groups, G)
-        ctx.save_for_backward(x, xc, W, weight, bias)
-        ctx.kind, ctx.groups, ctx.m, ctx.reference, ctx.x_shape = kind, groups, m, reference, x.shape
+        if k is not None:                       # y = Wg·x + (β − Wg·μ)
+            shift = -(Wg @ mean.reshape(groups, G, 1)).reshape(C)
+            y = k.group_apply(x, Wg, None, None, shift + bias.detach() if bias is not None else shift)
+            ctx.save_for_backward(x, mean, W, weight, bias)
+        else:
+            y = _apply(kind, A, Wg, beta, x, N, groups, G)
+            ctx.save_for_backward(x, xc, W, weight, bias)
+        ctx.k, ctx.kind, ctx.groups, ctx.m, ctx.reference, ctx.x_shape = k, kind, groups, m, reference, x.shape
         ctx.sigma_leaf, ctx.W_graph = s, W_graph
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(mean, W)
@@ -233,15 +244,17 @@ class _WhitenFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dmean, _dW):
         if dy is None:
-            return (None,) * 7
-        x, xc, W, weight, bias = ctx.saved_tensors
+            return (None,) * 8
+        x, xc, W, weight, bias = ctx.saved_tensors          # (xc: the mean, on the kernels' path)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        groups, kind, m = ctx.groups, ctx.kind, ctx.m
+        groups, kind, m, k = ctx.groups, ctx.kind, ctx.m, ctx.k
         N, C = ctx.x_shape[:2]
         G = C // groups
         if torch.is_grad_enabled():                     # a graph of the backward: the definition's
             return differentiable_backward(ctx.reference, (x, weight, bias), (need_x, need_w, need_b), dy) \
-                + (None,) * 4
+                + (None,) * 5
+        if k is not None:
+            return _backward_kernels(ctx, k, dy, x, xc, W, weight, bias, groups, G, m)
         dy = dy.contiguous(memory_format=torch.channels_last) if kind == "rows" and dy.dim() == 4 else dy.contiguous()
         _, A = _views(xc, xc, groups)
         _, Dv = _views(dy, dy, groups)
@@ -262,7 +275,70 @@ class _WhitenFn(torch.autograd.Function):
             shift = -(Wg.transpose(1, 2) @ (dbeta / m).reshape(groups, G, 1))       # −Wᵀ mean(dY), g, G, 1
             dx = _backward_x(kind, Dv, A, Wg, S, shift, dy, N, groups, G)
         return (dx, dweight.to(weight.dtype) if dweight is not None else None,
-                dbeta.to(bias.dtype) if need_b and bias is not None else None, None, None, None, None)
+                dbeta.to(bias.dtype) if need_b and bias is not None else None, None, None, None, None, None)
+
+
+def _kernels(x: Tensor):
+    """The compiled CPU module when it takes x (float32/float64, contiguous or channels_last), else None.
+    Its group_cross (Σ (a − μ_a)(b − μ_b)ᵀ per group, float64 sums) and group_apply (A·a + B·b + c
+    per group) read x in its own layout once per call: torch's batched products needed x − μ
+    materialized, a broadcast copy of β into the output and copies of the transposed operands."""
+    k = dispatch.select(x)
+    if k is None or k is not dispatch.cpu_module() or not hasattr(k, "group_cross") \
+            or x.dtype not in (torch.float32, torch.float64):
+        return None
+    return k
+
+
+def _centered_gram(k, x: Tensor, shift: Optional[Tensor], G: int, m: int) -> tuple[Tensor, Tensor]:
+    """The batch mean μ (C, x's dtype) and Σ (x − μ)(x − μ)ᵀ per group ((g, G, G) float64).
+
+    With a ``shift`` K near μ (the running mean) in ONE pass: P_K = Σ (x − K)(x − K)ᵀ and Σ x, then
+    μ = Σx/m and P = P_K − m·(μ − K)(μ − K)ᵀ. Its rounding error grows with m·(μ − K)² against the
+    channel's own M2 = P_K,ii − m·(μ − K)_i², so the shift is kept only where m·(μ − K)_i² ≤ M2_i in
+    every channel (error ≤ 2× exact centering's); otherwise — no running mean, a shifted batch,
+    NaN — a second pass centres on μ itself."""
+    C = x.shape[1]
+    if shift is not None:
+        K = shift.detach().to(torch.float64)
+        PK, total = k.group_cross(x, K, None, K, G)
+        d = total / m - K                                                    # μ − K, C
+        m2 = PK.diagonal(dim1=-2, dim2=-1).reshape(C) - m * d * d
+        if bool((m * d * d <= m2).all()):
+            dg = d.view(-1, G, 1)
+            return (K + d).to(x.dtype), PK - m * (dg @ dg.transpose(1, 2))
+        mean = (total / m).to(x.dtype)
+    else:
+        mean = x.mean(dim=D.reduction_dims(x))
+    P, _ = k.group_cross(x, mean, None, mean, G)
+    return mean, P
+
+
+def _backward_kernels(ctx, k, dy, x, mean, W, weight, bias, groups, G, m):
+    """_WhitenFn's backward on the compiled kernels: P = Σ dy·(x − μ)ᵀ and Σ dy in one read of dy
+    and x, then dx = Wgᵀ·dy + S·x + (shift − S·μ) in one more."""
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    C = x.shape[1]
+    if dy.stride() != x.stride():
+        dy = dy.contiguous(memory_format=torch.channels_last) if x.dim() == 4 and not x.is_contiguous() \
+            else dy.contiguous()
+        if dy.stride() != x.stride():                   # (channels_last 3-d and the like)
+            dy = torch.empty_like(x).copy_(dy)
+    P64, dbeta64 = k.group_cross(dy, None, x, mean, G)                              # g, G, G ; C
+    P, dbeta = P64.to(x.dtype), dbeta64.to(x.dtype)
+    gamma = weight.detach().reshape(groups, G, 1) if weight is not None else None
+    dweight = (W * P).sum(-1).reshape(C) if need_w and weight is not None else None
+    dx = None
+    if need_x:
+        dW = P * gamma if gamma is not None else P
+        dS, = torch.autograd.grad(ctx.W_graph, ctx.sigma_leaf, dW, retain_graph=True)
+        S = (dS + dS.transpose(1, 2)) / m                                           # g, G, G
+        Wg = W * gamma if gamma is not None else W
+        shift = -(Wg.transpose(1, 2) @ (dbeta / m).reshape(groups, G, 1))            # −Wᵀ mean(dY)
+        c = (shift - S @ mean.reshape(groups, G, 1)).reshape(C)
+        dx = k.group_apply(dy, Wg.transpose(1, 2), x, S, c)
+    return (dx, dweight.to(weight.dtype) if dweight is not None else None,
+            dbeta.to(bias.dtype) if need_b and bias is not None else None, None, None, None, None, None)
 
 
 def _apply(kind, A, Wg, beta, x, N, groups, G):
@@ -347,7 +423,7 @@ class _Whitening(nn.Module):
                 and _views(x, x, self.groups)[0] is not None and not dispatch.traced(x):
             BF.check_batch_size(x)
             y, mean, W = _WhitenFn.apply(x, self.weight, self.bias, self.groups, self.eps, self._matrix,
-                                         self._reference)
+                                         self._reference, self.running_mean if self.training else None)
             if self.training and self.running_mean is not None:
                 with torch.no_grad():
                     self.num_batches_tracked.add_(1)
@@ -377,6 +453,10 @@ class _Whitening(nn.Module):
                 Wg = W * self.weight.reshape(self.groups, G, 1) if self.weight is not None else W
                 shift = -(Wg @ self.running_mean.to(x.dtype).reshape(self.groups, G, 1)).squeeze(-1)   # g, G
                 beta = shift + self.bias.reshape(self.groups, G) if self.bias is not None else shift
+                k = _kernels(x)
+                if k is not None and not (torch.is_grad_enabled() and (Wg.requires_grad or beta.requires_grad
+                                                                       or x.requires_grad)):
+                    return k.group_apply(x, Wg, None, None, beta.reshape(C))     # (no autograd node)
                 return _apply(kind, A, Wg, beta, x, x.shape[0], self.groups, G)
             X = x.transpose(0, 1).reshape(C, -1).view(self.groups, C // self.groups, -1)
             Y = self.running_whitening @ (X - self.running_mean.view(self.groups, -1, 1))
