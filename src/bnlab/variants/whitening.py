@@ -248,7 +248,7 @@ class _WhitenFn(torch.autograd.Function):
     def backward(ctx, dy, _dmean, _dW):
         if dy is None:
             return (None,) * 8
-        x, xc, W, weight, bias = ctx.saved_tensors          # (xc: the mean, on the kernels' path)
+        x, saved, W, weight, bias = ctx.saved_tensors     # saved: the mean (kernels) or x − μ (torch)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         groups, kind, m, k = ctx.groups, ctx.kind, ctx.m, ctx.k
         N, C = ctx.x_shape[:2]
@@ -256,17 +256,19 @@ class _WhitenFn(torch.autograd.Function):
         if torch.is_grad_enabled():                     # a graph of the backward: the definition's
             return differentiable_backward(ctx.reference, (x, weight, bias), (need_x, need_w, need_b), dy) \
                 + (None,) * 5
-        if k is not None:
-            return _backward_kernels(ctx, k, dy, x, xc, W, weight, bias, groups, G, m)
-        dy = dy.contiguous(memory_format=torch.channels_last) if kind == "rows" and dy.dim() == 4 else dy.contiguous()
-        _, A = _views(xc, xc, groups)
-        _, Dv = _views(dy, dy, groups)
-        if kind == "ncl":
-            P = torch.bmm(Dv, A.transpose(1, 2)).view(N, groups, G, G).sum(0)       # Σ dy·X_cᵀ, g, G, G
+        if k is not None:                               # Σ dy·(x − μ)ᵀ and Σ dy in one read of dy and x
+            dy = _in_layout_of(dy, x)
+            P64, dbeta64 = k.group_cross(dy, None, x, saved, G)                     # g, G, G ; C
+            P, dbeta = P64.to(x.dtype), dbeta64.to(x.dtype)
         else:
-            P = torch.bmm(Dv, A.transpose(1, 2))
-        dims = D.reduction_dims(dy)
-        dbeta = dy.sum(dim=dims)                                                    # C
+            dy = dy.contiguous(memory_format=torch.channels_last) if kind == "rows" and dy.dim() == 4 \
+                else dy.contiguous()
+            _, A = _views(saved, saved, groups)
+            _, Dv = _views(dy, dy, groups)
+            P = torch.bmm(Dv, A.transpose(1, 2))                                    # Σ dy·X_cᵀ
+            if kind == "ncl":
+                P = P.view(N, groups, G, G).sum(0)                                  # g, G, G
+            dbeta = dy.sum(dim=D.reduction_dims(dy))                                # C
         gamma = weight.detach().reshape(groups, G, 1) if weight is not None else None
         dweight = (W * P).sum(-1).reshape(C) if need_w and weight is not None else None
         dx = None
@@ -276,9 +278,20 @@ class _WhitenFn(torch.autograd.Function):
             S = (dS + dS.transpose(1, 2)) / m                                       # g, G, G
             Wg = W * gamma if gamma is not None else W
             shift = -(Wg.transpose(1, 2) @ (dbeta / m).reshape(groups, G, 1))       # −Wᵀ mean(dY), g, G, 1
-            dx = _backward_x(kind, Dv, A, Wg, S, shift, dy, N, groups, G)
+            if k is not None:                           # dx = Wgᵀ·dy + S·x + (shift − S·μ) in one pass
+                dx = k.group_apply(dy, Wg.transpose(1, 2), x, S,
+                                   (shift - S @ saved.reshape(groups, G, 1)).reshape(C))
+            else:
+                dx = _backward_x(kind, Dv, A, Wg, S, shift, dy, N, groups, G)
         return (dx, dweight.to(weight.dtype) if dweight is not None else None,
                 dbeta.to(bias.dtype) if need_b and bias is not None else None, None, None, None, None, None)
+
+
+def _in_layout_of(t: Tensor, x: Tensor) -> Tensor:
+    """t with x's strides (the kernels take operands of one layout)."""
+    if t.stride() == x.stride():
+        return t
+    return torch.empty_like(x).copy_(t)
 
 
 def _kernels(x: Tensor):
@@ -315,33 +328,6 @@ def _centered_gram(k, x: Tensor, shift: Optional[Tensor], G: int, m: int) -> tup
         mean = x.mean(dim=D.reduction_dims(x))
     P, _ = k.group_cross(x, mean, None, mean, G)
     return mean, P
-
-
-def _backward_kernels(ctx, k, dy, x, mean, W, weight, bias, groups, G, m):
-    """_WhitenFn's backward on the compiled kernels: P = Σ dy·(x − μ)ᵀ and Σ dy in one read of dy
-    and x, then dx = Wgᵀ·dy + S·x + (shift − S·μ) in one more."""
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    C = x.shape[1]
-    if dy.stride() != x.stride():
-        dy = dy.contiguous(memory_format=torch.channels_last) if x.dim() == 4 and not x.is_contiguous() \
-            else dy.contiguous()
-        if dy.stride() != x.stride():                   # (channels_last 3-d and the like)
-            dy = torch.empty_like(x).copy_(dy)
-    P64, dbeta64 = k.group_cross(dy, None, x, mean, G)                              # g, G, G ; C
-    P, dbeta = P64.to(x.dtype), dbeta64.to(x.dtype)
-    gamma = weight.detach().reshape(groups, G, 1) if weight is not None else None
-    dweight = (W * P).sum(-1).reshape(C) if need_w and weight is not None else None
-    dx = None
-    if need_x:
-        dW = P * gamma if gamma is not None else P
-        dS, = torch.autograd.grad(ctx.W_graph, ctx.sigma_leaf, dW, retain_graph=True)
-        S = (dS + dS.transpose(1, 2)) / m                                           # g, G, G
-        Wg = W * gamma if gamma is not None else W
-        shift = -(Wg.transpose(1, 2) @ (dbeta / m).reshape(groups, G, 1))            # −Wᵀ mean(dY)
-        c = (shift - S @ mean.reshape(groups, G, 1)).reshape(C)
-        dx = k.group_apply(dy, Wg.transpose(1, 2), x, S, c)
-    return (dx, dweight.to(weight.dtype) if dweight is not None else None,
-            dbeta.to(bias.dtype) if need_b and bias is not None else None, None, None, None, None, None)
 
 
 def _apply(kind, A, Wg, beta, x, N, groups, G):
