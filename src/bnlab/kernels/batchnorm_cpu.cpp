@@ -2002,6 +2002,15 @@ struct NodeInputs {
     need_dw = weight.defined() && ctx->needs_input_grad(1);
     need_db = bias.defined() && ctx->needs_input_grad(weight.defined() ? 2 : 1);
   }
+  // what a node's forward saves first (then its own saved_data); gradients stay undefined when none flows
+  static void save(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                   const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias) {
+    ctx->save_for_backward({x, weight.value_or(at::Tensor()), bias.value_or(at::Tensor())});
+    ctx->set_materialize_grads(false);
+  }
+  // γ and β for a Python graph backward (None when absent)
+  py::object py_weight() const { return weight.defined() ? py::cast(weight) : py::none(); }
+  py::object py_bias() const { return bias.defined() ? py::cast(bias) : py::none(); }
   void hand_back(torch::autograd::variable_list& result, const at::Tensor& dx, const at::Tensor& dw,
                  const at::Tensor& db) const {
     if (need_dx && dx.defined()) result[0] = dx.scalar_type() == x.scalar_type() ? dx : dx.to(x.scalar_type());
@@ -2130,14 +2139,13 @@ struct GroupTrain : public torch::autograd::Function<GroupTrain> {
       std::copy(r.begin(), r.end(), pk + 3 * G * C);
       std::copy(d.begin(), d.end(), pk + 4 * G * C);
     }
-    ctx->save_for_backward({x, weight.value_or(at::Tensor()), bias.value_or(at::Tensor())});
+    NodeInputs::save(ctx, x, weight, bias);
     ctx->saved_data["sizes"] = sizes;
     ctx->saved_data["pack"] = pack;
     ctx->saved_data["renorm"] = renorm;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["project"] = project;
-    ctx->set_materialize_grads(false);
     return y;
   }
 
@@ -2146,7 +2154,6 @@ struct GroupTrain : public torch::autograd::Function<GroupTrain> {
     const at::Tensor& dy_in = grads[0];
     const NodeInputs in(ctx);
     const at::Tensor &x = in.x, &weight = in.weight, &bias = in.bias;
-    const bool has_w = weight.defined(), has_b = bias.defined();
     const bool need_dx = in.need_dx, need_dw = in.need_dw, need_db = in.need_db;
     torch::autograd::variable_list result(15);                 // one per forward argument
     if (!dy_in.defined()) return result;
@@ -2165,7 +2172,7 @@ struct GroupTrain : public torch::autograd::Function<GroupTrain> {
       py::gil_scoped_acquire gil;
       auto row = [&](int64_t i) { return py::cast(pack[i].view({G, C})); };
       py::tuple out = group_graph_backward()(
-          dy_in, x, has_w ? py::cast(weight) : py::none(), has_b ? py::cast(bias) : py::none(), sizes,
+          dy_in, x, in.py_weight(), in.py_bias(), sizes,
           ctx->saved_data["eps"].toDouble(), ctx->saved_data["scale"].toBool(), project, row(0), row(1),
           renorm ? row(3) : py::none(), renorm ? row(4) : py::none(), need_dx, need_dw, need_db);
       dx = tensor_or_undefined(out[0]), dw = tensor_or_undefined(out[1]), db = tensor_or_undefined(out[2]);
@@ -2283,12 +2290,11 @@ struct LpTrain : public torch::autograd::Function<LpTrain> {
       write_running(*running_scale, rs);
     }
     if (num_batches_tracked.has_value() && num_batches_tracked->defined()) num_batches_tracked->add_(1);
-    ctx->save_for_backward({x, weight.value_or(at::Tensor()), bias.value_or(at::Tensor())});
+    NodeInputs::save(ctx, x, weight, bias);
     ctx->saved_data["pack"] = pack;
     ctx->saved_data["p"] = p;
     ctx->saved_data["groups"] = groups;
     ctx->saved_data["eps"] = eps;
-    ctx->set_materialize_grads(false);
     return y;
   }
 
@@ -2297,7 +2303,6 @@ struct LpTrain : public torch::autograd::Function<LpTrain> {
     const at::Tensor& dy_in = grads[0];
     const NodeInputs in(ctx);
     const at::Tensor &x = in.x, &weight = in.weight, &bias = in.bias;
-    const bool has_w = weight.defined(), has_b = bias.defined();
     const bool need_dx = in.need_dx, need_dw = in.need_dw, need_db = in.need_db;
     torch::autograd::variable_list result(10);                 // one per forward argument
     if (!dy_in.defined()) return result;
@@ -2305,8 +2310,7 @@ struct LpTrain : public torch::autograd::Function<LpTrain> {
     at::Tensor dx, dw, db;
     if (at::GradMode::is_enabled()) {                          // a graph of the backward: the definition
       py::gil_scoped_acquire gil;
-      py::tuple out = lp_graph_backward()(dy_in, x, has_w ? py::cast(weight) : py::none(),
-                                          has_b ? py::cast(bias) : py::none(), p, G,
+      py::tuple out = lp_graph_backward()(dy_in, x, in.py_weight(), in.py_bias(), p, G,
                                           ctx->saved_data["eps"].toDouble(), need_dx, need_dw, need_db);
       dx = tensor_or_undefined(out[0]), dw = tensor_or_undefined(out[1]), db = tensor_or_undefined(out[2]);
     } else {
