@@ -71,6 +71,13 @@ def cpu_module():
     return _Cpu.module
 
 
+def compiled_for(x: Tensor, entry: str):
+    """The C++ module when :func:`select` picks it for x and it has ``entry`` (the variants' one-call
+    paths), else None — those paths then run their readable or torch-op definitions."""
+    k = select(x)
+    return k if k is not None and k is _Cpu.module and hasattr(k, entry) else None
+
+
 def _dense(x: Tensor) -> bool:
     return (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
             or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)))

@@ -41,8 +41,8 @@ NO_UPDATE, WHOLE_BATCH, PER_GROUP, RENORM = 0, 1, 2, 3
 
 def kernels_for(x: Tensor):
     """The compiled CPU module if it takes x (and has the grouped step), else None."""
-    k = dispatch.select(x)
-    if k is None or k is not dispatch.cpu_module() or not hasattr(k, "group_train"):
+    k = dispatch.compiled_for(x, "group_train")
+    if k is None:
         return None
     if not _Registered.done:
         k.set_group_graph_backward(graph_backward)

@@ -299,11 +299,7 @@ def _kernels(x: Tensor):
     Its group_cross (Σ (a − μ_a)(b − μ_b)ᵀ per group, float64 sums) and group_apply (A·a + B·b + c
     per group) read x in its own layout once per call: torch's batched products needed x − μ
     materialized, a broadcast copy of β into the output and copies of the transposed operands."""
-    k = dispatch.select(x)
-    if k is None or k is not dispatch.cpu_module() or not hasattr(k, "group_cross") \
-            or x.dtype not in (torch.float32, torch.float64):
-        return None
-    return k
+    return dispatch.compiled_for(x, "group_cross") if x.dtype in (torch.float32, torch.float64) else None
 
 
 def _centered_gram(k, x: Tensor, shift: Optional[Tensor], G: int, m: int) -> tuple[Tensor, Tensor]:
