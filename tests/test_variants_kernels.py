@@ -459,3 +459,24 @@ def test_group_kernels_reject_what_they_do_not_take():
         k.group_apply(x.half(), torch.eye(3).repeat(2, 1, 1), None, None, torch.zeros(6))
     with pytest.raises(RuntimeError, match="go together"):
         k.group_apply(x, torch.eye(3).repeat(2, 1, 1), x, None, torch.zeros(6))
+
+
+@pytest.mark.parametrize("fmt", [None, torch.channels_last])
+def test_whitening_kernels_take_an_incoming_gradient_of_any_layout(fmt, monkeypatch):
+    """dy in another layout than x (contiguous against channels_last, a permuted view) is brought
+    to x's layout before the kernels read it: the gradients equal torch's batched products'."""
+    from bnlab.variants import whitening
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(8, 12, 5, 4, generator=g, dtype=torch.float64)
+    x = x if fmt is None else x.contiguous(memory_format=fmt)
+    dys = [torch.randn(8, 12, 5, 4, generator=g, dtype=torch.float64),
+           torch.randn(4, 12, 5, 8, generator=g, dtype=torch.float64).permute(3, 1, 2, 0)]
+    for dy in dys:
+        fast = bnlab.DecorrelatedBatchNorm(12, group_size=4).double()
+        slow = copy.deepcopy(fast)
+        got = _step(fast, x, dy)
+        with monkeypatch.context() as m:
+            m.setattr(whitening, "_kernels", lambda t: None)
+            want = _step(slow, x, dy)
+        for what, a, b in zip(("y", "dx", "dgamma", "dbeta"), got, want):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9, msg=what)
