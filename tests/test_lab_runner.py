@@ -165,3 +165,14 @@ def test_report_renders_with_sections_and_embedded_images(tmp_path):
     assert p.images and all(src.startswith("data:image/png;base64,") for src in p.images)
     md = md_path.read_text()
     assert "| E1 |" in md and "**error**" in md
+
+
+def test_report_header_names_every_commit_the_results_came_from():
+    """Results re-run at another commit (one experiment after a library change) are not reported
+    under the first result's commit alone."""
+    from bnlab.lab.report import _commits
+    same = [dict(experiment=f"E{i}", git_sha="aaa") for i in range(3)]
+    assert _commits(same) == "aaa"
+    mixed = same + [dict(experiment="E11", git_sha="bbb")]
+    assert _commits(mixed) == "aaa (E11 at bbb)"
+    assert _commits([dict(experiment="E1")]) == "unknown"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import html
+from collections import Counter
 import time
 from pathlib import Path
 from typing import Optional
@@ -112,6 +113,18 @@ def _part_rows(r: dict, e) -> str:
             + "".join(rows) + "</tbody></table>")
 
 
+def _commits(results: list[dict]) -> str:
+    """The commit the results were produced at; when some experiments were re-run at another, the
+    most common one and each other experiment's own ("31af640… (E11 at 8304e82…)")."""
+    shas = [(r.get("experiment", "?"), r["git_sha"]) for r in results if r.get("git_sha")]
+    if not shas:
+        return "unknown"
+    counts = Counter(sha for _, sha in shas)
+    main = max(counts, key=lambda s: (counts[s], s == shas[0][1]))
+    others = [f"{exp} at {sha}" for exp, sha in shas if sha != main]
+    return main + (f" ({', '.join(others)})" if others else "")
+
+
 def write_report(out: Path | str, results: Optional[list[dict]] = None, title: str = "bnlab report",
                  command: Optional[str] = None, paper: Optional[dict] = None) -> tuple[Path, Path]:
     out = Path(out)
@@ -119,7 +132,7 @@ def write_report(out: Path | str, results: Optional[list[dict]] = None, title: s
     paper = committed_paper_results() if paper is None else paper
     stamp = time.strftime("%Y-%m-%d %H:%M")
     profiles = sorted({r.get("profile", "?") for r in results if r.get("profile")})
-    sha = next((r.get("git_sha") for r in results if r.get("git_sha")), "unknown")
+    sha = _commits(results)
     head = [f"# {title}", "", f"Generated {stamp}; profile {', '.join(profiles) or '?'}; git {sha}."]
     if command:
         head += ["", f"Command: `{command}`"]
