@@ -157,3 +157,19 @@ def test_every_registered_benchmark_has_a_command():
     assert {"batchnorm", "chain", "passes", "variants", "memory", "probes", "e1", "ddp"} <= set(BENCHMARKS)
     for name in BENCHMARKS:
         assert callable(importlib.import_module(f"bnlab.bench.{name}").command), name
+
+
+def test_noise_floor_times_the_kernels_draws_against_bns_step(monkeypatch):
+    """Noisy BN's floor row: the draws alone and BN's step, floor = 1 + draws/BN, in its table."""
+    from bnlab import kernels
+    from bnlab.bench import variants as B
+    if not kernels.available():
+        pytest.skip(f"no CPU kernels: {kernels.failure()}")
+    monkeypatch.setattr(B, "SHAPES", (((64, 32), None), ((8, 4, 6, 6), None)))
+    rows = B.noise_floor(threads=(1,), repeats=1, log=lambda *_: None)
+    assert [r["shape"] for r in rows] == ["64x32", "8x4x6x6"]
+    for r in rows:
+        assert r["bn_ms"] > 0 and r["draws_ms"] > 0
+        assert r["floor"] == pytest.approx(1 + r["draws_ms"] / r["bn_ms"])
+    table = B.noise_markdown(rows)
+    assert table.count("\n| 1 | ") == 2 and "floor × BN" in table

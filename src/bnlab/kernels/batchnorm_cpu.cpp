@@ -2865,6 +2865,308 @@ at::Tensor group_apply(const at::Tensor& a, const at::Tensor& A, const c10::opti
 
 }  // namespace
 
+// ---------------------------------------------------------------------------------------------
+// Noisy BN's noise (Santurkar et al. 2018, App. Alg. 1), drawn inside the pass that applies it:
+//     per channel c and step t:   μ_c = (2u − 1)·n_μ,   σ_c = 1 + u'·(n_σ − 1)
+//     per element e:              s = σ_c + r_σ·z,       m = μ_c − r_μ + 2r_μ·v,   y = s·a + m
+// with u, u', v uniform on [0, 1) and z standard normal. Every number is a function of (seed,
+// step, logical element index) — a counter-based generator, Philox4x32-10 (Salmon et al. 2011,
+// the generator of cuRAND and of torch's CUDA streams) — so the noise does not depend on the
+// layout, the thread count or the order of the work, and nothing is stored between steps. One
+// Philox block per pair of elements e = 2j, 2j+1 (counter (j, step)): its first two words give
+// z for both by Box–Muller (r = √(−2 ln u₁), θ = 2π·u₂: z = r·cos θ, r·sin θ), the last two
+// give v. The channel values come from the counter (c, 2³²−1, step). bnlab/variants/noisy.py
+// has the same definition in torch ops; the tests hold the two equal.
+// ---------------------------------------------------------------------------------------------
+namespace {
+
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
+
+inline void philox_scalar(uint32_t c[4], uint32_t k0, uint32_t k1) {
+  for (int r = 0; r < 10; ++r) {
+    const uint64_t p0 = uint64_t(c[0]) * kPhiloxM0, p1 = uint64_t(c[2]) * kPhiloxM1;
+    const uint32_t n0 = uint32_t(p1 >> 32) ^ c[1] ^ k0, n2 = uint32_t(p0 >> 32) ^ c[3] ^ k1;
+    c[1] = uint32_t(p1);
+    c[3] = uint32_t(p0);
+    c[0] = n0;
+    c[2] = n2;
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+}
+
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef float f32x16 __attribute__((vector_size(64)));
+
+// (hi, lo) 32-bit halves of a·M in every lane
+inline void mulhilo(u32x16 a, uint32_t M, u32x16& hi, u32x16& lo) {
+#if defined(__AVX512F__)
+  const __m512i Mv = _mm512_set1_epi32(int(M)), av = (__m512i)a;
+  const __m512i even = _mm512_mul_epu32(av, Mv), odd = _mm512_mul_epu32(_mm512_srli_epi64(av, 32), Mv);
+  hi = (u32x16)_mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+#else
+  for (int i = 0; i < 16; ++i) hi[i] = uint32_t((uint64_t(a[i]) * M) >> 32);
+#endif
+  lo = a * M;
+}
+
+// ln u for u in (0, 1]: u = 2^e·m with m in [√½, √2), ln m = 2·atanh((m − 1)/(m + 1)) to t⁹
+// (|t| ≤ 0.172: truncation below 4e-10)
+inline f32x16 log16(f32x16 u) {
+  const i32x16 b = (i32x16)u;
+  i32x16 e = ((b >> 23) & 0xff) - 127;
+  f32x16 m = (f32x16)((b & 0x7fffff) | 0x3f800000);              // [1, 2)
+  const i32x16 big = m > 1.41421356f;
+  m = big ? m * 0.5f : m;
+  e = big ? e + 1 : e;
+  const f32x16 t = (m - 1.0f) / (m + 1.0f), t2 = t * t;
+  const f32x16 p = 2.0f * t * (1.0f + t2 * (1.0f / 3 + t2 * (1.0f / 5 + t2 * (1.0f / 7 + t2 * (1.0f / 9)))));
+  return __builtin_convertvector(e, f32x16) * 0.693147180559945f + p;
+}
+
+inline f32x16 sqrt16(f32x16 x) {
+#if defined(__AVX512F__)
+  return (f32x16)_mm512_sqrt_ps((__m512)x);
+#else
+  for (int i = 0; i < 16; ++i) x[i] = std::sqrt(x[i]);
+  return x;
+#endif
+}
+
+constexpr float k2m24 = 1.0f / 16777216.0f;
+
+inline void store64(float* p, f32x16 x) { std::memcpy(p, &x, sizeof x); }                         // 2⁻²⁴
+
+// z (standard normal) and v (uniform [0, 1)) for the 64 logical elements 2·j0 … 2·j0 + 63,
+// in order: the pair j's elements are z[2(j − j0)], z[2(j − j0) + 1]. Two blocks of 16 counters
+// go through the rounds side by side: one block's rounds are a dependency chain of multiplies.
+inline void draw64(uint64_t j0, uint64_t step, uint32_t k0, uint32_t k1, float* __restrict z, float* __restrict v) {
+  const u32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  u32x16 c0[2], c1[2], c2[2], c3[2];
+  for (int b = 0; b < 2; ++b) {
+    const uint64_t first = j0 + 16 * b;
+    c0[b] = lane + uint32_t(first);
+    c1[b] = (u32x16){} + uint32_t(first >> 32);
+    if (((first + 15) >> 32) != (first >> 32)) c1[b] += (u32x16)(c0[b] < uint32_t(first)) & 1u;  // carry
+    c2[b] = (u32x16){} + uint32_t(step);
+    c3[b] = (u32x16){} + uint32_t(step >> 32);
+  }
+  for (int r = 0; r < 10; ++r) {
+    for (int b = 0; b < 2; ++b) {
+      u32x16 h0, l0, h1, l1;
+      mulhilo(c0[b], kPhiloxM0, h0, l0);
+      mulhilo(c2[b], kPhiloxM1, h1, l1);
+      c0[b] = h1 ^ c1[b] ^ k0;
+      c1[b] = l1;
+      c2[b] = h0 ^ c3[b] ^ k1;
+      c3[b] = l0;
+    }
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+  for (int b = 0; b < 2; ++b) {
+    // u₁ = (w₀ >> 8 + 1)·2⁻²⁴ in (0, 1]; θ = 2π·(w₁ >> 8)·2⁻²⁴ reduced exactly in integers to
+    // q quarter turns plus φ in [−π/4, π/4]; sin φ, cos φ by Taylor to φ⁹, φ⁸ (error < 3e-8)
+    const f32x16 u1 = __builtin_convertvector((i32x16)((c0[b] >> 8) + 1), f32x16) * k2m24;
+    const f32x16 r = sqrt16(-2.0f * log16(u1));
+    const i32x16 w = (i32x16)(c1[b] >> 8), q = (w + (1 << 21)) >> 22;
+    const f32x16 phi = __builtin_convertvector(w - (q << 22), f32x16) * float(1.5707963267948966 / 4194304.0);
+    const f32x16 p2 = phi * phi;
+    const f32x16 sn = phi * (1.0f + p2 * (-1.0f / 6 + p2 * (1.0f / 120 + p2 * (-1.0f / 5040 + p2 * (1.0f / 362880)))));
+    const f32x16 cs = 1.0f + p2 * (-0.5f + p2 * (1.0f / 24 + p2 * (-1.0f / 720 + p2 * (1.0f / 40320))));
+    const i32x16 odd = (q & 1) != 0, neg = (q & 2) != 0;
+    f32x16 zc = odd ? -sn : cs, zs = odd ? cs : sn;                  // rotate by q quarter turns
+    zc = neg ? -zc : zc;
+    zs = neg ? -zs : zs;
+    zc *= r;
+    zs *= r;
+    const f32x16 va = __builtin_convertvector((i32x16)(c2[b] >> 8), f32x16) * k2m24;
+    const f32x16 vb = __builtin_convertvector((i32x16)(c3[b] >> 8), f32x16) * k2m24;
+    float* zo = z + 32 * b;
+    float* vo = v + 32 * b;
+    // interleave the pairs' two elements
+    store64(zo, __builtin_shufflevector(zc, zs, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23));
+    store64(zo + 16, __builtin_shufflevector(zc, zs, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31));
+    store64(vo, __builtin_shufflevector(va, vb, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23));
+    store64(vo + 16, __builtin_shufflevector(va, vb, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31));
+  }
+}
+
+constexpr int64_t kNoiseBlock = 2048;                               // logical elements drawn at a time (even)
+
+struct NoiseParams {
+  uint32_t k0, k1;
+  uint64_t step;
+  float r_sigma, two_r_mu;
+  std::vector<float> sigma, mu0;                                     // σ_c, μ_c − r_μ
+};
+
+NoiseParams noise_params(uint64_t seed, uint64_t step, int64_t C, double n_mu, double n_sigma, double r_mu,
+                         double r_sigma) {
+  NoiseParams p;
+  p.k0 = uint32_t(seed);
+  p.k1 = uint32_t(seed >> 32);
+  p.step = step;
+  p.r_sigma = float(r_sigma);
+  p.two_r_mu = float(2 * r_mu);
+  p.sigma.resize(C);
+  p.mu0.resize(C);
+  for (int64_t c = 0; c < C; ++c) {
+    uint32_t w[4] = {uint32_t(c), 0xFFFFFFFFu, uint32_t(step), uint32_t(step >> 32)};
+    philox_scalar(w, p.k0, p.k1);
+    const double u = (w[0] >> 8) * double(k2m24), u2 = (w[1] >> 8) * double(k2m24);
+    p.mu0[c] = float((2 * u - 1) * n_mu - r_mu);
+    p.sigma[c] = float(1 + u2 * (n_sigma - 1));
+  }
+  return p;
+}
+
+// z, v for the logical elements [e0, e1) into z[0 … e1 − e0), v[…]
+inline void draw_range(const NoiseParams& p, int64_t e0, int64_t e1, float* z, float* v) {
+  alignas(64) float zb[64], vb[64];
+  int64_t e = e0;
+  while (e < e1) {
+    const int64_t a = e & ~int64_t(63);                             // 64-aligned window holding e
+    const int64_t take = std::min<int64_t>(a + 64, e1) - e;
+    if (e == a && take == 64) {
+      draw64(uint64_t(a) >> 1, p.step, p.k0, p.k1, z + (e - e0), v + (e - e0));
+    } else {
+      draw64(uint64_t(a) >> 1, p.step, p.k0, p.k1, zb, vb);
+      std::memcpy(z + (e - e0), zb + (e - a), take * sizeof(float));
+      std::memcpy(v + (e - e0), vb + (e - a), take * sizeof(float));
+    }
+    e += take;
+  }
+}
+
+// y = s·a + m over a run of n values, s = σ + r_σ·z, m = μ₀ + 2r_μ·v; σ, μ₀ arrays indexed like
+// the run (per_value: 2-D rows, channels_last rows) or one value for all of it (an NCL row)
+template <typename scalar_t, bool per_value>
+inline void noise_run(const scalar_t* __restrict a, scalar_t* __restrict y, float* __restrict s_out, int64_t n,
+                      const float* __restrict z, const float* __restrict v, const float* __restrict sig,
+                      const float* __restrict mu0, float rs, float rm2) {
+  if (s_out) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float s = (per_value ? sig[i] : sig[0]) + rs * z[i], m = (per_value ? mu0[i] : mu0[0]) + rm2 * v[i];
+      y[i] = scalar_t(s) * a[i] + scalar_t(m);
+      s_out[i] = s;
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const float s = (per_value ? sig[i] : sig[0]) + rs * z[i], m = (per_value ? mu0[i] : mu0[0]) + rm2 * v[i];
+      y[i] = scalar_t(s) * a[i] + scalar_t(m);
+    }
+  }
+}
+
+std::vector<at::Tensor> nonstationary_noise(const at::Tensor& a, int64_t seed, int64_t step, double n_mu, double n_sigma,
+                                            double r_mu, double r_sigma, bool save_scale) {
+  TORCH_CHECK(a.dim() >= 2, "nonstationary_noise: input must be (N, C, ...)");
+  TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble,
+              "nonstationary_noise: float32 or float64 input");
+  const Layout l = layout_of(a);
+  const int64_t C = l.C, L = l.L, N = l.N;
+  const NoiseParams p = noise_params(uint64_t(seed), uint64_t(step), C, n_mu, n_sigma, r_mu, r_sigma);
+  at::Tensor y = empty_out(a, a.scalar_type());
+  at::Tensor s = save_scale ? empty_out(a, at::kFloat) : at::Tensor();
+  float* sp = save_scale ? s.data_ptr<float>() : nullptr;
+  const int64_t total = a.numel();
+  const bool channels_last = l.rows && L > 1;
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "bnlab_noise", [&] {
+    const scalar_t* ap = a.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    if (!channels_last) {
+      // memory order is the logical order: e = (n·C + c)·L + l
+      at::parallel_for(0, (total + kNoiseBlock - 1) / kNoiseBlock, 1, [&](int64_t b0, int64_t b1) {
+        alignas(64) float z[kNoiseBlock], v[kNoiseBlock];
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t e0 = b * kNoiseBlock, e1 = std::min(total, e0 + kNoiseBlock);
+          draw_range(p, e0, e1, z, v);
+          for (int64_t e = e0; e < e1;) {
+            if (L == 1) {                                            // rows (n, c): c runs with e
+              const int64_t c = e % C, run = std::min(e1 - e, C - c);
+              noise_run<scalar_t, true>(ap + e, yp + e, sp ? sp + e : nullptr, run, z + (e - e0), v + (e - e0),
+                                        p.sigma.data() + c, p.mu0.data() + c, p.r_sigma, p.two_r_mu);
+              e += run;
+            } else {                                                 // one (n, c) row of L values
+              const int64_t row = e / L, c = row % C, run = std::min(e1, (row + 1) * L) - e;
+              noise_run<scalar_t, false>(ap + e, yp + e, sp ? sp + e : nullptr, run, z + (e - e0), v + (e - e0),
+                                         p.sigma.data() + c, p.mu0.data() + c, p.r_sigma, p.two_r_mu);
+              e += run;
+            }
+          }
+        }
+      });
+    } else {
+      // channels_last: memory (n, l, c), logical (n, c, l). Per sample, draw the (C, L) slab in
+      // logical order, transpose it tile by tile into (l, c) and apply row by row.
+      at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+        std::vector<float> zl(C * L), vl(C * L), zt(C * 16), vt(C * 16);
+        for (int64_t i = n0; i < n1; ++i) {
+          draw_range(p, i * C * L, (i + 1) * C * L, zl.data(), vl.data());
+          for (int64_t l0 = 0; l0 < L; l0 += 16) {
+            const int64_t nl = std::min<int64_t>(16, L - l0);
+            for (int64_t c = 0; c < C; ++c)
+              for (int64_t k = 0; k < nl; ++k) {
+                zt[k * C + c] = zl[c * L + l0 + k];
+                vt[k * C + c] = vl[c * L + l0 + k];
+              }
+            for (int64_t k = 0; k < nl; ++k) {
+              const int64_t off = (i * L + l0 + k) * C;
+              noise_run<scalar_t, true>(ap + off, yp + off, sp ? sp + off : nullptr, C, zt.data() + k * C,
+                                        vt.data() + k * C, p.sigma.data(), p.mu0.data(), p.r_sigma, p.two_r_mu);
+            }
+          }
+        }
+      });
+    }
+  });
+  return {y, s};
+}
+
+// The draws alone, for benchmarks: z, v for n logical elements into per-thread blocks that stay
+// in cache (no data read or written); returns Σ z + Σ v so that nothing is optimized away
+double noise_draws(int64_t n, int64_t seed, int64_t step) {
+  const NoiseParams p = noise_params(uint64_t(seed), uint64_t(step), 1, 0.5, 1.25, 0.1, 0.1);
+  std::vector<double> sums(at::get_num_threads() + 1, 0.0);
+  at::parallel_for(0, (n + kNoiseBlock - 1) / kNoiseBlock, 1, [&](int64_t b0, int64_t b1) {
+    alignas(64) float z[kNoiseBlock], v[kNoiseBlock];
+    double acc = 0;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t e0 = b * kNoiseBlock, e1 = std::min(n, e0 + kNoiseBlock);
+      draw_range(p, e0, e1, z, v);
+      acc += z[0] + v[e1 - e0 - 1];
+    }
+    sums[at::get_thread_num()] += acc;
+  });
+  double total = 0;
+  for (double x : sums) total += x;
+  return total;
+}
+
+// Noisy BN's gradient dy·s, s saved by nonstationary_noise in the same layout (float32)
+at::Tensor noise_grad(const at::Tensor& dy, const at::Tensor& s) {
+  TORCH_CHECK(dy.sizes() == s.sizes() && dy.strides() == s.strides() && s.scalar_type() == at::kFloat,
+              "noise_grad: dy and s must have the same shape and layout, s float32");
+  TORCH_CHECK(dy.scalar_type() == at::kFloat || dy.scalar_type() == at::kDouble, "noise_grad: float32 or float64 dy");
+  layout_of(dy);                                                     // dense: contiguous or channels_last
+  at::Tensor out = empty_out(dy, dy.scalar_type());
+  const int64_t n = dy.numel();
+  const float* sp = s.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "bnlab_noise_grad", [&] {
+    const scalar_t* g = dy.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 32768, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) o[i] = g[i] * scalar_t(sp[i]);
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "bnlab CPU batch-norm kernels";
   // the backend interface (bnlab.kernels.dispatch)
@@ -2914,6 +3216,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bn_act_backward", &bn_act_backward, "fused BN+activation backward from the output or the input",
         py::arg("da"), py::arg("v"), py::arg("mean"), py::arg("invstd"), py::arg("weight"), py::arg("bias"),
         py::arg("act"), py::arg("slope"), py::arg("from_input"));
+  m.def("nonstationary_noise", &nonstationary_noise,
+        "Noisy BN's noise: (s·a + m, s) with s, m drawn per element from Philox4x32-10 (see nonstationary_noise)",
+        py::arg("a"), py::arg("seed"), py::arg("step"), py::arg("n_mu"), py::arg("n_sigma"), py::arg("r_mu"),
+        py::arg("r_sigma"), py::arg("save_scale"));
+  m.def("noise_grad", &noise_grad, "Noisy BN's gradient dy·s (s from nonstationary_noise, same layout)",
+        py::arg("dy"), py::arg("s"));
   m.def("empty_cache", &empty_cache, "release the pooled output regions; returns bytes released");
   m.def("cache_info", &cache_info, "(regions, bytes, cap) of the output pool");
 
@@ -2941,5 +3249,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "how many times lp_train's node ran its closed-form backward");
   c.def("group_node_calls", [] { return group_node_calls.load(); },
         "how many times group_train's node ran its closed-form backward");
+  c.def("noise_draws", &noise_draws, "Noisy BN's draws alone for n values (no data touched), for benchmarks",
+        py::arg("n"), py::arg("seed"), py::arg("step"));
   c.def("bench_pass", &bench_pass, "one pass alone (0 statistics, 1 normalize, 2 gradient sums, 3 dx), for benchmarks");
 }
