@@ -480,3 +480,48 @@ def test_whitening_kernels_take_an_incoming_gradient_of_any_layout(fmt, monkeypa
             want = _step(slow, x, dy)
         for what, a, b in zip(("y", "dx", "dgamma", "dbeta"), got, want):
             torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9, msg=what)
+
+
+@pytest.mark.parametrize("G,dtype,tol", [(3, torch.float64, 1e-12), (8, torch.float64, 1e-12), (16, torch.float64, 1e-12),
+                                         (20, torch.float64, 1e-12), (64, torch.float64, 1e-11),
+                                         (16, torch.float32, 2e-5), (64, torch.float32, 5e-5)])
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_newton_kernel_equals_the_iterations(G, dtype, tol, T, threads):
+    """IterNorm's small-matrix work on the kernels (newton_inv_sqrt and its backward: register
+    rows for G a multiple of a vector's lanes, plain loops otherwise) against iternorm_matrix's
+    torch iterations and autograd's vector-Jacobian product through them."""
+    from bnlab.variants import whitening
+    g = torch.Generator().manual_seed(G + T)
+    A = torch.randn(5, G, 3 * G, generator=g, dtype=torch.float64)
+    sigma = (A @ A.transpose(1, 2) / (3 * G) + 1e-3 * torch.eye(G, dtype=torch.float64)).to(dtype)
+    dW = torch.randn(5, G, G, generator=g, dtype=torch.float64).to(dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        s1, s2 = sigma.clone().requires_grad_(), sigma.clone().requires_grad_()
+        W1, W2 = whitening.iternorm_matrix(s1, T), whitening._newton(s2, T)
+        assert W2.grad_fn is not None and "Newton" in type(W2.grad_fn).__name__      # the kernel ran
+        (d1,), (d2,) = torch.autograd.grad(W1, s1, dW), torch.autograd.grad(W2, s2, dW)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(W2, W1, atol=tol * W1.abs().max().item(), rtol=0)
+    torch.testing.assert_close(d2, d1, atol=tol * d1.abs().max().item(), rtol=0)
+
+
+def test_newton_kernel_gradcheck_gradgradcheck_and_bad_input():
+    from bnlab.variants import whitening
+    A = torch.randn(2, 4, 8, dtype=torch.float64)
+    s = (A @ A.transpose(1, 2) / 8 + 0.1 * torch.eye(4, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda s: whitening._newton(s, 3), (s,))
+    assert torch.autograd.gradgradcheck(lambda s: whitening._newton(s, 3), (s,))
+    k = kernels.load()
+    with pytest.raises(RuntimeError, match="sigma must be"):
+        k.newton_inv_sqrt(torch.randn(2, 3, 4), 5)
+    with pytest.raises(RuntimeError, match="T ≥ 1"):
+        k.newton_inv_sqrt(torch.randn(2, 3, 3), 0)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        k.newton_inv_sqrt(torch.randn(2, 3, 3).half(), 5)
+    W, P = k.newton_inv_sqrt(torch.eye(3).expand(2, 3, 3).contiguous(), 4)
+    with pytest.raises(RuntimeError, match="do not match"):
+        k.newton_inv_sqrt_backward(torch.randn(2, 3, 3), torch.eye(3).expand(2, 3, 3).contiguous(), P[:, :1])

@@ -61,6 +61,11 @@ class _DetachedMixin:
                                            self.running_var_correction)
         else:
             mean, var = self.running_mean, self.running_var
+            if self.center:                     # BN's inference on its one-call entry where that applies
+                y = dispatch.eval_fast(input, mean, var, self.weight, self.bias, self.eps) if self.scale else \
+                    dispatch.eval_fast(input, mean, self._unit(var), self.weight, self.bias, 0.0)
+                if y is not None:
+                    return y
             if input.numel() > 0:        # BN's inference transform (x − μ)·γ/√(var + ε) + β, on its kernel
                 k = kernels_for(input)
                 if k is not None and not dispatch.needs_graph(input, self.weight, self.bias):
@@ -73,6 +78,13 @@ class _DetachedMixin:
         if not self.center:
             mean = torch.zeros_like(mean)
         return detached_norm(input, mean, var if self.scale else None, self.weight, self.bias, self.eps)
+
+    def _unit(self, like: Tensor) -> Tensor:
+        """Ones like ``like`` (kept between calls): the variance that makes BN's inference x − μ."""
+        ones = getattr(self, "_ones", None)
+        if ones is None or ones.shape != like.shape or ones.dtype != like.dtype or ones.device != like.device:
+            ones = self._ones = torch.ones_like(like)
+        return ones
 
     def _forward_kernels(self, input: Tensor, k) -> Tensor:
         """BN's kernels: the forward is BN's normalize (or the mean subtraction alone), the backward

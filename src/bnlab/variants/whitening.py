@@ -168,6 +168,36 @@ def iternorm_matrix(sigma: Tensor, T: int) -> Tensor:
     return P / trace.sqrt()
 
 
+class _NewtonFn(torch.autograd.Function):
+    """:func:`iternorm_matrix` on the compiled kernels: the T iterations of every group in one
+    call, the vector-Jacobian product through them in one more (newton_inv_sqrt[_backward]). A
+    graph of the backward (create_graph) differentiates the definition instead."""
+
+    @staticmethod
+    def forward(ctx, sigma, T, module):
+        W, P = module.newton_inv_sqrt(sigma, T)
+        ctx.module, ctx.T = module, T
+        ctx.save_for_backward(sigma, P)
+        return W
+
+    @staticmethod
+    def backward(ctx, dW):
+        sigma, P = ctx.saved_tensors
+        if torch.is_grad_enabled():                     # through the definition, sigma's graph kept
+            dS, = torch.autograd.grad(iternorm_matrix(sigma, ctx.T), sigma, dW, create_graph=True)
+            return dS, None, None
+        return ctx.module.newton_inv_sqrt_backward(dW, sigma, P), None, None
+
+
+def _newton(sigma: Tensor, T: int) -> Tensor:
+    """iternorm_matrix(sigma, T), on the compiled kernels where they take sigma."""
+    module = dispatch.compiled_for(sigma, "newton_inv_sqrt") \
+        if sigma.dtype in (torch.float32, torch.float64) and sigma.dim() == 3 else None
+    if module is None:
+        return iternorm_matrix(sigma, T)
+    return _NewtonFn.apply(sigma, T, module)
+
+
 def _views(x: Tensor, xc: Tensor, groups: int):
     """The data as batched matrices without copies: ("ncl", (N·g, G, L)) for contiguous (N, C, *)
     input — each sample's group is a contiguous G × L block — or ("rows", (g, G, M)) for 2-D and
@@ -496,7 +526,7 @@ class IterNorm(_Whitening):
         self.T = T
 
     def _matrix(self, sigma: Tensor) -> Tensor:
-        return iternorm_matrix(sigma, self.T)
+        return _newton(sigma, self.T)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", T={self.T}"
