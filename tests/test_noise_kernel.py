@@ -37,7 +37,8 @@ def _input(shape, fmt, dtype, seed=0):
 
 LAYOUTS = [((7, 5), None), ((64, 33), None), ((3, 5, 7), None), ((5, 3, 7, 3), None),
            ((4, 6, 5, 5), torch.channels_last), ((3, 4, 3, 5), torch.channels_last),
-           ((2, 3, 2, 3, 5), torch.channels_last_3d), ((1, 1, 1, 1), None), ((9, 130, 3), None)]
+           ((2, 3, 2, 3, 5), torch.channels_last_3d), ((3, 3, 3, 3), torch.channels_last),
+           ((2, 3, 3, 1, 3), torch.channels_last_3d), ((1, 1, 1, 1), None), ((9, 130, 3), None)]
 
 
 @needs_kernels
@@ -55,6 +56,19 @@ def test_kernel_draws_the_definitions_noise(shape, fmt, dtype, seed, step):
     torch.testing.assert_close(y, torch.addcmul(m_ref.to(dtype), a, s_ref.to(dtype)), atol=5e-6, rtol=1e-6)
     y2, none = K.nonstationary_noise(a, N._int64(seed), N._int64(step), *NOISE.values(), False)
     assert torch.equal(y2, y) and none is None                               # s kept only when asked
+
+
+@needs_kernels
+@pytest.mark.parametrize("first", [0, 1, 63, 2 ** 32 - 40, 2 ** 33 - 1, 2 ** 33 + 17, 2 ** 62 + 5])
+def test_kernel_draws_equal_the_definition_far_into_the_stream(first):
+    """Element indices past 2³² (the counter's carry into its high word, pairs that straddle it)
+    and windows that start and end mid-pair and mid-vector."""
+    z, v = K.control.noise_values(first, 101, N._int64(-5), 2 ** 33 + 1)
+    z_ref, v_ref = N.noise_draws(first, 101, -5, 2 ** 33 + 1)
+    torch.testing.assert_close(z, z_ref, atol=2e-6, rtol=0)
+    torch.testing.assert_close(v, v_ref, atol=0, rtol=0)
+    z_in, v_in = N.noise_draws(first + 30, 40, -5, 2 ** 33 + 1)             # a window inside
+    assert torch.equal(v_in, v_ref[30:70]) and torch.equal(z_in, z_ref[30:70])
 
 
 @needs_kernels
@@ -161,6 +175,15 @@ def test_half_precision_and_odd_strides_take_the_definition():
     torch.testing.assert_close(h.float(), (s * a + m), atol=0.05, rtol=0.02)
     with pytest.raises(ValueError, match=r"\(N, C"):
         N.add_nonstationary_noise(torch.randn(5), 1, 2)
+    with pytest.raises(TypeError, match="counter-based"):                     # the old signature
+        N.add_nonstationary_noise(a, torch.Generator(), 2)
+    with pytest.raises(ValueError, match="64 bits"):
+        N.add_nonstationary_noise(a, 2 ** 64, 2)
+    with pytest.raises(ValueError, match="64 bits"):
+        bnlab.NoisyBatchNorm1d(3, noise_seed=-(2 ** 63) - 1)
+    if K is not None:
+        with pytest.raises(RuntimeError, match="CPU"):
+            K.noise_grad(torch.randn(2, 3, device="meta"), torch.randn(2, 3, device="meta"))
 
 
 def test_the_layers_stream_is_its_seed_and_step():
@@ -168,6 +191,7 @@ def test_the_layers_stream_is_its_seed_and_step():
     x = torch.randn(16, 5)
     y0 = layer(x)
     assert layer.noise_step == 1 and layer.get_extra_state() == {"noise_seed": 3, "noise_step": 1}
+    assert "_noise_step" not in layer.state_dict()                           # saved as extra state only
     with torch.no_grad():
         bn = layer(x) * 0                                       # a second step: another draw
     layer.eval()
@@ -199,7 +223,23 @@ def test_a_checkpoint_from_the_generator_version_loads_with_a_warning():
     torch.testing.assert_close(other.running_mean, layer.running_mean)
     with pytest.raises(ValueError, match="unrecognized extra state"):
         other.set_extra_state({"something": 1})
+    with pytest.raises(ValueError, match="unrecognized extra state"):
+        other.set_extra_state({"noise_step": 1})
     bn = nn.BatchNorm1d(4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         other.load_state_dict(bn.state_dict())                 # a plain BN checkpoint: no extra state
+
+
+def test_the_step_is_a_buffer_that_moves_and_replicas_advance():
+    """The step lives in a (non-persistent) buffer: it follows .to(), and a shallow replica — as
+    DataParallel's first one — advances the original's stream."""
+    import copy
+    layer = bnlab.NoisyBatchNorm1d(4, noise_seed=1).double()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    replica = copy.copy(layer)
+    replica._buffers = dict(layer._buffers)                        # shares the buffer tensors
+    replica(x)
+    assert layer.noise_step == 1
+    layer.noise_step = 2 ** 40
+    assert layer.get_extra_state()["noise_step"] == 2 ** 40

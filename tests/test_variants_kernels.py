@@ -483,8 +483,10 @@ def test_whitening_kernels_take_an_incoming_gradient_of_any_layout(fmt, monkeypa
 
 
 @pytest.mark.parametrize("G,dtype,tol", [(3, torch.float64, 1e-12), (8, torch.float64, 1e-12), (16, torch.float64, 1e-12),
-                                         (20, torch.float64, 1e-12), (64, torch.float64, 1e-11),
-                                         (16, torch.float32, 2e-5), (64, torch.float32, 5e-5)])
+                                         (20, torch.float64, 1e-12), (24, torch.float64, 1e-12),
+                                         (32, torch.float64, 1e-12), (64, torch.float64, 1e-11),
+                                         (16, torch.float32, 2e-5), (32, torch.float32, 2e-5),
+                                         (48, torch.float32, 5e-5), (64, torch.float32, 5e-5)])
 @pytest.mark.parametrize("T", [1, 5])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_newton_kernel_equals_the_iterations(G, dtype, tol, T, threads):

@@ -2926,6 +2926,7 @@ inline void transpose_into(const T* __restrict A, T* __restrict At, int64_t G) {
 
 // (W, P) with W (g, G, G) and P (T + 1, g, G, G) the iterates P_0 … P_T, kept for the backward
 std::vector<at::Tensor> newton_inv_sqrt(const at::Tensor& sigma_in, int64_t T) {
+  TORCH_CHECK(sigma_in.device().is_cpu(), "newton_inv_sqrt: a CPU tensor");
   TORCH_CHECK(sigma_in.dim() == 3 && sigma_in.size(1) == sigma_in.size(2), "newton_inv_sqrt: sigma must be (g, G, G)");
   TORCH_CHECK(sigma_in.scalar_type() == at::kFloat || sigma_in.scalar_type() == at::kDouble,
               "newton_inv_sqrt: float32 or float64");
@@ -2967,6 +2968,8 @@ std::vector<at::Tensor> newton_inv_sqrt(const at::Tensor& sigma_in, int64_t T) {
 
 // ∂ℓ/∂Σ from ∂ℓ/∂W, Σ and the iterates P_0 … P_T of newton_inv_sqrt
 at::Tensor newton_inv_sqrt_backward(const at::Tensor& dW_in, const at::Tensor& sigma_in, const at::Tensor& P) {
+  TORCH_CHECK(dW_in.device().is_cpu() && sigma_in.device().is_cpu() && P.device().is_cpu(),
+              "newton_inv_sqrt_backward: CPU tensors");
   const at::Tensor dW = dW_in.contiguous().to(sigma_in.scalar_type()), sigma = sigma_in.contiguous();
   TORCH_CHECK(P.dim() == 4 && P.size(1) == sigma.size(0) && P.size(2) == sigma.size(1) && P.is_contiguous() &&
               dW.sizes() == sigma.sizes() && P.scalar_type() == sigma.scalar_type(),
@@ -3231,6 +3234,7 @@ inline void noise_run(const scalar_t* __restrict a, scalar_t* __restrict y, floa
 
 std::vector<at::Tensor> nonstationary_noise(const at::Tensor& a, int64_t seed, int64_t step, double n_mu, double n_sigma,
                                             double r_mu, double r_sigma, bool save_scale) {
+  TORCH_CHECK(a.device().is_cpu(), "nonstationary_noise: a CPU tensor");
   TORCH_CHECK(a.dim() >= 2, "nonstationary_noise: input must be (N, C, ...)");
   TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble,
               "nonstationary_noise: float32 or float64 input");
@@ -3314,8 +3318,18 @@ double noise_draws(int64_t n, int64_t seed, int64_t step) {
   return total;
 }
 
+// z, v for the logical elements [first, first + n), for tests (indices past 2³² included)
+std::vector<at::Tensor> noise_values(int64_t first, int64_t n, int64_t seed, int64_t step) {
+  TORCH_CHECK(first >= 0 && n >= 0, "noise_values: first, n ≥ 0");
+  const NoiseParams p = noise_params(uint64_t(seed), uint64_t(step), 1, 0.5, 1.25, 0.1, 0.1);
+  at::Tensor z = at::empty({n}, at::kFloat), v = at::empty({n}, at::kFloat);
+  if (n > 0) draw_range(p, first, first + n, z.data_ptr<float>(), v.data_ptr<float>());
+  return {z, v};
+}
+
 // Noisy BN's gradient dy·s, s saved by nonstationary_noise in the same layout (float32)
 at::Tensor noise_grad(const at::Tensor& dy, const at::Tensor& s) {
+  TORCH_CHECK(dy.device().is_cpu() && s.device().is_cpu(), "noise_grad: CPU tensors");
   TORCH_CHECK(dy.sizes() == s.sizes() && dy.strides() == s.strides() && s.scalar_type() == at::kFloat,
               "noise_grad: dy and s must have the same shape and layout, s float32");
   TORCH_CHECK(dy.scalar_type() == at::kFloat || dy.scalar_type() == at::kDouble, "noise_grad: float32 or float64 dy");
@@ -3422,6 +3436,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "how many times lp_train's node ran its closed-form backward");
   c.def("group_node_calls", [] { return group_node_calls.load(); },
         "how many times group_train's node ran its closed-form backward");
+  c.def("noise_values", &noise_values, "Noisy BN's (z, v) for the logical elements [first, first + n), for tests",
+        py::arg("first"), py::arg("n"), py::arg("seed"), py::arg("step"));
   c.def("noise_draws", &noise_draws, "Noisy BN's draws alone for n values (no data touched), for benchmarks",
         py::arg("n"), py::arg("seed"), py::arg("step"));
   c.def("bench_pass", &bench_pass, "one pass alone (0 statistics, 1 normalize, 2 gradient sums, 3 dx), for benchmarks");

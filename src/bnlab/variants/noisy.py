@@ -45,7 +45,8 @@ from torch import Tensor
 from ..batchnorm import BatchNorm1d, BatchNorm2d
 from ..kernels import dispatch
 
-__all__ = ["NoisyBatchNorm1d", "NoisyBatchNorm2d", "add_nonstationary_noise", "nonstationary_noise", "philox4x32"]
+__all__ = ["NoisyBatchNorm1d", "NoisyBatchNorm2d", "add_nonstationary_noise", "nonstationary_noise", "noise_draws",
+           "philox4x32"]
 
 _MASK32 = 0xFFFFFFFF
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57          # Philox4x32 multipliers
@@ -75,8 +76,30 @@ def philox4x32(counter: Tuple[Tensor, Tensor, Tensor, Tensor], key: Tuple[int, i
     return c0, c1, c2, c3
 
 
-def _uniform(w: Tensor) -> Tensor:
-    return (w >> 8).to(torch.float64) * _U24                  # [0, 1) on a 2⁻²⁴ grid, exact
+def _uniform(w: Tensor, dtype: torch.dtype) -> Tensor:
+    return (w >> 8).to(dtype) * _U24                          # [0, 1) on a 2⁻²⁴ grid, exact
+
+
+def _float(device) -> torch.dtype:
+    """float64 where the device has it (the definition's Box–Muller), else float32."""
+    return torch.float32 if torch.device(device or "cpu").type == "mps" else torch.float64
+
+
+def noise_draws(first: int, n: int, seed: int, step: int, device=None) -> Tuple[Tensor, Tensor]:
+    """(z, v) float32 for the logical elements first … first + n − 1: z standard normal, v uniform
+    on [0, 1) (the module docstring's definition)."""
+    seed, step = _uint64(seed, "seed"), _uint64(step, "step")
+    key = (seed & _MASK32, seed >> 32)
+    t0, t1 = step & _MASK32, step >> 32
+    f = _float(device)
+    j = torch.arange(first // 2, (first + n + 1) // 2, dtype=torch.int64, device=device)       # the pairs
+    w = philox4x32((j & _MASK32, j >> 32, torch.full_like(j, t0), torch.full_like(j, t1)), key)
+    r = torch.sqrt(-2 * torch.log(_uniform(w[0], f) + _U24))
+    theta = 2 * math.pi * _uniform(w[1], f)
+    lo = first % 2
+    z = torch.stack((r * torch.cos(theta), r * torch.sin(theta)), 1).flatten()[lo:lo + n].float()
+    v = torch.stack((_uniform(w[2], f), _uniform(w[3], f)), 1).flatten()[lo:lo + n].float()
+    return z, v
 
 
 def nonstationary_noise(shape, seed: int, step: int, n_mu: float = 0.5, n_sigma: float = 1.25,
@@ -85,21 +108,34 @@ def nonstationary_noise(shape, seed: int, step: int, n_mu: float = 0.5, n_sigma:
     in the module docstring, in torch ops)."""
     shape = tuple(shape)
     C, total = shape[1], math.prod(shape)
-    key = (seed & _MASK32, (seed >> 32) & _MASK32)
-    t0, t1 = step & _MASK32, (step >> 32) & _MASK32
-    opts = dict(dtype=torch.int64, device=device)
-    c = torch.arange(C, **opts)
+    seed, step = _uint64(seed, "seed"), _uint64(step, "step")
+    key = (seed & _MASK32, seed >> 32)
+    t0, t1 = step & _MASK32, step >> 32
+    f = _float(device)
+    c = torch.arange(C, dtype=torch.int64, device=device)
     w = philox4x32((c, torch.full_like(c, _MASK32), torch.full_like(c, t0), torch.full_like(c, t1)), key)
-    mu0 = ((2 * _uniform(w[0]) - 1) * n_mu - r_mu).float()                   # μ_t − r_μ, per unit
-    sigma = (1 + _uniform(w[1]) * (n_sigma - 1)).float()                      # σ_t
-    j = torch.arange((total + 1) // 2, **opts)
-    w = philox4x32((j & _MASK32, j >> 32, torch.full_like(j, t0), torch.full_like(j, t1)), key)
-    r = torch.sqrt(-2 * torch.log(_uniform(w[0]) + _U24))
-    theta = 2 * math.pi * _uniform(w[1])
-    z = torch.stack((r * torch.cos(theta), r * torch.sin(theta)), 1).flatten()[:total].float().view(shape)
-    v = torch.stack((_uniform(w[2]), _uniform(w[3])), 1).flatten()[:total].float().view(shape)
+    mu0 = ((2 * _uniform(w[0], f) - 1) * n_mu - r_mu).float()                # μ_t − r_μ, per unit
+    sigma = (1 + _uniform(w[1], f) * (n_sigma - 1)).float()                   # σ_t
+    z, v = noise_draws(0, total, seed, step, device)
     unit = (1, C) + (1,) * (len(shape) - 2)
-    return sigma.view(unit) + r_sigma * z, mu0.view(unit) + 2 * r_mu * v
+    return sigma.view(unit) + r_sigma * z.view(shape), mu0.view(unit) + 2 * r_mu * v.view(shape)
+
+
+def _uint64(n, what: str) -> int:
+    """A seed or step as the generator's unsigned 64-bit word (negative n: its two's complement)."""
+    if isinstance(n, torch.Generator):
+        raise TypeError("the noise is drawn from (seed, step) by a counter-based generator, not from a "
+                        "torch.Generator: pass the layer's noise_seed and its step")
+    n = operator.index(n)
+    if not -(1 << 63) <= n < (1 << 64):
+        raise ValueError(f"{what} must fit in 64 bits, got {n}")
+    return n & 0xFFFFFFFFFFFFFFFF
+
+
+def _int64(n, what: str = "seed") -> int:
+    """The same 64 bits as a signed integer (what the kernel takes)."""
+    n = _uint64(n, what)
+    return n - (1 << 64) if n >= 1 << 63 else n
 
 
 class _NoiseFn(torch.autograd.Function):
@@ -128,20 +164,13 @@ def add_nonstationary_noise(a: Tensor, seed: int, step: int, n_mu: float = 0.5, 
     is float32; the product is formed in a's dtype (float32 for half precision)."""
     if a.dim() < 2:
         raise ValueError(f"noise needs input (N, C, ...), got shape {tuple(a.shape)}")
-    seed, step = _int64(seed), _int64(step)
+    seed, step = _int64(seed, "seed"), _int64(step, "step")
     module = dispatch.compiled_for(a, "nonstationary_noise") if a.dtype in (torch.float32, torch.float64) else None
     if module is not None and dispatch._dense(a):
         return _NoiseFn.apply(a, module, seed, step, n_mu, n_sigma, r_mu, r_sigma)
-    s, m = nonstationary_noise(a.shape, seed & 0xFFFFFFFFFFFFFFFF, step & 0xFFFFFFFFFFFFFFFF, n_mu, n_sigma,
-                               r_mu, r_sigma, a.device)
+    s, m = nonstationary_noise(a.shape, seed, step, n_mu, n_sigma, r_mu, r_sigma, a.device)
     dtype = a.dtype if a.dtype in (torch.float32, torch.float64) else torch.float32
     return torch.addcmul(m.to(dtype), a.to(dtype), s.to(dtype)).to(a.dtype)
-
-
-def _int64(n: int) -> int:
-    """n's 64 low bits as a signed 64-bit integer (what the kernel takes)."""
-    n &= 0xFFFFFFFFFFFFFFFF
-    return n - (1 << 64) if n >= 1 << 63 else n
 
 
 class _NoisyMixin:
@@ -151,9 +180,20 @@ class _NoisyMixin:
                  noise_seed: int = 0, batchnorm: bool = True, **kwargs) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
         self.n_mu, self.n_sigma, self.r_mu, self.r_sigma = n_mu, n_sigma, r_mu, r_sigma
+        _uint64(noise_seed, "noise_seed")
         self.noise_seed = operator.index(noise_seed)
         self.batchnorm = batchnorm          # False: noise only (Santurkar's "standard + noise")
-        self.noise_step = 0                 # training forwards so far: the noise's counter
+        # training forwards so far (the counter's step): a buffer, so that it moves with the module
+        # and DataParallel's first replica advances the original's; saved as extra state
+        self.register_buffer("_noise_step", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+
+    @property
+    def noise_step(self) -> int:
+        return int(self._noise_step)
+
+    @noise_step.setter
+    def noise_step(self, step: int) -> None:
+        self._noise_step.fill_(_int64(step, "step"))
 
     @property
     def _eval_is_bn(self) -> bool:
@@ -161,8 +201,10 @@ class _NoisyMixin:
         return self.batchnorm
 
     def reseed(self, seed: Optional[int] = None) -> None:
-        """Restart the noise stream (at ``seed``, or at the layer's ``noise_seed``)."""
+        """Restart the noise stream at step 0 — of ``seed`` (which becomes the layer's
+        ``noise_seed``), or of the layer's ``noise_seed``."""
         if seed is not None:
+            _uint64(seed, "seed")
             self.noise_seed = operator.index(seed)
         self.noise_step = 0
 
@@ -171,7 +213,7 @@ class _NoisyMixin:
         if self.training:
             out = add_nonstationary_noise(out, self.noise_seed, self.noise_step, self.n_mu, self.n_sigma,
                                           self.r_mu, self.r_sigma)
-            self.noise_step += 1
+            self._noise_step.add_(1)
         return out
 
     def get_extra_state(self):
@@ -180,8 +222,9 @@ class _NoisyMixin:
     def set_extra_state(self, state) -> None:
         if not state:
             return
-        if "noise_step" in state:
-            self.noise_seed, self.noise_step = int(state["noise_seed"]), int(state["noise_step"])
+        if "noise_step" in state and "noise_seed" in state:
+            _uint64(state["noise_seed"], "seed")
+            self.noise_seed, self.noise_step = operator.index(state["noise_seed"]), state["noise_step"]
         elif "generator" in state:          # a torch.Generator's stream (bnlab 0.2 and before): not continued
             warnings.warn("NoisyBatchNorm: this checkpoint's noise came from a torch.Generator, which this "
                           "version no longer uses; the noise restarts at the layer's noise_seed", stacklevel=2)
