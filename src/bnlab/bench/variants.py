@@ -128,7 +128,11 @@ def whitening_floor(threads=(1, 2), repeats: int = 9, log=print) -> list[dict]:
     the covariance (G/2 multiply-adds per value), the apply (G), and in the backward Σ dy·(x − μ)ᵀ
     (G) and dx = Wᵀdy + S·x (2G): 4.5·G multiply-adds per value, timed at the rate torch's own
     matrix product reaches on this core (a 512² float32 GEMM, in cache). ``floor`` is what a step
-    needs, × BN's step — a lower bound: it leaves out every byte moved."""
+    needs, × BN's step — a lower bound: it leaves out every byte moved. IterNorm's iterations are
+    timed as a step runs them: on the compiled kernels, forward and backward (torch's products,
+    forward only, where the kernels are absent)."""
+    from ..kernels import dispatch
+    module = dispatch.cpu_module()
     rows = []
     before = torch.get_num_threads()
     try:
@@ -150,6 +154,9 @@ def whitening_floor(threads=(1, 2), repeats: int = 9, log=print) -> list[dict]:
                     P = torch.eye(G).expand_as(S).contiguous()
 
                     def newton():
+                        if module is not None:          # the iterations and their backward, as a step runs them
+                            module.newton_inv_sqrt_backward(P, S, module.newton_inv_sqrt(S, 5)[1])
+                            return
                         Q = P
                         for _ in range(5):
                             Q = 1.5 * Q - 0.5 * Q @ Q @ Q @ S
@@ -211,7 +218,7 @@ def noise_floor(threads=(1, 2), repeats: int = 9, log=print) -> list[dict]:
 def floor_markdown(rows: list[dict]) -> str:
     out = ["**whitening's floor** (ms; floor = what one training step needs, × bnlab BatchNorm's step; "
            "the multiply-adds at the rate of torch's 512² GEMM on the same threads)\n",
-           "| threads | shape | G | BN step | eigh (all groups) | 5 Newton iterations | 4.5·G multiply-adds per value "
+           "| threads | shape | G | BN step | eigh (all groups) | 5 Newton iterations (+ backward on the kernels) | 4.5·G multiply-adds per value "
            "| ZCA/PCA floor (eigh + multiply-adds) | IterNorm floor (Newton + multiply-adds) |",
            "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:

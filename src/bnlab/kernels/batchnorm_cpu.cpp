@@ -2879,19 +2879,26 @@ at::Tensor group_apply(const at::Tensor& a, const at::Tensor& A, const c10::opti
 namespace {
 
 // C = op(A)·B for G × G row-major matrices, op(A) = A or Aᵀ; the inner loop runs along B's rows.
-// For G a multiple of a 64-byte vector's lanes (up to 4 vectors), each row of C is held in
-// registers: G broadcast multiply-adds of B's rows.
-template <typename T, int NV>
+// For G a multiple of a 64-byte vector's lanes (up to 4 vectors), RB rows of C are held in
+// registers at once — G broadcast multiply-adds of B's rows each, RB·NV ≥ 6 independent
+// accumulators so that the multiply-adds' latency is hidden (one row alone is a chain of G).
+template <typename T, int NV, int RB>
 inline void mm_rows(const T* __restrict A, bool transA, const T* __restrict B, T* __restrict C) {
   using vec = typename V64<T>::v;
   constexpr int L = V64<T>::n, G = NV * L;
-  for (int i = 0; i < G; ++i) {
-    vec acc[NV] = {};
+  static_assert(G % RB == 0, "row blocks must tile the matrix");
+  for (int i0 = 0; i0 < G; i0 += RB) {
+    vec acc[RB][NV] = {};
     for (int k = 0; k < G; ++k) {
-      const T a = transA ? A[k * G + i] : A[i * G + k];
-      for (int v = 0; v < NV; ++v) acc[v] += a * *reinterpret_cast<const vec*>(B + k * G + v * L);
+      vec b[NV];
+      for (int v = 0; v < NV; ++v) b[v] = *reinterpret_cast<const vec*>(B + k * G + v * L);
+      for (int r = 0; r < RB; ++r) {
+        const T a = transA ? A[k * G + i0 + r] : A[(i0 + r) * G + k];
+        for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
+      }
     }
-    for (int v = 0; v < NV; ++v) *reinterpret_cast<vec*>(C + i * G + v * L) = acc[v];
+    for (int r = 0; r < RB; ++r)
+      for (int v = 0; v < NV; ++v) *reinterpret_cast<vec*>(C + (i0 + r) * G + v * L) = acc[r][v];
   }
 }
 
@@ -2899,10 +2906,10 @@ template <typename T>
 inline void mm(const T* __restrict A, bool transA, const T* __restrict B, T* __restrict C, int64_t G) {
   constexpr int L = V64<T>::n;
   switch (G) {
-    case L: return mm_rows<T, 1>(A, transA, B, C);
-    case 2 * L: return mm_rows<T, 2>(A, transA, B, C);
-    case 3 * L: return mm_rows<T, 3>(A, transA, B, C);
-    case 4 * L: return mm_rows<T, 4>(A, transA, B, C);
+    case L: return mm_rows<T, 1, 8>(A, transA, B, C);
+    case 2 * L: return mm_rows<T, 2, 4>(A, transA, B, C);
+    case 3 * L: return mm_rows<T, 3, 2>(A, transA, B, C);
+    case 4 * L: return mm_rows<T, 4, 2>(A, transA, B, C);
     default: break;
   }
   for (int64_t i = 0; i < G; ++i) {
