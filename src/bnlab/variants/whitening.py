@@ -221,8 +221,8 @@ class _WhitenFn(torch.autograd.Function):
         dx = Wᵀ(dY − mean dY) + (dΣ + dΣᵀ)·X_c / m
 
     with W'(Σ)ᵀ the vector-Jacobian product of the small matrix function (ZCA's stable divided
-    differences, PCA's eigenvectors, IterNorm's iterations), taken by autograd on (g, G, G)
-    matrices only. The data-sized products run on the compiled kernels where they take x
+    differences, PCA's eigenvectors, IterNorm's iterations), taken on the (g, G, G) matrices
+    only — by autograd, or for IterNorm by the kernels (``matrix`` returns W and that product). The data-sized products run on the compiled kernels where they take x
     (:func:`_kernels`: four passes a step, 4.5·G multiply-adds per value), else on torch's
     batched products. A create_graph backward differentiates the readable forward instead.
     ``shift``: the running mean, for the one-pass covariance (:func:`_centered_gram`)."""
@@ -250,14 +250,11 @@ class _WhitenFn(torch.autograd.Function):
         if not torch.isfinite(sigma).all():
             raise NonFiniteError("whitening: NaN/Inf in the input — its covariance has no eigendecomposition "
                                  "or inverse square root; no statistics were updated")
-        # the small matrix function with its graph on (g, G, G) kept for the backward's
-        # vector-Jacobian product: one eigendecomposition per step, and the backward differentiates
-        # the very function the forward applied (PCA's axis alignment reads the running matrix,
-        # which the step then updates)
-        with torch.enable_grad():
-            s = sigma.detach().requires_grad_()
-            W_graph = matrix(s)
-        W = W_graph.detach()                                                 # g, G, G
+        # the small matrix function and its vector-Jacobian product for the backward (a graph on
+        # the (g, G, G) matrices, or IterNorm's kernel): one eigendecomposition per step, and the
+        # backward differentiates the very function the forward applied (PCA's axis alignment
+        # reads the running matrix, which the step then updates)
+        W, vjp = matrix(sigma.detach())                                      # g, G, G; dW ↦ dΣ
         gamma = weight.detach().reshape(groups, G, 1) if weight is not None else None
         Wg = W * gamma if gamma is not None else W                           # diag(γ)·W
         beta = bias.detach().reshape(groups, G) if bias is not None else None
@@ -269,7 +266,7 @@ class _WhitenFn(torch.autograd.Function):
             y = _apply(kind, A, Wg, beta, x, N, groups, G)
             ctx.save_for_backward(x, xc, W, weight, bias)
         ctx.k, ctx.kind, ctx.groups, ctx.m, ctx.reference, ctx.x_shape = k, kind, groups, m, reference, x.shape
-        ctx.sigma_leaf, ctx.W_graph = s, W_graph
+        ctx.vjp = vjp
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(mean, W)
         return y, mean, W
@@ -304,7 +301,7 @@ class _WhitenFn(torch.autograd.Function):
         dx = None
         if need_x:
             dW = P * gamma if gamma is not None else P
-            dS, = torch.autograd.grad(ctx.W_graph, ctx.sigma_leaf, dW, retain_graph=True)
+            dS = ctx.vjp(dW)
             S = (dS + dS.transpose(1, 2)) / m                                       # g, G, G
             Wg = W * gamma if gamma is not None else W
             shift = -(Wg.transpose(1, 2) @ (dbeta / m).reshape(groups, G, 1))       # −Wᵀ mean(dY), g, G, 1
@@ -429,6 +426,15 @@ class _Whitening(nn.Module):
     def _matrix(self, sigma: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _matrix_vjp(self, sigma: Tensor):
+        """(W(Σ), dW ↦ dΣ): the small matrix function and its vector-Jacobian product, here by
+        autograd through a graph of :meth:`_matrix` on the (g, G, G) matrices, kept for the
+        backward (which may run more than once: retain_graph)."""
+        with torch.enable_grad():
+            s = sigma.requires_grad_()
+            W = self._matrix(s)
+        return W.detach(), lambda dW: torch.autograd.grad(W, s, dW, retain_graph=True)[0]
+
     def forward(self, x: Tensor) -> Tensor:
         BF.check_input(x, self.num_features)
         C = self.num_features
@@ -437,7 +443,7 @@ class _Whitening(nn.Module):
         if (self.training or self.running_mean is None) and x.dtype in (torch.float32, torch.float64) \
                 and _views(x, x, self.groups)[0] is not None and not dispatch.traced(x):
             BF.check_batch_size(x)
-            y, mean, W = _WhitenFn.apply(x, self.weight, self.bias, self.groups, self.eps, self._matrix,
+            y, mean, W = _WhitenFn.apply(x, self.weight, self.bias, self.groups, self.eps, self._matrix_vjp,
                                          self._reference, self.running_mean if self.training else None)
             if self.training and self.running_mean is not None:
                 with torch.no_grad():
@@ -527,6 +533,15 @@ class IterNorm(_Whitening):
 
     def _matrix(self, sigma: Tensor) -> Tensor:
         return _newton(sigma, self.T)
+
+    def _matrix_vjp(self, sigma: Tensor):
+        """The iterations and their backward straight on the kernels where they take Σ."""
+        module = dispatch.compiled_for(sigma, "newton_inv_sqrt") if sigma.dtype in (torch.float32, torch.float64) \
+            else None
+        if module is None:
+            return super()._matrix_vjp(sigma)
+        W, P = module.newton_inv_sqrt(sigma, self.T)
+        return W, lambda dW: module.newton_inv_sqrt_backward(dW, sigma, P)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", T={self.T}"
