@@ -243,3 +243,12 @@ def test_the_step_is_a_buffer_that_moves_and_replicas_advance():
     assert layer.noise_step == 1
     layer.noise_step = 2 ** 40
     assert layer.get_extra_state()["noise_step"] == 2 ** 40
+
+
+def test_the_definition_draws_in_chunks_without_changing_a_value(monkeypatch):
+    """The torch-op definition bounds its temporaries by drawing a chunk of values at a time:
+    the chunks (odd-sized here, so they start mid-pair) give the same numbers as one draw."""
+    whole = N.nonstationary_noise((5, 3, 7), 11, 4, **NOISE)
+    monkeypatch.setattr(N, "_CHUNK", 13)
+    chunked = N.nonstationary_noise((5, 3, 7), 11, 4, **NOISE)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])

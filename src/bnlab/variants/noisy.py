@@ -52,6 +52,7 @@ _MASK32 = 0xFFFFFFFF
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57          # Philox4x32 multipliers
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85          # its key increments (Weyl sequence)
 _U24 = 2.0 ** -24
+_CHUNK = 1 << 22                            # values drawn at a time by the torch-op definition
 
 
 def _mulhilo(a: Tensor, M: int) -> Tuple[Tensor, Tensor]:
@@ -116,7 +117,11 @@ def nonstationary_noise(shape, seed: int, step: int, n_mu: float = 0.5, n_sigma:
     w = philox4x32((c, torch.full_like(c, _MASK32), torch.full_like(c, t0), torch.full_like(c, t1)), key)
     mu0 = ((2 * _uniform(w[0], f) - 1) * n_mu - r_mu).float()                # μ_t − r_μ, per unit
     sigma = (1 + _uniform(w[1], f) * (n_sigma - 1)).float()                   # σ_t
-    z, v = noise_draws(0, total, seed, step, device)
+    z = torch.empty(total, dtype=torch.float32, device=device)
+    v = torch.empty(total, dtype=torch.float32, device=device)
+    for first in range(0, total, _CHUNK):              # int64 temporaries bounded to a chunk's
+        n = min(_CHUNK, total - first)
+        z[first:first + n], v[first:first + n] = noise_draws(first, n, seed, step, device)
     unit = (1, C) + (1,) * (len(shape) - 2)
     return sigma.view(unit) + r_sigma * z.view(shape), mu0.view(unit) + 2 * r_mu * v.view(shape)
 
