@@ -9,7 +9,7 @@ measurement raises:
 
   * every module's ``training`` flag (optionally forced to train or eval inside);
   * every buffer (running statistics, counters) — restored bit for bit;
-  * every module's extra state (``get_extra_state``: e.g. a noise layer's own generator);
+  * every module's extra state (``get_extra_state``: e.g. a noise layer's seed and step);
   * optionally the parameters (for probes that move the weights) and their ``.grad``;
   * the CPU (and CUDA) random number generators, forked: the measurement gets its own stream.
 """
@@ -42,7 +42,7 @@ def _has_extra_state(m: nn.Module) -> bool:
 
 
 def snapshot_extra_state(model: nn.Module) -> list:
-    """(module, state) for modules with extra state (random generators of noise layers...)."""
+    """(module, state) for modules with extra state (the noise layers' seed and step...)."""
     return [(m, copy.deepcopy(m.get_extra_state())) for m in model.modules() if _has_extra_state(m)]
 
 
