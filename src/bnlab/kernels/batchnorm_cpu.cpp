@@ -2489,17 +2489,15 @@ inline void apply_ncl_tile(const T* a, const T* A, const T* b, const T* B, const
   using vec = typename V64<T>::v;
   vec acc[IB];
   for (int ii = 0; ii < IB; ++ii) acc[ii] = vec{} + c[i0 + ii];
-  for (int64_t j = 0; j < G; ++j) {
-    const vec v = *reinterpret_cast<const vec*>(a + j * L + k);
-    if (i0 == 0) __builtin_prefetch(a + j * L + k + kAhead);
-    for (int ii = 0; ii < IB; ++ii) acc[ii] += A[(i0 + ii) * G + j] * v;
-  }
-  if (b)
+  auto add = [&](const T* src, const T* M) {               // acc_ii += M's row i0 + ii times src
     for (int64_t j = 0; j < G; ++j) {
-      const vec v = *reinterpret_cast<const vec*>(b + j * L + k);
-      if (i0 == 0) __builtin_prefetch(b + j * L + k + kAhead);
-      for (int ii = 0; ii < IB; ++ii) acc[ii] += B[(i0 + ii) * G + j] * v;
+      const vec v = *reinterpret_cast<const vec*>(src + j * L + k);
+      if (i0 == 0) __builtin_prefetch(src + j * L + k + kAhead);
+      for (int ii = 0; ii < IB; ++ii) acc[ii] += M[(i0 + ii) * G + j] * v;
     }
+  };
+  add(a, A);
+  if (b) add(b, B);
   for (int ii = 0; ii < IB; ++ii) *reinterpret_cast<vec*>(out + (i0 + ii) * L + k) = acc[ii];
 }
 
@@ -2535,23 +2533,18 @@ inline void apply_rows_tile(const T* a, const T* At, const T* b, const T* Bt, co
     const vec cv = *reinterpret_cast<const vec*>(c + jv * V);
     for (int r = 0; r < RB; ++r) acc[r][jv] = cv;
   }
-  for (int64_t j = 0; j < G; ++j) {
-    vec col[JV];
-    for (int jv = 0; jv < JV; ++jv) col[jv] = *reinterpret_cast<const vec*>(At + j * G + jv * V);
-    for (int r = 0; r < RB; ++r) {
-      const T x = a[r * C + j];
-      for (int jv = 0; jv < JV; ++jv) acc[r][jv] += x * col[jv];
-    }
-  }
-  if (b)
+  auto add = [&](const T* src, const T* Mt) {              // acc_r += Mᵀ-columns times src_r
     for (int64_t j = 0; j < G; ++j) {
       vec col[JV];
-      for (int jv = 0; jv < JV; ++jv) col[jv] = *reinterpret_cast<const vec*>(Bt + j * G + jv * V);
+      for (int jv = 0; jv < JV; ++jv) col[jv] = *reinterpret_cast<const vec*>(Mt + j * G + jv * V);
       for (int r = 0; r < RB; ++r) {
-        const T x = b[r * C + j];
+        const T x = src[r * C + j];
         for (int jv = 0; jv < JV; ++jv) acc[r][jv] += x * col[jv];
       }
     }
+  };
+  add(a, At);
+  if (b) add(b, Bt);
   for (int r = 0; r < RB; ++r)
     for (int jv = 0; jv < JV; ++jv) *reinterpret_cast<vec*>(out + r * C + jv * V) = acc[r][jv];
 }

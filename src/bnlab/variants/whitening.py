@@ -189,10 +189,15 @@ class _NewtonFn(torch.autograd.Function):
         return ctx.module.newton_inv_sqrt_backward(dW, sigma, P), None, None
 
 
+def _newton_kernels(sigma: Tensor):
+    """The compiled module when it takes sigma ((g, G, G) float32/float64 on the CPU), else None."""
+    return dispatch.compiled_for(sigma, "newton_inv_sqrt") \
+        if sigma.dtype in (torch.float32, torch.float64) and sigma.dim() == 3 else None
+
+
 def _newton(sigma: Tensor, T: int) -> Tensor:
     """iternorm_matrix(sigma, T), on the compiled kernels where they take sigma."""
-    module = dispatch.compiled_for(sigma, "newton_inv_sqrt") \
-        if sigma.dtype in (torch.float32, torch.float64) and sigma.dim() == 3 else None
+    module = _newton_kernels(sigma)
     if module is None:
         return iternorm_matrix(sigma, T)
     return _NewtonFn.apply(sigma, T, module)
@@ -222,9 +227,9 @@ class _WhitenFn(torch.autograd.Function):
 
     with W'(Σ)ᵀ the vector-Jacobian product of the small matrix function (ZCA's stable divided
     differences, PCA's eigenvectors, IterNorm's iterations), taken on the (g, G, G) matrices
-    only — by autograd, or for IterNorm by the kernels (``matrix`` returns W and that product). The data-sized products run on the compiled kernels where they take x
-    (:func:`_kernels`: four passes a step, 4.5·G multiply-adds per value), else on torch's
-    batched products. A create_graph backward differentiates the readable forward instead.
+    only — by autograd, or for IterNorm by the kernels (``matrix`` returns W and that product).
+    The data-sized products run on the compiled kernels where they take x (:func:`_kernels`: four
+    passes a step, 4.5·G multiply-adds per value), else on torch's batched products. A create_graph backward differentiates the readable forward instead.
     ``shift``: the running mean, for the one-pass covariance (:func:`_centered_gram`)."""
 
     @staticmethod
@@ -536,8 +541,7 @@ class IterNorm(_Whitening):
 
     def _matrix_vjp(self, sigma: Tensor):
         """The iterations and their backward straight on the kernels where they take Σ."""
-        module = dispatch.compiled_for(sigma, "newton_inv_sqrt") if sigma.dtype in (torch.float32, torch.float64) \
-            else None
+        module = _newton_kernels(sigma)
         if module is None:
             return super()._matrix_vjp(sigma)
         W, P = module.newton_inv_sqrt(sigma, self.T)
