@@ -29,7 +29,12 @@ SHAPES = [((7, 5), None), ((13, 3, 17), None), ((5, 6, 7, 9), None), ((5, 6, 7, 
           ((2, 70, 3, 3), torch.channels_last),
           # several row chunks per thread: the rows layout's shifted one-pass chunks run
           ((3001, 37), None), ((9, 16, 11, 13), torch.channels_last),
-          ((1500, 1), None), ((41, 600), None)]                      # one channel; C above the wide-row width
+          ((1500, 1), None), ((41, 600), None),                      # one channel; C above the wide-row width
+          # C a multiple of the vector width, rows of ≤ 1 KiB of accumulators: register tiles (float
+          # 16 lanes, double 8, tiles of 8 vectors); 144 (float) and 72 (double) are a full tile and a
+          # partial one, walked in prefetched blocks of rows; 272 is past the tiles' width
+          ((600, 144), None), ((500, 72), None), ((7, 48, 9, 11), torch.channels_last), ((300, 8), None),
+          ((200, 272), None)]
 TOL = {dtype: tol["out"][0] for dtype, tol in TOLERANCES.items()}
 
 
@@ -135,15 +140,17 @@ def _hard_columns(M: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_rows_statistics_stay_accurate_on_hard_data(threads):
+@pytest.mark.parametrize("M,C", [(60007, 4), (20011, 16), (6007, 144)])
+def test_rows_statistics_stay_accurate_on_hard_data(threads, M, C):
     """The rows layout reduces chunks after the first in one pass, shifted by the running mean;
     the variance must stay within a few float32 roundings of the float64 truth on data where
-    the shift is far from the chunk (sorted, outliers first or last, large offset)."""
+    the shift is far from the chunk (sorted, outliers first or last, large offset). C = 4: wide
+    rows (8 chunks of 8192 rows); C = 16, 144: register tiles (chunks of 64 rows)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for name, x64 in _hard_columns(60007).items():          # 8 chunks of 8192 rows at C = 4
-            x = x64.float()
+        for name, x64 in _hard_columns(M).items():
+            x = x64.repeat(1, C // 4).float()
             ref_mean = x.double().mean(0)
             ref_var = x.double().var(0, unbiased=False)
             _, mean, var, _ = kernels.load().forward_train(x, None, None, 0.0)
