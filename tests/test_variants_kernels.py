@@ -205,6 +205,32 @@ def test_lp_kernels_equal_the_definition(shape, fmt, p, groups):
         torch.testing.assert_close(getattr(fast, buf), getattr(slow, buf), atol=1e-12, rtol=1e-10, msg=buf)
 
 
+@pytest.mark.parametrize("p", [1, 2, "inf"])
+@pytest.mark.parametrize("groups", [1, 3, 4])
+@pytest.mark.parametrize("data", ["normal", "integers"])
+def test_lp_register_tiles_equal_the_definition(p, groups, data):
+    """channels_last images with C a multiple of the vector width take the register-tile passes
+    (per-channel means, the backward's sums); groups of 8 and of 6 channels (one straddling two
+    vectors); integer data puts values at the mean and ties at the maximum."""
+    g = torch.Generator().manual_seed(4)
+    shape = (9, 24, 4, 3)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64) * 2 + 1
+    if data == "integers":
+        x = torch.randint(-2, 3, shape, generator=g).double()
+    x = x.contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(*shape, generator=g, dtype=torch.float64)
+    fast = bnlab.LpNorm2d(24, p=p, groups=groups).double()
+    with torch.no_grad():
+        fast.weight.uniform_(0.5, 1.5, generator=g)
+        fast.bias.uniform_(-1, 1, generator=g)
+    slow = copy.deepcopy(fast)
+    got = _step(fast, x, dy)
+    with kernels.disabled():
+        want = _step(slow, x, dy)
+    for what, a, b in zip(("y", "dx", "dgamma", "dbeta"), got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9, msg=what)
+
+
 def test_lp_infinity_splits_the_gradient_among_ties_as_torch_does():
     """Two values at a sample's maximum |z| share its gradient, as torch.amax's backward splits it."""
     x = torch.tensor([[3.0, -3.0, 0.5], [-1.0, 1.0, 0.0], [0.0, 0.0, -0.5], [-2.0, 2.0, 0.0]], dtype=torch.float64)
@@ -217,7 +243,8 @@ def test_lp_infinity_splits_the_gradient_among_ties_as_torch_does():
 
 
 @pytest.mark.parametrize("shape,fmt", [((130, 70), None), ((33, 40, 7, 9), None),
-                                       ((33, 40, 7, 9), torch.channels_last)], ids=["2d", "nchw", "channels_last"])
+                                       ((33, 40, 7, 9), torch.channels_last), ((21, 48, 9, 10), torch.channels_last)],
+                         ids=["2d", "nchw", "channels_last", "channels_last tiles"])
 @pytest.mark.parametrize("p", [1, 2, "inf"])
 @pytest.mark.parametrize("data", ["normal", "integers"])
 def test_lp_float32_kernels_on_long_rows_match_the_float64_definition(shape, fmt, p, data):

@@ -470,11 +470,11 @@ inline void with_tile(int nv, F&& f) {
   f(std::integral_constant<int, NV>{});
 }
 
-// body(c0, nv) over the channel tiles of a row: kRowTile vectors each, the last one nv ≤ kRowTile
-template <typename acc_t, typename F>
+// body(c0, nv) over the channel tiles of a row: T vectors of acc_t each, the last one nv ≤ T
+template <typename acc_t, int T = kRowTile, typename F>
 inline void channel_tiles(int64_t C, F&& body) {
   constexpr int64_t L = V64<acc_t>::n;
-  for (int64_t c = 0; c < C; c += kRowTile * L) body(c, int(std::min<int64_t>(kRowTile, (C - c) / L)));
+  for (int64_t c = 0; c < C; c += T * L) body(c, int(std::min<int64_t>(T, (C - c) / L)));
 }
 
 // rows [r0, r1) of rows of C values (bytes_per_row = C·sizeof(element) summed over the streams):
@@ -1481,6 +1481,46 @@ inline acc_t lp_term(acc_t z) {
 // Per-channel means as plain sums in double (per-thread partials added in thread order): exact
 // where the data make them so (integer-valued inputs), so x − μ is exactly 0 wherever x equals
 // the mean — there sign's subgradient is 0, as in the definition. ℓp needs no variance.
+// 8 consecutive values as a vector of doubles
+template <typename scalar_t> struct VLoadF64 {
+  using vec = V64<double>::v;
+  static vec load(const scalar_t* p) {
+    if constexpr (std::is_same<scalar_t, double>::value) {
+      return *reinterpret_cast<const vec*>(p);
+    } else if constexpr (std::is_same<scalar_t, float>::value) {
+      typedef float f8 __attribute__((vector_size(32), aligned(4), may_alias));
+      return __builtin_convertvector(*reinterpret_cast<const f8*>(p), vec);
+    } else {                                                    // bfloat16: a float's upper half
+      typedef uint16_t h8 __attribute__((vector_size(16), aligned(2), may_alias));
+      typedef uint32_t w8 __attribute__((vector_size(32)));
+      typedef float f8 __attribute__((vector_size(32)));
+      return __builtin_convertvector((f8)(__builtin_convertvector(*reinterpret_cast<const h8*>(p), w8) << 16), vec);
+    }
+  }
+};
+
+// s[c] += Σ_r x[r][c] in double over n rows of C values, NV vectors of 8 channels (registers)
+template <int NV, typename scalar_t>
+inline void column_sums_f64_tile(const scalar_t* __restrict x, int64_t C, int64_t n, double* __restrict s) {
+  using vec = V64<double>::v;
+  vec a[NV];
+  for (int v = 0; v < NV; ++v) a[v] = vec{};
+  for (int64_t r = 0; r < n; ++r)
+    for (int v = 0; v < NV; ++v) a[v] += VLoadF64<scalar_t>::load(x + r * C + v * 8);
+  for (int v = 0; v < NV; ++v) *reinterpret_cast<vec*>(s + v * 8) += a[v];
+}
+
+// s[c] += Σ x[r][c] over rows [r0, r1) in memory order, the sums in registers (C a multiple of 8)
+template <typename scalar_t>
+void column_sums_f64_rows(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, double* s) {
+  row_blocks(r0, r1, C, 8 * 8, {{reinterpret_cast<const char*>(x), int64_t(sizeof(scalar_t))}},
+             [&](int64_t r, int64_t n) {
+    channel_tiles<double, 8>(C, [&](int64_t c, int nv) {
+      with_tile<8>(nv, [&](auto NV) { column_sums_f64_tile<decltype(NV)::value>(x + r * C + c, C, n, s + c); });
+    });
+  });
+}
+
 template <typename scalar_t>
 void summed_means(const scalar_t* x, const Layout& l, double* mean_out) {
   const int64_t C = l.C, L = l.L;
@@ -1488,6 +1528,7 @@ void summed_means(const scalar_t* x, const Layout& l, double* mean_out) {
   std::vector<std::vector<double>> part(nt, std::vector<double>(C, 0.0));
   at::parallel_for(0, l.N, 1, [&](int64_t i0, int64_t i1) {
     double* __restrict s = part[at::get_thread_num()].data();
+    if (l.rows && C % 8 == 0) return column_sums_f64_rows(x, C, i0 * L, i1 * L, s);
     for (int64_t i = i0; i < i1; ++i) {
       if (l.rows) {
         for (int64_t r = i * L; r < (i + 1) * L; ++r) {
@@ -1538,10 +1579,111 @@ inline acc_t lp_reduce(const scalar_t* __restrict v, int64_t len, const acc_t* _
   return a;
 }
 
+// t[c] += Σ_r f(x[r][c] − μ[c]) (p = 1, 2), or t[c] = max(t[c], max_r |x[r][c] − μ[c]|) (p = ∞), over n
+// rows, NV vectors of channels in registers
+template <int P, int NV, typename scalar_t, typename acc_t>
+inline void lp_terms_tile(const scalar_t* __restrict x, int64_t C, int64_t n, const acc_t* mu, acc_t* t) {
+  using vec = typename V64<acc_t>::v;
+  constexpr int L = V64<acc_t>::n;
+  vec m[NV], a[NV];
+  for (int v = 0; v < NV; ++v) {
+    m[v] = *reinterpret_cast<const vec*>(mu + v * L);
+    a[v] = vec{};
+  }
+  for (int64_t r = 0; r < n; ++r)
+    for (int v = 0; v < NV; ++v) {
+      const vec z = VLoad<scalar_t>::load(x + r * C + v * L) - m[v];
+      if constexpr (P == 0) {
+        const vec az = z < 0 ? -z : z;
+        a[v] = a[v] < az ? az : a[v];                       // std::max's NaN rule: a NaN term is skipped
+      } else if constexpr (P == 2) {
+        a[v] += z * z;
+      } else {
+        a[v] += z < 0 ? -z : z;
+      }
+    }
+  for (int v = 0; v < NV; ++v) {
+    vec& tv = *reinterpret_cast<vec*>(t + v * L);
+    if constexpr (P == 0) tv = tv < a[v] ? a[v] : tv;
+    else tv += a[v];
+  }
+}
+
+// h[c] += #{r : |x[r][c] − μ[c]| = top[c]} over n rows (p = ∞'s ties), NV vectors of channels
+template <int NV, typename scalar_t, typename acc_t>
+inline void lp_ties_tile(const scalar_t* __restrict x, int64_t C, int64_t n, const acc_t* mu, const acc_t* top,
+                         acc_t* h) {
+  using vec = typename V64<acc_t>::v;
+  constexpr int L = V64<acc_t>::n;
+  vec m[NV], tp[NV], a[NV];
+  for (int v = 0; v < NV; ++v) {
+    m[v] = *reinterpret_cast<const vec*>(mu + v * L);
+    tp[v] = *reinterpret_cast<const vec*>(top + v * L);
+    a[v] = vec{};
+  }
+  for (int64_t r = 0; r < n; ++r)
+    for (int v = 0; v < NV; ++v) {
+      const vec z = VLoad<scalar_t>::load(x + r * C + v * L) - m[v];
+      a[v] -= __builtin_convertvector((z < 0 ? -z : z) == tp[v], vec);   // true is −1
+    }
+  for (int v = 0; v < NV; ++v) *reinterpret_cast<vec*>(h + v * L) += a[v];
+}
+
+// lp_sample for sample i of the rows layout on register tiles (L ≥ 8, C a multiple of the vector
+// width): the terms per channel over the sample's rows (≤ kChunkRows rows summed in acc_t, then in
+// double), then per group; p = ∞ counts the ties in a second walk over the sample (cached).
+template <int P, typename scalar_t, typename acc_t>
+void lp_sample_rows_tiled(const scalar_t* x, const Layout& l, int64_t i, const acc_t* mu, int64_t Cg, double* acc,
+                          double* ties) {
+  const int64_t C = l.C, L = l.L, G = C / Cg;
+  constexpr int64_t TE = kRowTile * V64<acc_t>::n;
+  const std::initializer_list<std::pair<const char*, int64_t>> stream = {
+      {reinterpret_cast<const char*>(x), int64_t(sizeof(scalar_t))}};
+  thread_local avec<acc_t> t, top;
+  thread_local std::vector<double> td;
+  t.resize(C), top.resize(C);
+  td.assign(C, 0.0);
+  std::fill(t.begin(), t.end(), acc_t(0));
+  for (int64_t r0 = i * L; r0 < (i + 1) * L; r0 += kChunkRows) {
+    const int64_t r1 = std::min((i + 1) * L, r0 + kChunkRows);
+    if constexpr (P != 0) std::fill(t.begin(), t.end(), acc_t(0));
+    row_blocks(r0, r1, C, TE, stream, [&](int64_t r, int64_t n) {
+      channel_tiles<acc_t>(C, [&](int64_t c, int nv) {
+        with_tile<kRowTile>(nv, [&](auto NV) {
+          lp_terms_tile<P, decltype(NV)::value>(x + r * C + c, C, n, mu + c, t.data() + c);
+        });
+      });
+    });
+    if constexpr (P != 0)
+      for (int64_t c = 0; c < C; ++c) td[c] += double(t[c]);
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    acc[g] = 0.0;
+    ties[g] = 0.0;
+    for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+      if constexpr (P == 0) acc[g] = std::max(acc[g], double(t[c]));
+      else acc[g] += td[c];
+    }
+  }
+  if constexpr (P == 0) {
+    for (int64_t c = 0; c < C; ++c) top[c] = acc_t(acc[c / Cg]);       // exact: acc[g] is an acc_t value
+    std::fill(t.begin(), t.end(), acc_t(0));                           // now the counts (exact in acc_t)
+    row_blocks(i * L, (i + 1) * L, C, TE, stream, [&](int64_t r, int64_t n) {
+      channel_tiles<acc_t>(C, [&](int64_t c, int nv) {
+        with_tile<kRowTile>(nv, [&](auto NV) {
+          lp_ties_tile<decltype(NV)::value>(x + r * C + c, C, n, mu + c, top.data() + c, t.data() + c);
+        });
+      });
+    });
+    for (int64_t c = 0; c < C; ++c) ties[c / Cg] += double(t[c]);
+  }
+}
+
 // sample i's accumulated terms per group (sum, or max for ∞) and, for ∞, the number of ties
 template <int P, typename scalar_t, typename acc_t>
 void lp_sample(const scalar_t* x, const Layout& l, int64_t i, const acc_t* mu, int64_t Cg, double* acc, double* ties) {
   const int64_t C = l.C, L = l.L, G = C / Cg;
+  if (l.rows && L >= 8 && rows_tiled<acc_t>(C)) return lp_sample_rows_tiled<P>(x, l, i, mu, Cg, acc, ties);
   for (int64_t g = 0; g < G; ++g) { acc[g] = 0.0; ties[g] = 0.0; }
   if (l.rows) {
     for (int64_t r = i * L; r < (i + 1) * L; ++r) {
@@ -1585,6 +1727,95 @@ void lp_sample(const scalar_t* x, const Layout& l, int64_t i, const acc_t* mu, i
         for (int64_t k = 0; k < L; ++k) hits += std::abs(acc_t(xb[k]) - m) == top;
         ties[c / Cg] += double(hits);
       }
+    }
+  }
+}
+
+// The backward's pass A on register tiles (images in channels_last: samples of L ≥ 8 rows, C a
+// multiple of the vector width): 6 vectors a tile, so tiles of 4 vectors with AVX-512.
+#if defined(__AVX512F__)
+constexpr int kLpTile = 4;
+#else
+constexpr int kLpTile = 1;
+#endif
+
+// lp_phi on a vector: nk = inv_m/n (p = 2) or n (p = ∞), tk the share of a tie (p = ∞)
+template <int P, typename vec>
+inline vec lp_phi_vec(vec z, vec inv_m, vec nk, vec tk) {
+  const vec sgn = __builtin_convertvector(z < 0, vec) - __builtin_convertvector(z > 0, vec);   // true is −1
+  if constexpr (P == 1) return inv_m * sgn;
+  else if constexpr (P == 2) return z * nk;
+  else {
+    const vec az = z < 0 ? -z : z;
+    return -__builtin_convertvector(az >= nk, vec) * tk * sgn;
+  }
+}
+
+// q1 += Σ dy, q2 += Σ dy·z, q3 += Σ φ(z) over n rows of one sample, NV vectors of channels
+template <int P, int NV, typename scalar_t, typename acc_t>
+inline void lp_grad_sums_tile(const scalar_t* __restrict g, const scalar_t* __restrict x, int64_t C, int64_t n,
+                              const acc_t* mu, const acc_t* nk, const acc_t* tk, acc_t inv_m, acc_t* q1, acc_t* q2,
+                              acc_t* q3) {
+  using vec = typename V64<acc_t>::v;
+  constexpr int L = V64<acc_t>::n;
+  vec m[NV], nn[NV], tt[NV], a1[NV], a2[NV], a3[NV];
+  for (int v = 0; v < NV; ++v) {
+    m[v] = *reinterpret_cast<const vec*>(mu + v * L);
+    nn[v] = *reinterpret_cast<const vec*>(nk + v * L);
+    tt[v] = *reinterpret_cast<const vec*>(tk + v * L);
+    a1[v] = a2[v] = a3[v] = vec{};
+  }
+  const vec im = vec{} + inv_m;
+  for (int64_t r = 0; r < n; ++r)
+    for (int v = 0; v < NV; ++v) {
+      const vec gv = VLoad<scalar_t>::load(g + r * C + v * L);
+      const vec z = VLoad<scalar_t>::load(x + r * C + v * L) - m[v];
+      a1[v] += gv;
+      a2[v] += gv * z;
+      a3[v] += lp_phi_vec<P>(z, im, nn[v], tt[v]);
+    }
+  for (int v = 0; v < NV; ++v) {
+    *reinterpret_cast<vec*>(q1 + v * L) += a1[v];
+    *reinterpret_cast<vec*>(q2 + v * L) += a2[v];
+    *reinterpret_cast<vec*>(q3 + v * L) += a3[v];
+  }
+}
+
+// Pass A over samples [i0, i1) of the rows layout on register tiles: per sample its constants (n
+// or inv_m/n, and the share of a tie, per channel), its rows ≤ kChunkRows at a time summed in acc_t,
+// then added to the thread's double sums s1, s2, s3. (A function of its own: captured by the tiles'
+// lambdas, the caller's locals would escape and its scalar loops stop vectorizing.)
+template <int P, typename scalar_t, typename acc_t>
+void lp_grad_sums_rows_tiled(const scalar_t* gp, const scalar_t* xp, const Layout& l, int64_t i0, int64_t i1,
+                             int64_t G, const acc_t* mv, const std::vector<double>& n, const std::vector<double>& ties,
+                             acc_t im, double* s1, double* s2, double* s3) {
+  const int64_t C = l.C, L = l.L, Cg = C / G;
+  thread_local avec<acc_t> c1, c2, c3, nk, tk;
+  c1.resize(C), c2.resize(C), c3.resize(C), nk.resize(C), tk.resize(C);
+  const int64_t sz = sizeof(scalar_t);
+  for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t g = c / Cg;
+      const acc_t ni = acc_t(n[i * G + g]);
+      nk[c] = P == 2 ? im / ni : ni;
+      tk[c] = acc_t(1.0 / std::max(ties[i * G + g], 1.0));
+    }
+    for (int64_t r0 = i * L; r0 < (i + 1) * L; r0 += kChunkRows) {
+      const int64_t r1 = std::min((i + 1) * L, r0 + kChunkRows);
+      std::fill(c1.begin(), c1.end(), acc_t(0));
+      std::fill(c2.begin(), c2.end(), acc_t(0));
+      std::fill(c3.begin(), c3.end(), acc_t(0));
+      row_blocks(r0, r1, C, kLpTile * V64<acc_t>::n,
+                 {{reinterpret_cast<const char*>(gp), sz}, {reinterpret_cast<const char*>(xp), sz}},
+                 [&](int64_t r, int64_t nr) {
+        channel_tiles<acc_t, kLpTile>(C, [&](int64_t c, int nv) {
+          with_tile<kLpTile>(nv, [&](auto NV) {
+            lp_grad_sums_tile<P, decltype(NV)::value>(gp + r * C + c, xp + r * C + c, C, nr, mv + c, nk.data() + c,
+                                                      tk.data() + c, im, c1.data() + c, c2.data() + c, c3.data() + c);
+          });
+        });
+      });
+      for (int64_t c = 0; c < C; ++c) { s1[c] += c1[c]; s2[c] += c2[c]; s3[c] += c3[c]; }
     }
   }
 }
@@ -1645,6 +1876,7 @@ void lp_backward_impl(const at::Tensor& dy, const at::Tensor& x, const Layout& l
   for (int64_t c = 0; c < C; ++c) mu[c] = acc_t(mean[c]);
   const acc_t* __restrict mv = mu.data();
   const acc_t inv_m = acc_t(1.0 / double(Cg * L));
+  const bool tiled = l.rows && L >= 8 && rows_tiled<acc_t>(C);
   // pass A: Σdy, Σdy·z and Σφ per channel (per-thread partials, summed in thread order)
   const int nt = at::get_num_threads();
   std::vector<std::vector<double>> p1(nt, std::vector<double>(C, 0.0)), p2(nt, std::vector<double>(C, 0.0)),
@@ -1657,6 +1889,7 @@ void lp_backward_impl(const at::Tensor& dy, const at::Tensor& x, const Layout& l
     double* s3 = p3[tid].data();
     // rows layout: sums in acc_t over whole samples, ≥ kChunkRows rows at a time, then added to
     // the double partials (a flush per sample cost more than the sample's work when L = 1)
+    if (tiled) return lp_grad_sums_rows_tiled<P>(gp, xp, l, i0, i1, G, mv, n, ties, inv_m, s1, s2, s3);
     std::vector<acc_t> b1(l.rows ? C : 0, acc_t(0)), b2(b1), b3(b1);
     int64_t pending = 0;                       // rows summed into b1..b3 since the last flush
     auto flush = [&] {
