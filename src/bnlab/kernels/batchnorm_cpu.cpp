@@ -2520,21 +2520,29 @@ struct GroupTrain : public torch::autograd::Function<GroupTrain> {
     TORCH_CHECK(update == kNoUpdate || has_rm || has_rv, "no running statistics to update");
     const std::vector<double> w = has_w ? to_vec(*weight, C) : std::vector<double>();
     const std::vector<double> b = has_b ? to_vec(*bias, C) : std::vector<double>();
-    std::vector<double> mean(G * C), var(G * C), invstd(G * C), w_eff, r, d;
+    // the per-group constants the backward needs, written where it reads them: one float64 tensor
+    // with rows μ, s, γ·r (and r, d for Batch Renorm), each (G, C) (a list IValue would box every value)
+    at::Tensor pack = at::empty({renorm ? 5 : 3, G * C}, at::TensorOptions().dtype(at::kDouble));
+    double* const mean = pack.data_ptr<double>();
+    double* const invstd = mean + G * C;
+    double* const w_eff = mean + 2 * G * C;
+    double* const r = renorm ? mean + 3 * G * C : nullptr;
+    double* const d = renorm ? mean + 4 * G * C : nullptr;
+    std::vector<double> var(G * C);
     at::Tensor y = empty_out(x, x.scalar_type());
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bnlab_group_train", [&] {
       const scalar_t* xp = x.data_ptr<scalar_t>();
       for_groups(gr, x.numel(), [&](int64_t g) {
         const Layout lg = slice_layout(l, gr.size[g]);
         const scalar_t* xg = xp + gr.start[g] * per_row;
-        double* mg = mean.data() + g * C;
+        double* mg = mean + g * C;
         double* m2 = var.data() + g * C;                     // Σ(x − μ)², then σ² in place
         if (l.rows) stats_rows<scalar_t>(xg, lg, mg, m2);
         else stats_ncl<scalar_t>(xg, lg, mg, m2);
         for (int64_t c = 0; c < C; ++c)                      // ±Inf in the channel
           if (!std::isfinite(mg[c])) mg[c] = plain_mean<scalar_t>(xg, lg, c);
-        variance_invstd(m2, double(lg.M), eps, m2, invstd.data() + g * C, C);
-        if (!scale) std::fill(invstd.begin() + g * C, invstd.begin() + (g + 1) * C, 1.0);
+        variance_invstd(m2, double(lg.M), eps, m2, invstd + g * C, C);
+        if (!scale) std::fill(invstd + g * C, invstd + (g + 1) * C, 1.0);
       });
     });
     std::vector<double> rm, rstd;                     // Batch Renorm's μ and σ before the update
@@ -2544,7 +2552,6 @@ struct GroupTrain : public torch::autograd::Function<GroupTrain> {
       for (double& s : rstd) s = std::sqrt(s + eps);
     }
     if (renorm) {
-      r.resize(G * C), d.resize(G * C);
       for (int64_t g = 0; g < G; ++g)
         for (int64_t c = 0, i = g * C; c < C; ++c, ++i) {
           r[i] = clip(std::sqrt(var[i] + eps) / rstd[c], 1.0 / rmax, rmax);
@@ -2553,7 +2560,6 @@ struct GroupTrain : public torch::autograd::Function<GroupTrain> {
     }
     // the per-group affine: w_eff = γ·r, shift = β + γ·d
     std::vector<double> shift(G * C);
-    w_eff.resize(G * C);
     for (int64_t g = 0; g < G; ++g)                   // (an i % C per value cost more than the pass)
       for (int64_t c = 0, i = g * C; c < C; ++c, ++i) {
         const double gamma = has_w ? w[c] : 1.0;
@@ -2593,7 +2599,7 @@ struct GroupTrain : public torch::autograd::Function<GroupTrain> {
       update_running(running_mean, running_var, wm, wv, total, momentum, unbiased);
     } else if (update == kPerGroup) {
       for (int64_t g = 0; g < G; ++g)
-        update_running(running_mean, running_var, std::vector<double>(mean.begin() + g * C, mean.begin() + (g + 1) * C),
+        update_running(running_mean, running_var, std::vector<double>(mean + g * C, mean + (g + 1) * C),
                        std::vector<double>(var.begin() + g * C, var.begin() + (g + 1) * C),
                        double(gr.size[g] * l.L), momentum, unbiased);
     } else if (update == kRenorm) {
@@ -2611,17 +2617,6 @@ struct GroupTrain : public torch::autograd::Function<GroupTrain> {
       }
       write_running(*running_mean, new_mean);
       write_running(*running_var, new_var);
-    }
-    // the per-group constants in one float64 tensor, rows μ, s, γ·r, r, d (a list IValue would box
-    // every value)
-    at::Tensor pack = at::empty({5, G * C}, at::TensorOptions().dtype(at::kDouble));
-    double* pk = pack.data_ptr<double>();
-    std::copy(mean.begin(), mean.end(), pk);
-    std::copy(invstd.begin(), invstd.end(), pk + G * C);
-    std::copy(w_eff.begin(), w_eff.end(), pk + 2 * G * C);
-    if (renorm) {
-      std::copy(r.begin(), r.end(), pk + 3 * G * C);
-      std::copy(d.begin(), d.end(), pk + 4 * G * C);
     }
     NodeInputs::save(ctx, x, weight, bias);
     ctx->saved_data["sizes"] = sizes;
