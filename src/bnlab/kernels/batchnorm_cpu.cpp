@@ -1781,6 +1781,67 @@ inline void lp_grad_sums_tile(const scalar_t* __restrict g, const scalar_t* __re
   }
 }
 
+// sample i's constants of φ per channel: nk = inv_m/n (p = 2) or n, tk = 1/(ties at the maximum)
+template <int P, typename acc_t>
+inline void lp_sample_constants(int64_t i, int64_t C, int64_t G, const std::vector<double>& n,
+                                const std::vector<double>& ties, acc_t im, acc_t* nk, acc_t* tk) {
+  const int64_t Cg = C / G;
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t g = c / Cg;
+    const acc_t ni = acc_t(n[i * G + g]);
+    nk[c] = P == 2 ? im / ni : ni;
+    tk[c] = acc_t(1.0 / std::max(ties[i * G + g], 1.0));
+  }
+}
+
+// dx = dy·a + κ·φ(z) + shift over n rows of one sample, NV vectors of channels (T = float or double)
+template <int P, int NV, typename T>
+inline void lp_dx_tile(const T* __restrict g, const T* __restrict x, T* __restrict dx, int64_t C, int64_t n,
+                       const T* mu, const T* a, const T* kap, const T* sh, const T* nk, const T* tk, T inv_m) {
+  using vec = typename V64<T>::v;
+  constexpr int L = V64<T>::n;
+  vec m[NV], av[NV], kv[NV], sv[NV], nn[NV], tt[NV];
+  for (int v = 0; v < NV; ++v) {
+    m[v] = *reinterpret_cast<const vec*>(mu + v * L);
+    av[v] = *reinterpret_cast<const vec*>(a + v * L);
+    kv[v] = *reinterpret_cast<const vec*>(kap + v * L);
+    sv[v] = *reinterpret_cast<const vec*>(sh + v * L);
+    nn[v] = *reinterpret_cast<const vec*>(nk + v * L);
+    tt[v] = *reinterpret_cast<const vec*>(tk + v * L);
+  }
+  const vec im = vec{} + inv_m;
+  for (int64_t r = 0; r < n; ++r)
+    for (int v = 0; v < NV; ++v) {
+      const vec z = *reinterpret_cast<const vec*>(x + r * C + v * L) - m[v];
+      *reinterpret_cast<vec*>(dx + r * C + v * L) =
+          *reinterpret_cast<const vec*>(g + r * C + v * L) * av[v] + kv[v] * lp_phi_vec<P>(z, im, nn[v], tt[v]) + sv[v];
+    }
+}
+
+// Pass B over samples [i0, i1) of the rows layout on register tiles (see lp_grad_sums_rows_tiled)
+template <int P, typename T>
+void lp_dx_rows_tiled(const T* gp, const T* xp, T* dxp, const Layout& l, int64_t i0, int64_t i1, int64_t G,
+                      const T* mv, const T* av, const T* kv, const T* sv, const std::vector<double>& n,
+                      const std::vector<double>& ties, T im) {
+  const int64_t C = l.C, L = l.L;
+  thread_local avec<T> nk, tk;
+  nk.resize(C), tk.resize(C);
+  const int64_t sz = sizeof(T);
+  for (int64_t i = i0; i < i1; ++i) {
+    lp_sample_constants<P>(i, C, G, n, ties, im, nk.data(), tk.data());
+    row_blocks(i * L, (i + 1) * L, C, kLpTile * V64<T>::n,
+               {{reinterpret_cast<const char*>(gp), sz}, {reinterpret_cast<const char*>(xp), sz}},
+               [&](int64_t r, int64_t nr) {
+      channel_tiles<T, kLpTile>(C, [&](int64_t c, int nv) {
+        with_tile<kLpTile>(nv, [&](auto NV) {
+          lp_dx_tile<P, decltype(NV)::value>(gp + r * C + c, xp + r * C + c, dxp + r * C + c, C, nr, mv + c, av + c,
+                                             kv + c, sv + c, nk.data() + c, tk.data() + c, im);
+        });
+      });
+    });
+  }
+}
+
 // Pass A over samples [i0, i1) of the rows layout on register tiles: per sample its constants (n
 // or inv_m/n, and the share of a tie, per channel), its rows ≤ kChunkRows at a time summed in acc_t,
 // then added to the thread's double sums s1, s2, s3. (A function of its own: captured by the tiles'
@@ -1789,17 +1850,12 @@ template <int P, typename scalar_t, typename acc_t>
 void lp_grad_sums_rows_tiled(const scalar_t* gp, const scalar_t* xp, const Layout& l, int64_t i0, int64_t i1,
                              int64_t G, const acc_t* mv, const std::vector<double>& n, const std::vector<double>& ties,
                              acc_t im, double* s1, double* s2, double* s3) {
-  const int64_t C = l.C, L = l.L, Cg = C / G;
+  const int64_t C = l.C, L = l.L;
   thread_local avec<acc_t> c1, c2, c3, nk, tk;
   c1.resize(C), c2.resize(C), c3.resize(C), nk.resize(C), tk.resize(C);
   const int64_t sz = sizeof(scalar_t);
   for (int64_t i = i0; i < i1; ++i) {
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t g = c / Cg;
-      const acc_t ni = acc_t(n[i * G + g]);
-      nk[c] = P == 2 ? im / ni : ni;
-      tk[c] = acc_t(1.0 / std::max(ties[i * G + g], 1.0));
-    }
+    lp_sample_constants<P>(i, C, G, n, ties, im, nk.data(), tk.data());
     for (int64_t r0 = i * L; r0 < (i + 1) * L; r0 += kChunkRows) {
       const int64_t r1 = std::min((i + 1) * L, r0 + kChunkRows);
       std::fill(c1.begin(), c1.end(), acc_t(0));
@@ -1972,6 +2028,9 @@ void lp_backward_impl(const at::Tensor& dy, const at::Tensor& x, const Layout& l
   const acc_t* __restrict sv = shift.data();
   at::parallel_for(0, N, 1, [&](int64_t i0, int64_t i1) {
     const acc_t im = inv_m;
+    if constexpr (std::is_same<scalar_t, acc_t>::value) {       // vector stores: float and double
+      if (tiled) return lp_dx_rows_tiled<P>(gp, xp, dxp, l, i0, i1, G, mv, av, kv, sv, n, ties, inv_m);
+    }
     for (int64_t i = i0; i < i1; ++i) {
       if (l.rows) {
         for (int64_t r = i * L; r < (i + 1) * L; ++r) {
