@@ -18,31 +18,29 @@ pytestmark = pytest.mark.skipif(kernels.load() is None, reason="no compiled CPU 
 SHAPES = [((11, 6), None), ((11, 6, 5), None), ((11, 6, 4, 3), None), ((11, 6, 4, 3), torch.channels_last)]
 
 
-def _layers(dims: int):
+def _layers(dims: int, C: int = 6):
     """(name, constructor) pairs for a layer of the given input rank."""
-    two = dims >= 3
     ghost = bnlab.GhostBatchNorm2d if dims == 4 else bnlab.GhostBatchNorm1d
     renorm = bnlab.BatchRenorm2d if dims == 4 else bnlab.BatchRenorm1d
     detached = bnlab.DetachedNorm2d if dims == 4 else bnlab.DetachedNorm
-    out = [("ghost-batch", lambda: ghost(6, virtual_batch_size=4)),
-           ("ghost-virtual", lambda: ghost(6, virtual_batch_size=3, running_stats="virtual")),
-           ("renorm", lambda: renorm(6, rmax=1.5, dmax=0.3, warmup=False)),
-           ("renorm-virtual", lambda: renorm(6, rmax=1.5, dmax=0.3, warmup=False, virtual_batch_size=4)),
-           ("detached-center", lambda: detached(6, affine=True)),
-           ("detached-scale", lambda: detached(6, affine=True, scale=True))]
-    del two
-    return out
+    return [("ghost-batch", lambda: ghost(C, virtual_batch_size=4)),
+            ("ghost-virtual", lambda: ghost(C, virtual_batch_size=3, running_stats="virtual")),
+            ("renorm", lambda: renorm(C, rmax=1.5, dmax=0.3, warmup=False)),
+            ("renorm-virtual", lambda: renorm(C, rmax=1.5, dmax=0.3, warmup=False, virtual_batch_size=4)),
+            ("detached-center", lambda: detached(C, affine=True)),
+            ("detached-scale", lambda: detached(C, affine=True, scale=True))]
 
 
 def _prepare(layer, x):
     """γ, β and running statistics away from their defaults (so r, d clip and every term shows)."""
     g = torch.Generator().manual_seed(3)
+    C = layer.num_features
     with torch.no_grad():
         if layer.weight is not None:
-            layer.weight.copy_(torch.rand(6, generator=g) + 0.5)
-            layer.bias.copy_(torch.randn(6, generator=g))
-        layer.running_mean.copy_(torch.randn(6, generator=g) * 0.5)
-        layer.running_var.copy_(torch.rand(6, generator=g) + 0.5)
+            layer.weight.copy_(torch.rand(C, generator=g) + 0.5)
+            layer.bias.copy_(torch.randn(C, generator=g))
+        layer.running_mean.copy_(torch.randn(C, generator=g) * 0.5)
+        layer.running_var.copy_(torch.rand(C, generator=g) + 0.5)
     return layer.to(x.dtype)
 
 
@@ -75,6 +73,41 @@ def test_kernel_path_equals_the_definition(shape, fmt, dtype, tol):
         for buf in ("running_mean", "running_var", "num_batches_tracked"):
             torch.testing.assert_close(getattr(fast, buf), getattr(slow, buf), atol=tol, rtol=tol,
                                        msg=f"{name}: {buf}")
+
+
+@pytest.mark.parametrize("shape,fmt,dtype,tol", [((13, 32, 4, 3), torch.channels_last, torch.float32, 1e-4),
+                                                  ((13, 16, 4, 3), torch.channels_last, torch.float64, 1e-10),
+                                                  ((150, 48), None, torch.float32, 1e-4)],
+                         ids=["channels_last-f32", "channels_last-f64", "2d-f32"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_group_step_on_register_tiles_equals_the_definition(shape, fmt, dtype, tol, threads):
+    """C a multiple of the vector width: each group's statistics and gradient sums run on the
+    register-tile reductions (small groups in parallel with each other on two threads). Against
+    the float64 definition, errors relative to each output's largest value: BN over virtual
+    batches of 3 rows amplifies float32 rounding in dx (the definition in float32 is off by as
+    much)."""
+    g = torch.Generator().manual_seed(5)
+    x64 = torch.randn(*shape, generator=g, dtype=torch.float64) * 2 + 1
+    if fmt is not None:
+        x64 = x64.contiguous(memory_format=fmt)
+    dy64 = torch.randn(*shape, generator=g, dtype=torch.float64)
+    before = torch.get_num_threads()
+    for name, make in _layers(len(shape), shape[1]):
+        fast = _prepare(make(), x64.to(dtype))
+        slow = copy.deepcopy(fast).double()
+        torch.set_num_threads(threads)
+        try:
+            got = _step(fast, x64.to(dtype), dy64.to(dtype))
+        finally:
+            torch.set_num_threads(before)
+        with kernels.disabled():
+            want = _step(slow, x64, dy64)
+        if fmt is not None:
+            assert got[0].is_contiguous(memory_format=fmt), name
+        for what, a, b in zip(("y", "dx", "dgamma", "dbeta", "running_mean", "running_var"),
+                              got + (fast.running_mean, fast.running_var),
+                              want + (slow.running_mean, slow.running_var)):
+            torch.testing.assert_close(a.double(), b, atol=tol * b.abs().max().item(), rtol=tol, msg=f"{name}: {what}")
 
 
 # gradcheck compares with the forward's true derivative: Detached normalization's gradient drops
@@ -229,6 +262,53 @@ def test_lp_register_tiles_equal_the_definition(p, groups, data):
         want = _step(slow, x, dy)
     for what, a, b in zip(("y", "dx", "dgamma", "dbeta"), got, want):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9, msg=what)
+
+
+@pytest.mark.parametrize("shape,dtype,tol", [((5, 144, 9, 10), torch.float32, 2e-4),
+                                             ((3, 72, 9, 10), torch.float64, 1e-10)], ids=["f32", "f64"])
+@pytest.mark.parametrize("p", [1, 2, "inf"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_lp_register_tiles_on_wide_rows_and_long_samples(shape, dtype, tol, p, threads):
+    """Rows of several tiles (a full tile and a partial one: the blocked, prefetched walk) and
+    samples of 90 rows (two chunks each), integer data (ties at the maximum), groups of 48 / 24
+    channels, on one and two threads; against the float64 definition."""
+    g = torch.Generator().manual_seed(6)
+    x64 = torch.randint(-3, 4, shape, generator=g).double().contiguous(memory_format=torch.channels_last)
+    dy64 = torch.randn(*shape, generator=g, dtype=torch.float64)
+    fast = bnlab.LpNorm2d(shape[1], p=p, groups=3)
+    with torch.no_grad():
+        fast.weight.uniform_(0.5, 1.5, generator=g)
+        fast.bias.uniform_(-1, 1, generator=g)
+    slow = copy.deepcopy(fast).double()
+    fast = fast.to(dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = _step(fast, x64.to(dtype), dy64.to(dtype))
+    finally:
+        torch.set_num_threads(before)
+    with kernels.disabled():
+        want = _step(slow, x64, dy64)
+    for what, a, b in zip(("y", "dx", "dgamma", "dbeta"), got, want):
+        torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol, msg=what)
+
+
+@pytest.mark.parametrize("p", [1, 2, "inf"])
+def test_lp_bfloat16_on_register_tiles_equals_the_float64_definition(p):
+    """bfloat16 channels_last: the tiles load bfloat16 (means, norms, the backward's sums) and
+    accumulate in float; the dx pass stays scalar (its stores round to bfloat16)."""
+    g = torch.Generator().manual_seed(7)
+    shape = (6, 32, 5, 6)
+    x64 = (torch.randn(*shape, generator=g, dtype=torch.float64) * 2 + 1).bfloat16().double()
+    x64 = x64.contiguous(memory_format=torch.channels_last)
+    dy64 = torch.randn(*shape, generator=g, dtype=torch.float64).bfloat16().double()
+    fast = bnlab.LpNorm2d(32, p=p, groups=2)
+    slow = copy.deepcopy(fast).double()
+    got = _step(fast.bfloat16(), x64.bfloat16(), dy64.bfloat16())
+    with kernels.disabled():
+        want = _step(slow, x64, dy64)
+    for what, a, b in zip(("y", "dx"), got, want):
+        torch.testing.assert_close(a.double(), b, atol=5e-2, rtol=2e-2, msg=what)
 
 
 def test_lp_infinity_splits_the_gradient_among_ties_as_torch_does():

@@ -1667,15 +1667,18 @@ void lp_sample_rows_tiled(const scalar_t* x, const Layout& l, int64_t i, const a
   }
   if constexpr (P == 0) {
     for (int64_t c = 0; c < C; ++c) top[c] = acc_t(acc[c / Cg]);       // exact: acc[g] is an acc_t value
-    std::fill(t.begin(), t.end(), acc_t(0));                           // now the counts (exact in acc_t)
-    row_blocks(i * L, (i + 1) * L, C, TE, stream, [&](int64_t r, int64_t n) {
-      channel_tiles<acc_t>(C, [&](int64_t c, int nv) {
-        with_tile<kRowTile>(nv, [&](auto NV) {
-          lp_ties_tile<decltype(NV)::value>(x + r * C + c, C, n, mu + c, top.data() + c, t.data() + c);
+    for (int64_t r0 = i * L; r0 < (i + 1) * L; r0 += kChunkRows) {     // counts of ≤ 64 rows: exact in acc_t
+      const int64_t r1 = std::min((i + 1) * L, r0 + kChunkRows);
+      std::fill(t.begin(), t.end(), acc_t(0));
+      row_blocks(r0, r1, C, TE, stream, [&](int64_t r, int64_t n) {
+        channel_tiles<acc_t>(C, [&](int64_t c, int nv) {
+          with_tile<kRowTile>(nv, [&](auto NV) {
+            lp_ties_tile<decltype(NV)::value>(x + r * C + c, C, n, mu + c, top.data() + c, t.data() + c);
+          });
         });
       });
-    });
-    for (int64_t c = 0; c < C; ++c) ties[c / Cg] += double(t[c]);
+      for (int64_t c = 0; c < C; ++c) ties[c / Cg] += double(t[c]);
+    }
   }
 }
 
