@@ -1008,3 +1008,51 @@ def test_a_second_checkout_loads_the_same_build_without_recompiling(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "available"
     assert "compiling" not in r.stderr and so.stat().st_mtime_ns == before
+
+
+_NO_AVX512_CHILD = """
+import torch, bnlab
+import bnlab.kernels as K
+K.FLAGS = K.FLAGS + ["-mno-avx512f"]
+assert K.load() is not None, K.failure()
+from bnlab import functional as BF
+torch.manual_seed(0)
+for shape, dtype in [((5, 144, 3, 7), torch.float32), ((5, 72, 3, 7), torch.float64), ((300, 48), torch.float32),
+                     ((5, 32, 3, 7), torch.bfloat16)]:
+    x = (torch.randn(*shape, dtype=torch.float64) * 2 + 1).to(dtype)
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(*shape, dtype=torch.float64).to(dtype)
+    for make in (lambda C: bnlab.BatchNorm2d(C) if x.dim() == 4 else bnlab.BatchNorm1d(C),
+                 lambda C: bnlab.LpNorm2d(C, p="inf", groups=2) if x.dim() == 4 else bnlab.LpNorm1d(C, p=1)):
+        outs = []
+        for off in (False, True):
+            m = make(shape[1]).to(dtype)
+            xx = x.clone().requires_grad_()
+            if off:
+                with K.disabled():
+                    y = m(xx)
+                    y.backward(dy)
+            else:
+                y = m(xx)
+                y.backward(dy)
+            outs.append((y.double(), xx.grad.double()))
+        tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 6e-2}[dtype]
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b, atol=tol * max(1.0, b.abs().max().item()), rtol=tol)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_the_build_without_avx512_equals_the_definition(tmp_path):
+    """Machines without AVX-512 compile other register tiles (two 64-byte vectors a tile for BN's
+    reductions, one for ℓp's); this machine builds that variant (-mno-avx512f) into a private cache
+    and holds BN and ℓp on their tiled paths to the definition."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
+    run = subprocess.run([sys.executable, "-c", _NO_AVX512_CHILD], capture_output=True, text=True, env=env,
+                         timeout=900)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]

@@ -1513,10 +1513,10 @@ inline void column_sums_f64_tile(const scalar_t* __restrict x, int64_t C, int64_
 // s[c] += Σ x[r][c] over rows [r0, r1) in memory order, the sums in registers (C a multiple of 8)
 template <typename scalar_t>
 void column_sums_f64_rows(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, double* s) {
-  row_blocks(r0, r1, C, 8 * 8, {{reinterpret_cast<const char*>(x), int64_t(sizeof(scalar_t))}},
+  row_blocks(r0, r1, C, kRowTile * 8, {{reinterpret_cast<const char*>(x), int64_t(sizeof(scalar_t))}},
              [&](int64_t r, int64_t n) {
-    channel_tiles<double, 8>(C, [&](int64_t c, int nv) {
-      with_tile<8>(nv, [&](auto NV) { column_sums_f64_tile<decltype(NV)::value>(x + r * C + c, C, n, s + c); });
+    channel_tiles<double, kRowTile>(C, [&](int64_t c, int nv) {
+      with_tile<kRowTile>(nv, [&](auto NV) { column_sums_f64_tile<decltype(NV)::value>(x + r * C + c, C, n, s + c); });
     });
   });
 }
