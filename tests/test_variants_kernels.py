@@ -51,6 +51,16 @@ def _step(layer, x, dy):
     return y.detach(), x.grad, layer.weight.grad, layer.bias.grad
 
 
+def _step_on_threads(layer, x, dy, threads: int):
+    """_step with torch's thread count set to ``threads`` for the call."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _step(layer, x, dy)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("shape,fmt", SHAPES, ids=["2d", "3d", "nchw", "channels_last"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)], ids=["f64", "f32"])
 def test_kernel_path_equals_the_definition(shape, fmt, dtype, tol):
@@ -91,15 +101,10 @@ def test_group_step_on_register_tiles_equals_the_definition(shape, fmt, dtype, t
     if fmt is not None:
         x64 = x64.contiguous(memory_format=fmt)
     dy64 = torch.randn(*shape, generator=g, dtype=torch.float64)
-    before = torch.get_num_threads()
     for name, make in _layers(len(shape), shape[1]):
         fast = _prepare(make(), x64.to(dtype))
         slow = copy.deepcopy(fast).double()
-        torch.set_num_threads(threads)
-        try:
-            got = _step(fast, x64.to(dtype), dy64.to(dtype))
-        finally:
-            torch.set_num_threads(before)
+        got = _step_on_threads(fast, x64.to(dtype), dy64.to(dtype), threads)
         with kernels.disabled():
             want = _step(slow, x64, dy64)
         if fmt is not None:
@@ -281,12 +286,7 @@ def test_lp_register_tiles_on_wide_rows_and_long_samples(shape, dtype, tol, p, t
         fast.bias.uniform_(-1, 1, generator=g)
     slow = copy.deepcopy(fast).double()
     fast = fast.to(dtype)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        got = _step(fast, x64.to(dtype), dy64.to(dtype))
-    finally:
-        torch.set_num_threads(before)
+    got = _step_on_threads(fast, x64.to(dtype), dy64.to(dtype), threads)
     with kernels.disabled():
         want = _step(slow, x64, dy64)
     for what, a, b in zip(("y", "dx", "dgamma", "dbeta"), got, want):
