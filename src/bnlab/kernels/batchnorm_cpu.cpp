@@ -498,6 +498,16 @@ inline void row_blocks(int64_t r0, int64_t r1, int64_t C, int64_t tile_elems,
   }
 }
 
+// body(r, n, c, NV) for every tile of rows [r0, r1): the blocks of row_blocks, each split into
+// channel tiles of T vectors of acc_t (NV: the tile's vector count, an std::integral_constant)
+template <typename acc_t, int T, typename F>
+inline void row_tiles(int64_t r0, int64_t r1, int64_t C, std::initializer_list<std::pair<const char*, int64_t>> streams,
+                      F&& body) {
+  row_blocks(r0, r1, C, T * V64<acc_t>::n, streams, [&](int64_t r, int64_t n) {
+    channel_tiles<acc_t, T>(C, [&](int64_t c, int nv) { with_tile<T>(nv, [&](auto NV) { body(r, n, c, NV); }); });
+  });
+}
+
 // s[c] += Σ_r (x[r][c] − K[c]), q[c] += Σ_r (x[r][c] − K[c])² over n rows of C values, for the NV
 // vectors of channels from x, K, s, q (all offset to the tile's first channel)
 template <int NV, typename scalar_t, typename acc_t>
@@ -530,7 +540,6 @@ inline void shifted_sums_tile(const scalar_t* __restrict x, int64_t C, int64_t n
 template <typename scalar_t>
 void stats_rows_tiled(const scalar_t* x, const Layout& l, double* mean_out, double* m2_out) {
   using acc_t = typename Acc<scalar_t>::type;
-  constexpr int64_t TE = kRowTile * V64<acc_t>::n;
   const int64_t C = l.C, M = l.M, R = kChunkRows;
   const int nt = at::get_num_threads();
   std::vector<Moments>& per = moments_scratch(nt, C);
@@ -543,13 +552,9 @@ void stats_rows_tiled(const scalar_t* x, const Layout& l, double* mean_out, doub
     auto sums = [&](int64_t r0, int64_t r1) {                      // s, q ← the shifted sums of rows [r0, r1)
       std::fill(s.begin(), s.end(), acc_t(0));
       std::fill(q.begin(), q.end(), acc_t(0));
-      row_blocks(r0, r1, C, TE, {{reinterpret_cast<const char*>(x), int64_t(sizeof(scalar_t))}},
-                 [&](int64_t r, int64_t n) {
-        channel_tiles<acc_t>(C, [&](int64_t c, int nv) {
-          with_tile<kRowTile>(nv, [&](auto NV) {
-            shifted_sums_tile<decltype(NV)::value>(x + r * C + c, C, n, K.data() + c, s.data() + c, q.data() + c);
-          });
-        });
+      row_tiles<acc_t, kRowTile>(r0, r1, C, {{reinterpret_cast<const char*>(x), int64_t(sizeof(scalar_t))}},
+                                 [&](int64_t r, int64_t n, int64_t c, auto NV) {
+        shifted_sums_tile<decltype(NV)::value>(x + r * C + c, C, n, K.data() + c, s.data() + c, q.data() + c);
       });
     };
     for (int64_t b = b0; b < b1; ++b) {
@@ -1053,7 +1058,6 @@ template <typename scalar_t>
 void grad_sums_rows_tiled(const scalar_t* dy, const scalar_t* x, const double* mean, const Layout& l,
                           double* sum_dy, double* sum_dy_xmu) {
   using acc_t = typename Acc<scalar_t>::type;
-  constexpr int64_t TE = kRowTile * V64<acc_t>::n;
   const int64_t C = l.C, M = l.M, R = kChunkRows;
   const int nt = at::get_num_threads();
   std::vector<std::vector<double>>& s1 = sums_scratch(0, nt, C);
@@ -1074,14 +1078,10 @@ void grad_sums_rows_tiled(const scalar_t* dy, const scalar_t* x, const double* m
       const int64_t r0 = b * R, r1 = std::min(M, r0 + R);
       std::fill(a1.begin(), a1.end(), acc_t(0));
       std::fill(a2.begin(), a2.end(), acc_t(0));
-      row_blocks(r0, r1, C, TE, {{reinterpret_cast<const char*>(dy), sz}, {reinterpret_cast<const char*>(x), sz}},
-                 [&](int64_t r, int64_t n) {
-        channel_tiles<acc_t>(C, [&](int64_t c, int nv) {
-          with_tile<kRowTile>(nv, [&](auto NV) {
-            grad_sums_tile<decltype(NV)::value>(dy + r * C + c, x + r * C + c, C, n, mu.data() + c, a1.data() + c,
-                                                a2.data() + c);
-          });
-        });
+      row_tiles<acc_t, kRowTile>(r0, r1, C, {{reinterpret_cast<const char*>(dy), sz}, {reinterpret_cast<const char*>(x), sz}},
+                                 [&](int64_t r, int64_t n, int64_t c, auto NV) {
+        grad_sums_tile<decltype(NV)::value>(dy + r * C + c, x + r * C + c, C, n, mu.data() + c, a1.data() + c,
+                                            a2.data() + c);
       });
       for (int64_t c = 0; c < C; ++c) {
         t1[c] += double(a1[c]);
@@ -1513,11 +1513,9 @@ inline void column_sums_f64_tile(const scalar_t* __restrict x, int64_t C, int64_
 // s[c] += Σ x[r][c] over rows [r0, r1) in memory order, the sums in registers (C a multiple of 8)
 template <typename scalar_t>
 void column_sums_f64_rows(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, double* s) {
-  row_blocks(r0, r1, C, kRowTile * 8, {{reinterpret_cast<const char*>(x), int64_t(sizeof(scalar_t))}},
-             [&](int64_t r, int64_t n) {
-    channel_tiles<double, kRowTile>(C, [&](int64_t c, int nv) {
-      with_tile<kRowTile>(nv, [&](auto NV) { column_sums_f64_tile<decltype(NV)::value>(x + r * C + c, C, n, s + c); });
-    });
+  row_tiles<double, kRowTile>(r0, r1, C, {{reinterpret_cast<const char*>(x), int64_t(sizeof(scalar_t))}},
+                              [&](int64_t r, int64_t n, int64_t c, auto NV) {
+    column_sums_f64_tile<decltype(NV)::value>(x + r * C + c, C, n, s + c);
   });
 }
 
@@ -1636,7 +1634,6 @@ template <int P, typename scalar_t, typename acc_t>
 void lp_sample_rows_tiled(const scalar_t* x, const Layout& l, int64_t i, const acc_t* mu, int64_t Cg, double* acc,
                           double* ties) {
   const int64_t C = l.C, L = l.L, G = C / Cg;
-  constexpr int64_t TE = kRowTile * V64<acc_t>::n;
   const std::initializer_list<std::pair<const char*, int64_t>> stream = {
       {reinterpret_cast<const char*>(x), int64_t(sizeof(scalar_t))}};
   thread_local avec<acc_t> t, top;
@@ -1647,12 +1644,8 @@ void lp_sample_rows_tiled(const scalar_t* x, const Layout& l, int64_t i, const a
   for (int64_t r0 = i * L; r0 < (i + 1) * L; r0 += kChunkRows) {
     const int64_t r1 = std::min((i + 1) * L, r0 + kChunkRows);
     if constexpr (P != 0) std::fill(t.begin(), t.end(), acc_t(0));
-    row_blocks(r0, r1, C, TE, stream, [&](int64_t r, int64_t n) {
-      channel_tiles<acc_t>(C, [&](int64_t c, int nv) {
-        with_tile<kRowTile>(nv, [&](auto NV) {
-          lp_terms_tile<P, decltype(NV)::value>(x + r * C + c, C, n, mu + c, t.data() + c);
-        });
-      });
+    row_tiles<acc_t, kRowTile>(r0, r1, C, stream, [&](int64_t r, int64_t n, int64_t c, auto NV) {
+      lp_terms_tile<P, decltype(NV)::value>(x + r * C + c, C, n, mu + c, t.data() + c);
     });
     if constexpr (P != 0)
       for (int64_t c = 0; c < C; ++c) td[c] += double(t[c]);
@@ -1670,12 +1663,8 @@ void lp_sample_rows_tiled(const scalar_t* x, const Layout& l, int64_t i, const a
     for (int64_t r0 = i * L; r0 < (i + 1) * L; r0 += kChunkRows) {     // counts of ≤ 64 rows: exact in acc_t
       const int64_t r1 = std::min((i + 1) * L, r0 + kChunkRows);
       std::fill(t.begin(), t.end(), acc_t(0));
-      row_blocks(r0, r1, C, TE, stream, [&](int64_t r, int64_t n) {
-        channel_tiles<acc_t>(C, [&](int64_t c, int nv) {
-          with_tile<kRowTile>(nv, [&](auto NV) {
-            lp_ties_tile<decltype(NV)::value>(x + r * C + c, C, n, mu + c, top.data() + c, t.data() + c);
-          });
-        });
+      row_tiles<acc_t, kRowTile>(r0, r1, C, stream, [&](int64_t r, int64_t n, int64_t c, auto NV) {
+        lp_ties_tile<decltype(NV)::value>(x + r * C + c, C, n, mu + c, top.data() + c, t.data() + c);
       });
       for (int64_t c = 0; c < C; ++c) ties[c / Cg] += double(t[c]);
     }
@@ -1832,15 +1821,11 @@ void lp_dx_rows_tiled(const T* gp, const T* xp, T* dxp, const Layout& l, int64_t
   const int64_t sz = sizeof(T);
   for (int64_t i = i0; i < i1; ++i) {
     lp_sample_constants<P>(i, C, G, n, ties, im, nk.data(), tk.data());
-    row_blocks(i * L, (i + 1) * L, C, kLpTile * V64<T>::n,
-               {{reinterpret_cast<const char*>(gp), sz}, {reinterpret_cast<const char*>(xp), sz}},
-               [&](int64_t r, int64_t nr) {
-      channel_tiles<T, kLpTile>(C, [&](int64_t c, int nv) {
-        with_tile<kLpTile>(nv, [&](auto NV) {
-          lp_dx_tile<P, decltype(NV)::value>(gp + r * C + c, xp + r * C + c, dxp + r * C + c, C, nr, mv + c, av + c,
-                                             kv + c, sv + c, nk.data() + c, tk.data() + c, im);
-        });
-      });
+    row_tiles<T, kLpTile>(i * L, (i + 1) * L, C,
+                          {{reinterpret_cast<const char*>(gp), sz}, {reinterpret_cast<const char*>(xp), sz}},
+                          [&](int64_t r, int64_t nr, int64_t c, auto NV) {
+      lp_dx_tile<P, decltype(NV)::value>(gp + r * C + c, xp + r * C + c, dxp + r * C + c, C, nr, mv + c, av + c,
+                                         kv + c, sv + c, nk.data() + c, tk.data() + c, im);
     });
   }
 }
@@ -1864,15 +1849,11 @@ void lp_grad_sums_rows_tiled(const scalar_t* gp, const scalar_t* xp, const Layou
       std::fill(c1.begin(), c1.end(), acc_t(0));
       std::fill(c2.begin(), c2.end(), acc_t(0));
       std::fill(c3.begin(), c3.end(), acc_t(0));
-      row_blocks(r0, r1, C, kLpTile * V64<acc_t>::n,
-                 {{reinterpret_cast<const char*>(gp), sz}, {reinterpret_cast<const char*>(xp), sz}},
-                 [&](int64_t r, int64_t nr) {
-        channel_tiles<acc_t, kLpTile>(C, [&](int64_t c, int nv) {
-          with_tile<kLpTile>(nv, [&](auto NV) {
-            lp_grad_sums_tile<P, decltype(NV)::value>(gp + r * C + c, xp + r * C + c, C, nr, mv + c, nk.data() + c,
-                                                      tk.data() + c, im, c1.data() + c, c2.data() + c, c3.data() + c);
-          });
-        });
+      row_tiles<acc_t, kLpTile>(r0, r1, C,
+                                {{reinterpret_cast<const char*>(gp), sz}, {reinterpret_cast<const char*>(xp), sz}},
+                                [&](int64_t r, int64_t nr, int64_t c, auto NV) {
+        lp_grad_sums_tile<P, decltype(NV)::value>(gp + r * C + c, xp + r * C + c, C, nr, mv + c, nk.data() + c,
+                                                  tk.data() + c, im, c1.data() + c, c2.data() + c, c3.data() + c);
       });
       for (int64_t c = 0; c < C; ++c) { s1[c] += c1[c]; s2[c] += c2[c]; s3[c] += c3[c]; }
     }
