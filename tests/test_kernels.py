@@ -636,6 +636,27 @@ def _declined(call, count=_fast_calls) -> None:
     assert count() == before, "the one-call path ran where the Python path must"
 
 
+def test_compiled_for_takes_what_select_takes():
+    """The variants' entry check (compiled_for, its checks in one C++ call) answers as select does:
+    the compiled module exactly where select picks it — dtypes, layouts, empty and 1-D inputs,
+    parameters, kernels off, tracing and functorch transforms."""
+    k = dispatch.cpu_module()
+    x = torch.randn(6, 4, 5, 3)
+    cases = [x, x.double(), x.bfloat16(), x.half(), x.int(), x.contiguous(memory_format=torch.channels_last),
+             x.transpose(2, 3), x[:, :, ::2], torch.randn(0, 4), torch.randn(4), torch.randn(8, 3),
+             torch.randn(2, 3, 4, 5, 6).contiguous(memory_format=torch.channels_last_3d), nn.Parameter(torch.randn(5, 4))]
+    for t in cases:
+        want = dispatch.select(t) is k
+        assert (dispatch.compiled_for(t, "group_train") is k) == want, (t.dtype, t.shape, t.stride())
+    assert dispatch.compiled_for(x, "no_such_entry") is None
+    with kernels.disabled():
+        assert dispatch.compiled_for(x, "group_train") is None
+    seen = []
+    torch.jit.trace(lambda t: seen.append(dispatch.compiled_for(t, "group_train")) or t * 1, (x,), check_trace=False)
+    torch.func.vmap(lambda t: seen.append(dispatch.compiled_for(t, "group_train")) or t)(torch.randn(2, 6, 4))
+    assert seen and all(s is None for s in seen)
+
+
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_one_call_path_declines_and_the_python_path_decides():
     """Every case the Python path treats otherwise is declined by the one C++ call, so behaviour

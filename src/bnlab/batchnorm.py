@@ -141,13 +141,13 @@ class _BatchNorm(_TorchBatchNorm):
     def _updates_running_stats(self) -> bool:
         return self.training and self.track_running_stats and not self.frozen and self.num_batches_tracked is not None
 
-    def _momentum_step(self) -> float:
+    def _momentum_step(self, update: Optional[bool] = None) -> float:
         """Count a training step (num_batches_tracked) and return its EMA momentum m_t (the layer's
         momentum, 1/t for momentum=None, or the debiased m/(1 − (1 − m)^t) for ema="debiased").
         The one place every layer deriving _BatchNorm (variants, SyncBatchNorm, BatchNormAct2d)
         turns its options into a momentum; returns the plain momentum (0 if None) when no step is
-        counted."""
-        if not self._updates_running_stats():
+        counted. ``update``: the caller's _updates_running_stats(), when it has it."""
+        if not (self._updates_running_stats() if update is None else update):
             return 0.0 if self.momentum is None else self.momentum
         self.num_batches_tracked.add_(1)
         if self.momentum is None or self.ema != "pytorch":               # cumulative or debiased EMA
@@ -170,7 +170,7 @@ class _BatchNorm(_TorchBatchNorm):
         self._check_finite(input)
 
         update = self._updates_running_stats()
-        momentum = self._momentum_step()
+        momentum = self._momentum_step(update)
         return BF.batch_norm(
             input,
             self.running_mean if (update or not use_batch_stats) else None,

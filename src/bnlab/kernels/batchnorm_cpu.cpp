@@ -383,14 +383,57 @@ inline void merge_threads(const std::vector<Moments>& per, int64_t C, double* me
   }
 }
 
+// A chunk with no earlier one (an empty accumulator): Chan's merge reduces to mean = K + Σd/n_b,
+// M2 = Σd² − (Σd)²/n_b, written straight to the outputs.
+template <typename acc_t>
+inline void chunk_moments(const acc_t* K, const acc_t* s, const acc_t* q, int64_t C, double nb, double* mean_out,
+                          double* m2_out) {
+  const double inv_nb = 1.0 / nb;
+  for (int64_t c = 0; c < C; ++c) {
+    const double ds = double(s[c]);
+    mean_out[c] = double(K[c]) + ds * inv_nb;
+    m2_out[c] = double(q[c]) - ds * ds * inv_nb;
+  }
+}
+
+// s, q ← the sums of rows [r0, r1) shifted by K (wide rows, folded to C); first: K ← the rows' own
+// mean before, by a pass of its own
+template <typename acc_t, typename scalar_t>
+void wide_chunk_sums(const scalar_t* x, int64_t C, const Wide& w, int64_t r0, int64_t r1, bool first, acc_t* K,
+                     acc_t* s, acc_t* q) {
+  if (first) {
+    std::fill(s, s + w.W, acc_t(0));
+    wide_chunk(w, C, r0, r1, [&](int64_t r, int64_t n, int64_t width) {
+      column_sums_rows<acc_t, scalar_t>(x + r * C, width, 0, n, s);
+    });
+    fold(s, C, w.k);
+    const acc_t inv = acc_t(1) / acc_t(r1 - r0);
+    for (int64_t c = 0; c < C; ++c) K[c] = s[c] * inv;
+  }
+  tile(K, C, w.k);
+  std::fill(s, s + w.W, acc_t(0));
+  std::fill(q, q + w.W, acc_t(0));
+  wide_chunk(w, C, r0, r1, [&](int64_t r, int64_t n, int64_t width) {
+    shifted_sums_rows<acc_t, scalar_t>(x + r * C, width, 0, n, K, s, q);
+  });
+  fold(s, C, w.k);
+  fold(q, C, w.k);
+}
+
 template <typename scalar_t>
 void stats_rows_wide(const scalar_t* x, const Layout& l, double* mean_out, double* m2_out) {
   using acc_t = typename Acc<scalar_t>::type;
   const int64_t C = l.C, M = l.M;
   const Wide w = wide_rows(C);
+  const int64_t R = w.R;
+  if (M <= R) {                   // one chunk (a virtual batch): no per-thread accumulators to clear and merge
+    thread_local avec<acc_t> K1, s1, q1;
+    K1.resize(w.W), s1.resize(w.W), q1.resize(w.W);
+    wide_chunk_sums<acc_t>(x, C, w, 0, M, true, K1.data(), s1.data(), q1.data());
+    return chunk_moments(K1.data(), s1.data(), q1.data(), C, double(M), mean_out, m2_out);
+  }
   const int nt = at::get_num_threads();
   std::vector<Moments>& per = moments_scratch(nt, C);
-  const int64_t R = w.R;
   at::parallel_for(0, (M + R - 1) / R, 1, [&](int64_t b0, int64_t b1) {
     Moments& acc = per[at::get_thread_num()];
     thread_local avec<acc_t> K, s, q;
@@ -399,26 +442,9 @@ void stats_rows_wide(const scalar_t* x, const Layout& l, double* mean_out, doubl
     q.resize(w.W);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * R, r1 = std::min(M, r0 + R);
-      const double nb = double(r1 - r0), na = acc.n[0];
       // a wide row starting at row r: W = k·C values, row r·C onwards (the same memory as k rows)
-      if (na == 0) {                                                        // first chunk: m̃ by a pass of its own
-        std::fill(s.begin(), s.end(), acc_t(0));
-        wide_chunk(w, C, r0, r1, [&](int64_t r, int64_t n, int64_t width) {
-          column_sums_rows<acc_t, scalar_t>(x + r * C, width, 0, n, s.data());
-        });
-        fold(s.data(), C, w.k);
-        const acc_t inv = acc_t(1) / acc_t(r1 - r0);
-        for (int64_t c = 0; c < C; ++c) K[c] = s[c] * inv;
-      }
-      tile(K.data(), C, w.k);
-      std::fill(s.begin(), s.end(), acc_t(0));
-      std::fill(q.begin(), q.end(), acc_t(0));
-      wide_chunk(w, C, r0, r1, [&](int64_t r, int64_t n, int64_t width) {
-        shifted_sums_rows<acc_t, scalar_t>(x + r * C, width, 0, n, K.data(), s.data(), q.data());
-      });
-      fold(s.data(), C, w.k);
-      fold(q.data(), C, w.k);
-      merge_chunk(acc, K.data(), s.data(), q.data(), C, nb);
+      wide_chunk_sums<acc_t>(x, C, w, r0, r1, acc.n[0] == 0, K.data(), s.data(), q.data());
+      merge_chunk(acc, K.data(), s.data(), q.data(), C, double(r1 - r0));
     }
   });
   merge_threads(per, C, mean_out, m2_out);
@@ -537,10 +563,40 @@ inline void shifted_sums_tile(const scalar_t* __restrict x, int64_t C, int64_t n
 
 // stats_rows_wide's algorithm (first chunk two-pass, later chunks shifted by the running mean, Chan's
 // merge) on chunks of kChunkRows rows: each float accumulator sums ≤ 64 terms
+// s, q ← the sums of rows [r0, r1) of C values shifted by K, on register tiles; first: K ← the rows'
+// own mean before, by a pass of its own
+template <typename acc_t, typename scalar_t>
+void tiled_chunk_sums(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, bool first, acc_t* K, acc_t* s,
+                      acc_t* q) {
+  auto sums = [&] {
+    std::fill(s, s + C, acc_t(0));
+    std::fill(q, q + C, acc_t(0));
+    row_tiles<acc_t, kRowTile>(r0, r1, C, {{reinterpret_cast<const char*>(x), int64_t(sizeof(scalar_t))}},
+                               [&](int64_t r, int64_t n, int64_t c, auto NV) {
+      shifted_sums_tile<decltype(NV)::value>(x + r * C + c, C, n, K + c, s + c, q + c);
+    });
+  };
+  if (first) {                                                 // m̃ by a pass of its own
+    std::fill(K, K + C, acc_t(0));
+    sums();
+    const acc_t inv = acc_t(1) / acc_t(r1 - r0);
+    for (int64_t c = 0; c < C; ++c) K[c] = s[c] * inv;
+  }
+  sums();
+}
+
+// stats_rows_wide's algorithm (first chunk two-pass, later chunks shifted by the running mean, Chan's
+// merge) on chunks of kChunkRows rows: each float accumulator sums ≤ 64 terms
 template <typename scalar_t>
 void stats_rows_tiled(const scalar_t* x, const Layout& l, double* mean_out, double* m2_out) {
   using acc_t = typename Acc<scalar_t>::type;
   const int64_t C = l.C, M = l.M, R = kChunkRows;
+  if (M <= R) {                   // one chunk (a virtual batch): no per-thread accumulators to clear and merge
+    thread_local avec<acc_t> K1, s1, q1;
+    K1.resize(C), s1.resize(C), q1.resize(C);
+    tiled_chunk_sums<acc_t>(x, C, 0, M, true, K1.data(), s1.data(), q1.data());
+    return chunk_moments(K1.data(), s1.data(), q1.data(), C, double(M), mean_out, m2_out);
+  }
   const int nt = at::get_num_threads();
   std::vector<Moments>& per = moments_scratch(nt, C);
   at::parallel_for(0, (M + R - 1) / R, 1, [&](int64_t b0, int64_t b1) {
@@ -549,23 +605,9 @@ void stats_rows_tiled(const scalar_t* x, const Layout& l, double* mean_out, doub
     K.resize(C);
     s.resize(C);
     q.resize(C);
-    auto sums = [&](int64_t r0, int64_t r1) {                      // s, q ← the shifted sums of rows [r0, r1)
-      std::fill(s.begin(), s.end(), acc_t(0));
-      std::fill(q.begin(), q.end(), acc_t(0));
-      row_tiles<acc_t, kRowTile>(r0, r1, C, {{reinterpret_cast<const char*>(x), int64_t(sizeof(scalar_t))}},
-                                 [&](int64_t r, int64_t n, int64_t c, auto NV) {
-        shifted_sums_tile<decltype(NV)::value>(x + r * C + c, C, n, K.data() + c, s.data() + c, q.data() + c);
-      });
-    };
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * R, r1 = std::min(M, r0 + R);
-      if (acc.n[0] == 0) {                                         // first chunk: m̃ by a pass of its own
-        std::fill(K.begin(), K.end(), acc_t(0));
-        sums(r0, r1);
-        const acc_t inv = acc_t(1) / acc_t(r1 - r0);
-        for (int64_t c = 0; c < C; ++c) K[c] = s[c] * inv;
-      }
-      sums(r0, r1);
+      tiled_chunk_sums<acc_t>(x, C, r0, r1, acc.n[0] == 0, K.data(), s.data(), q.data());
       merge_chunk(acc, K.data(), s.data(), q.data(), C, double(r1 - r0));
     }
   });
@@ -656,6 +698,23 @@ double plain_mean(const scalar_t* x, const Layout& l, int64_t c) {
       for (int64_t k = 0; k < l.L; ++k) sum += double(x[(i * l.C + c) * l.L + k]);
   }
   return sum / double(l.M);
+}
+
+// A channel holding ±Inf has a NaN or infinite mean from the shifted sums: its mean becomes the plain
+// sum's (±Inf, or NaN for +Inf and −Inf together), as torch.nn's. The all-finite case is one
+// vectorized test on the bits (an all-ones exponent: ±Inf or NaN), which the fast-math flags
+// cannot fold away as they may m − m.
+template <typename scalar_t>
+inline void infinite_means(double* mean, const scalar_t* x, const Layout& l) {
+  bool any = false;
+  for (int64_t c = 0; c < l.C; ++c) {
+    uint64_t u;
+    std::memcpy(&u, mean + c, sizeof u);
+    any |= ((u >> 52) & 0x7ff) == 0x7ff;
+  }
+  if (!any) return;
+  for (int64_t c = 0; c < l.C; ++c)
+    if (!std::isfinite(mean[c])) mean[c] = plain_mean<scalar_t>(x, l, c);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -962,6 +1021,15 @@ inline void reduce_threads(const std::vector<std::vector<double>>& s1, const std
   }
 }
 
+// One chunk's float sums as the double results (what reduce_threads gives for a single chunk)
+template <typename acc_t>
+inline void widen_sums(const acc_t* a1, const acc_t* a2, int64_t C, double* sum_dy, double* sum_dy_xmu) {
+  for (int64_t c = 0; c < C; ++c) {
+    sum_dy[c] = double(a1[c]);
+    sum_dy_xmu[c] = double(a2[c]);
+  }
+}
+
 // Rows layout: rows in memory order, four at a time; a chunk's sums in float (L1-resident arrays),
 // added into the thread's double sums once per chunk.
 template <typename acc_t, typename scalar_t>
@@ -993,15 +1061,31 @@ void grad_sums_rows_wide(const scalar_t* dy, const scalar_t* x, const double* me
   using acc_t = typename Acc<scalar_t>::type;
   const int64_t C = l.C, M = l.M;
   const Wide w = wide_rows(C);
-  const int nt = at::get_num_threads();
-  std::vector<std::vector<double>>& s1 = sums_scratch(0, nt, C);
-  std::vector<std::vector<double>>& s2 = sums_scratch(1, nt, C);
   thread_local avec<acc_t> mu_scratch;          // the caller's: a lambda does not capture a thread_local
   avec<acc_t>& mu = mu_scratch;
   mu.resize(w.W);
   for (int64_t c = 0; c < C; ++c) mu[c] = acc_t(mean[c]);
   tile(mu.data(), C, w.k);
   const int64_t R = w.R;
+  // a1, a2 ← the float sums of rows [r0, r1), folded to C
+  auto chunk = [&](int64_t r0, int64_t r1, acc_t* a1, acc_t* a2) {
+    std::fill(a1, a1 + w.W, acc_t(0));
+    std::fill(a2, a2 + w.W, acc_t(0));
+    wide_chunk(w, C, r0, r1, [&](int64_t r, int64_t n, int64_t width) {
+      grad_sums_chunk<acc_t, scalar_t>(dy + r * C, x + r * C, width, 0, n, mu.data(), a1, a2);
+    });
+    fold(a1, C, w.k);
+    fold(a2, C, w.k);
+  };
+  if (M <= R) {                   // one chunk (a virtual batch): no per-thread sums to clear and reduce
+    thread_local avec<acc_t> b1, b2;
+    b1.resize(w.W), b2.resize(w.W);
+    chunk(0, M, b1.data(), b2.data());
+    return widen_sums(b1.data(), b2.data(), C, sum_dy, sum_dy_xmu);
+  }
+  const int nt = at::get_num_threads();
+  std::vector<std::vector<double>>& s1 = sums_scratch(0, nt, C);
+  std::vector<std::vector<double>>& s2 = sums_scratch(1, nt, C);
   at::parallel_for(0, (M + R - 1) / R, 1, [&](int64_t b0, int64_t b1) {
     const int tid = at::get_thread_num();
     double* __restrict t1 = s1[tid].data();
@@ -1010,14 +1094,7 @@ void grad_sums_rows_wide(const scalar_t* dy, const scalar_t* x, const double* me
     a1.resize(w.W);
     a2.resize(w.W);
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t r0 = b * R, r1 = std::min(M, r0 + R);
-      std::fill(a1.begin(), a1.end(), acc_t(0));
-      std::fill(a2.begin(), a2.end(), acc_t(0));
-      wide_chunk(w, C, r0, r1, [&](int64_t r, int64_t n, int64_t width) {
-        grad_sums_chunk<acc_t, scalar_t>(dy + r * C, x + r * C, width, 0, n, mu.data(), a1.data(), a2.data());
-      });
-      fold(a1.data(), C, w.k);
-      fold(a2.data(), C, w.k);
+      chunk(b * R, std::min(M, (b + 1) * R), a1.data(), a2.data());
       for (int64_t c = 0; c < C; ++c) {
         t1[c] += double(a1[c]);
         t2[c] += double(a2[c]);
@@ -1059,13 +1136,29 @@ void grad_sums_rows_tiled(const scalar_t* dy, const scalar_t* x, const double* m
                           double* sum_dy, double* sum_dy_xmu) {
   using acc_t = typename Acc<scalar_t>::type;
   const int64_t C = l.C, M = l.M, R = kChunkRows;
-  const int nt = at::get_num_threads();
-  std::vector<std::vector<double>>& s1 = sums_scratch(0, nt, C);
-  std::vector<std::vector<double>>& s2 = sums_scratch(1, nt, C);
   thread_local avec<acc_t> mu_scratch;          // the caller's: a lambda does not capture a thread_local
   avec<acc_t>& mu = mu_scratch;
   mu.resize(C);
   for (int64_t c = 0; c < C; ++c) mu[c] = acc_t(mean[c]);
+  const int64_t sz = sizeof(scalar_t);
+  // a1, a2 ← the float sums of rows [r0, r1)
+  auto chunk = [&](int64_t r0, int64_t r1, acc_t* a1, acc_t* a2) {
+    std::fill(a1, a1 + C, acc_t(0));
+    std::fill(a2, a2 + C, acc_t(0));
+    row_tiles<acc_t, kRowTile>(r0, r1, C, {{reinterpret_cast<const char*>(dy), sz}, {reinterpret_cast<const char*>(x), sz}},
+                               [&](int64_t r, int64_t n, int64_t c, auto NV) {
+      grad_sums_tile<decltype(NV)::value>(dy + r * C + c, x + r * C + c, C, n, mu.data() + c, a1 + c, a2 + c);
+    });
+  };
+  if (M <= R) {                   // one chunk (a virtual batch): no per-thread sums to clear and reduce
+    thread_local avec<acc_t> b1, b2;
+    b1.resize(C), b2.resize(C);
+    chunk(0, M, b1.data(), b2.data());
+    return widen_sums(b1.data(), b2.data(), C, sum_dy, sum_dy_xmu);
+  }
+  const int nt = at::get_num_threads();
+  std::vector<std::vector<double>>& s1 = sums_scratch(0, nt, C);
+  std::vector<std::vector<double>>& s2 = sums_scratch(1, nt, C);
   at::parallel_for(0, (M + R - 1) / R, 1, [&](int64_t b0, int64_t b1) {
     const int tid = at::get_thread_num();
     double* __restrict t1 = s1[tid].data();
@@ -1073,16 +1166,8 @@ void grad_sums_rows_tiled(const scalar_t* dy, const scalar_t* x, const double* m
     thread_local avec<acc_t> a1, a2;
     a1.resize(C);
     a2.resize(C);
-    const int64_t sz = sizeof(scalar_t);
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t r0 = b * R, r1 = std::min(M, r0 + R);
-      std::fill(a1.begin(), a1.end(), acc_t(0));
-      std::fill(a2.begin(), a2.end(), acc_t(0));
-      row_tiles<acc_t, kRowTile>(r0, r1, C, {{reinterpret_cast<const char*>(dy), sz}, {reinterpret_cast<const char*>(x), sz}},
-                                 [&](int64_t r, int64_t n, int64_t c, auto NV) {
-        grad_sums_tile<decltype(NV)::value>(dy + r * C + c, x + r * C + c, C, n, mu.data() + c, a1.data() + c,
-                                            a2.data() + c);
-      });
+      chunk(b * R, std::min(M, (b + 1) * R), a1.data(), a2.data());
       for (int64_t c = 0; c < C; ++c) {
         t1[c] += double(a1[c]);
         t2[c] += double(a2[c]);
@@ -1283,8 +1368,7 @@ std::vector<at::Tensor> forward_train(const at::Tensor& x, const c10::optional<a
     const scalar_t* xp = x.data_ptr<scalar_t>();
     if (l.rows) stats_rows<scalar_t>(xp, l, mean.data(), m2.data());
     else stats_ncl<scalar_t>(xp, l, mean.data(), m2.data());
-    for (int64_t c = 0; c < l.C; ++c)
-      if (!std::isfinite(mean[c])) mean[c] = plain_mean<scalar_t>(xp, l, c);     // ±Inf in the channel
+    infinite_means<scalar_t>(mean.data(), xp, l);
     variance_invstd(m2.data(), double(l.M), eps, var.data(), invstd.data(), l.C);
     using acc_t = typename Acc<scalar_t>::type;
     std::vector<acc_t> alpha, beta;
@@ -2582,8 +2666,7 @@ struct GroupTrain : public torch::autograd::Function<GroupTrain> {
         double* m2 = var.data() + g * C;                     // Σ(x − μ)², then σ² in place
         if (l.rows) stats_rows<scalar_t>(xg, lg, mg, m2);
         else stats_ncl<scalar_t>(xg, lg, mg, m2);
-        for (int64_t c = 0; c < C; ++c)                      // ±Inf in the channel
-          if (!std::isfinite(mg[c])) mg[c] = plain_mean<scalar_t>(xg, lg, c);
+        infinite_means<scalar_t>(mg, xg, lg);
         variance_invstd(m2, double(lg.M), eps, m2, invstd + g * C, C);
         if (!scale) std::fill(invstd + g * C, invstd + (g + 1) * C, 1.0);
       });
@@ -3888,6 +3971,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "batch_norm_train when functional.batch_norm's training path would call it, else None (all its checks in one call)",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("running_mean"),
         py::arg("running_var"), py::arg("momentum"), py::arg("unbiased"));
+  m.def("takes", [](const at::Tensor& x) { return fast_call_ok(x, /*training=*/false, {}, c10::nullopt, c10::nullopt); },
+        "whether the kernels run x as it is (enabled, not traced or transformed, a dense CPU float32/float64/"
+        "bfloat16 tensor of ≥ 2 dims and ≥ 1 value): dispatch's check for the variants' one-call entries, in one call",
+        py::arg("x"));
   m.def("batch_norm_eval_fast", &batch_norm_eval_fast,
         "forward_eval when functional.batch_norm's inference path would call it, else None (all its checks in one call)",
         py::arg("x"), py::arg("running_mean"), py::arg("running_var"), py::arg("weight"), py::arg("bias"),

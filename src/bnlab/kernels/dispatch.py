@@ -74,6 +74,10 @@ def cpu_module():
 def compiled_for(x: Tensor, entry: str):
     """The C++ module when :func:`select` picks it for x and it has ``entry`` (the variants' one-call
     paths), else None — those paths then run their readable or torch-op definitions."""
+    k = _Cpu.module
+    if (k is not None and type(x) is Tensor and backend() == "cpu" and enabled() and k.takes(x)
+            and not torch.compiler.is_compiling()):          # select's answer, its checks in one C++ call
+        return k if hasattr(k, entry) else None
     k = select(x)
     return k if k is not None and k is _Cpu.module and hasattr(k, entry) else None
 

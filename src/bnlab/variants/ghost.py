@@ -70,7 +70,7 @@ class _GhostMixin:
         BF.check_batch_size(input)
         self._check_finite(input)
         update = self._updates_running_stats()
-        momentum = self._momentum_step()                  # one step per call, whatever the split
+        momentum = self._momentum_step(update)            # one step per call, whatever the split
         per_chunk = update and self.running_stats == "virtual"
         sizes = ghost_splits(input.shape[0], self.virtual_batch_size)
         k = kernels_for(input)
