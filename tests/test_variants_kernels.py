@@ -520,6 +520,20 @@ def test_group_cross_and_apply_equal_float64_products(shape, fmt, G, dtype, tol,
     """The whitening kernels against float64 products of the per-group matrices: every layout,
     group sizes the vector tiles take (16, 48) and those they leave to plain loops (1, 3, 8),
     lengths with a tail (29, 77 values per channel), a large mean (centering), 1 and 2 threads."""
+    _check_group_kernels(shape, fmt, G, dtype, tol, threads)
+
+
+@pytest.mark.parametrize("shape,fmt", [((37, 64), None), ((3, 64, 5, 7), torch.channels_last)], ids=["2d", "channels_last"])
+@pytest.mark.parametrize("G", [32, 64])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)], ids=["f64", "f32"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_group_kernels_on_groups_of_several_vectors(shape, fmt, G, dtype, tol, threads):
+    """The rows layout's tiles of two and four 64-byte vectors a group (G = 32, 64 in float32;
+    32 in float64) and the plain loops beyond (64 in float64), rows a multiple of no tile height."""
+    _check_group_kernels(shape, fmt, G, dtype, tol, threads)
+
+
+def _check_group_kernels(shape, fmt, G, dtype, tol, threads):
     k = kernels.load()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
