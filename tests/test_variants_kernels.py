@@ -379,8 +379,9 @@ WHITENERS = {"zca": lambda C: bnlab.DecorrelatedBatchNorm(C, group_size=4),
 @pytest.mark.parametrize("products,running", [("kernels", 0.0), ("kernels", 1e4), ("torch", 0.0)],
                          ids=["kernels-shifted", "kernels-shift-rejected", "torch"])
 def test_whitening_batched_products_equal_the_definition(shape, fmt, name, products, running, monkeypatch):
-    """The batched-product path (variants.whitening._WhitenFn) — on the compiled group_cross /
-    group_apply, or on torch's batched products where the kernels are absent — against the
+    """The batched-product path (variants.whitening._WhitenFn) — on the compiled whitening entries
+    (whiten_moments, whiten_apply, whiten_grad_sums, whiten_grad_x), or on torch's batched
+    products where the kernels are absent — against the
     readable path (forced by declaring no layout it takes). The kernels' one-pass covariance
     shifted by the running mean (0, near the batch's mean of ≈ 1) and the second pass that
     replaces it when the running mean is far off (1e4)."""
@@ -399,7 +400,7 @@ def test_whitening_batched_products_equal_the_definition(shape, fmt, name, produ
         fast.running_mean.fill_(running)
     slow = copy.deepcopy(fast)
     got = _step(fast, x, dy)
-    monkeypatch.setattr(whitening, "_views", lambda *a: (None, None))
+    monkeypatch.setattr(whitening, "_viewable", lambda x: False)
     want = _step(slow, x, dy)
     for what, a, b in zip(("y", "dx", "dgamma", "dbeta"), got, want):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-8, msg=what)
@@ -407,6 +408,49 @@ def test_whitening_batched_products_equal_the_definition(shape, fmt, name, produ
         torch.testing.assert_close(getattr(fast, buf), getattr(slow, buf), atol=1e-12, rtol=1e-10, msg=buf)
     if fmt is not None:
         assert got[0].is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("name", ["zca", "iternorm"])
+@pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["f64", "f32"])
+@pytest.mark.parametrize("wants", ["all", "x only", "params only"])
+def test_whitening_kernel_step_equals_torch_products(name, fmt, dtype, tol, wants, monkeypatch):
+    """The compiled step against torch's batched products where the first test does not go:
+    affine=False, float32, and a backward wanting only dx or only dγ, dβ (and a mean of 3σ, so
+    the first step's shift by the zero running mean is rejected)."""
+    from bnlab.variants import whitening
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(16, 12, 4, 3, generator=g) + 3).to(dtype)
+    x = x.contiguous(memory_format=fmt) if fmt is not None else x
+    dy = torch.randn(16, 12, 4, 3, generator=g).to(dtype)
+    results = []
+    for products in ("kernels", "torch"):
+        if products == "torch":
+            monkeypatch.setattr(whitening, "_kernels", lambda t: None)
+        for affine in (False, True):
+            layer = WHITENERS[name](12).to(dtype)
+            if not affine:
+                layer.weight, layer.bias = None, None
+            else:
+                with torch.no_grad():
+                    layer.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+                    layer.bias.uniform_(-1, 1, generator=torch.Generator().manual_seed(2))
+            xi = x.detach().clone().requires_grad_(wants != "params only")
+            if affine and wants == "x only":
+                layer.weight.requires_grad_(False), layer.bias.requires_grad_(False)
+            y = layer(xi)
+            if y.requires_grad:                         # (params only without γ, β: nothing to differentiate)
+                y.backward(dy)
+            grads = [xi.grad] + ([layer.weight.grad, layer.bias.grad] if affine else [])
+            results.append([y.detach(), layer.running_mean.clone(), layer.running_whitening.clone()] + grads)
+    half = len(results) // 2
+    for got, want in zip(results[:half], results[half:]):
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
 
 
 @pytest.mark.parametrize("name", ["zca", "iternorm"])
@@ -484,7 +528,7 @@ def test_whitening_eval_equals_running_matrix_applied_per_group(shape, fmt, make
     got.backward(dy)
     want.backward(dy)
     torch.testing.assert_close(xr.grad, xd.grad, atol=1e-12, rtol=1e-10)
-    with torch.no_grad():                        # no graph wanted: one group_apply call
+    with torch.no_grad():                        # no graph wanted: one whiten_apply call
         nograd = layer(x)
     torch.testing.assert_close(nograd, want.detach(), atol=1e-12, rtol=1e-10)
     if fmt is not None:

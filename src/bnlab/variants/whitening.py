@@ -218,9 +218,14 @@ def _views(x: Tensor, xc: Tensor, groups: int):
     return None, None
 
 
+def _viewable(x: Tensor) -> bool:
+    """Whether :func:`_views` takes x (without building the views): contiguous, or 4-D channels_last."""
+    return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+
+
 class _WhitenFn(torch.autograd.Function):
-    """Training whitening y = γ·W(Σ)·(x − μ) + β with the data-sized products as batched matrix
-    products on the input's own layout, and a backward written out:
+    """Training whitening y = γ·W(Σ)·(x − μ) + β with the data-sized products on the input's own
+    layout, and a backward written out:
 
         dY = γ·dy,   Σ_g dY X_cᵀ → dW (and dγ = Σ_j W_ij (Σ dy X_cᵀ)_ij),   dΣ = W'(Σ)ᵀ[dW]
         dx = Wᵀ(dY − mean dY) + (dΣ + dΣᵀ)·X_c / m
@@ -228,31 +233,31 @@ class _WhitenFn(torch.autograd.Function):
     with W'(Σ)ᵀ the vector-Jacobian product of the small matrix function (ZCA's stable divided
     differences, PCA's eigenvectors, IterNorm's iterations), taken on the (g, G, G) matrices
     only — by autograd, or for IterNorm by the kernels (``matrix`` returns W and that product).
-    The data-sized products run on the compiled kernels where they take x (:func:`_kernels`: four
-    passes a step, 4.5·G multiply-adds per value), else on torch's batched products. A create_graph backward differentiates the readable forward instead.
-    ``shift``: the running mean, for the one-pass covariance (:func:`_centered_gram`)."""
+    Where the compiled kernels take x (:func:`_kernels`) the step is four passes (4.5·G
+    multiply-adds per value) with the glue on the small matrices done in the same calls:
+    whiten_moments (μ and Σ, one pass shifted by ``shift`` — the running mean — where that is
+    close enough), whiten_apply, whiten_grad_sums and whiten_grad_x; elsewhere torch's batched
+    products on x − μ. A create_graph backward differentiates the readable forward instead."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, groups, eps, matrix, reference, shift=None):
         N, C = x.shape[:2]
         G = C // groups
-        dims = D.reduction_dims(x)
         m = D.values_per_channel(x)
-        eye = torch.eye(G, dtype=x.dtype, device=x.device)
         k = _kernels(x)
         kind = xc = A = None
-        if k is not None:                       # one read of x, no centered copy (see _kernels)
-            mean, P = _centered_gram(k, x, shift, G, m)                      # C ; g, G, G float64
-            sigma = (P / m).to(x.dtype) + eps * eye                          # g, G, G
+        if k is not None:                       # one read of x, no centered copy
+            mean, sigma, finite = k.whiten_moments(x, shift, G, eps)         # C ; g, G, G
         else:
-            mean = x.mean(dim=dims)                                          # C
+            mean = x.mean(dim=D.reduction_dims(x))                           # C
             xc = x - D.channel_view(mean, x)                                 # x's layout
             kind, A = _views(x, xc, groups)
+            gram = torch.bmm(A, A.transpose(1, 2))
             if kind == "ncl":
-                sigma = torch.bmm(A, A.transpose(1, 2)).view(N, groups, G, G).sum(0) / m + eps * eye
-            else:
-                sigma = torch.bmm(A, A.transpose(1, 2)) / m + eps * eye    # g, G, G
-        if not torch.isfinite(sigma).all():
+                gram = gram.view(N, groups, G, G).sum(0)                     # g, G, G
+            sigma = gram / m + eps * torch.eye(G, dtype=x.dtype, device=x.device)
+            finite = bool(torch.isfinite(sigma).all())
+        if not finite:
             raise NonFiniteError("whitening: NaN/Inf in the input — its covariance has no eigendecomposition "
                                  "or inverse square root; no statistics were updated")
         # the small matrix function and its vector-Jacobian product for the backward (a graph on
@@ -260,16 +265,12 @@ class _WhitenFn(torch.autograd.Function):
         # backward differentiates the very function the forward applied (PCA's axis alignment
         # reads the running matrix, which the step then updates)
         W, vjp = matrix(sigma.detach())                                      # g, G, G; dW ↦ dΣ
-        gamma = weight.detach().reshape(groups, G, 1) if weight is not None else None
-        Wg = W * gamma if gamma is not None else W                           # diag(γ)·W
-        beta = bias.detach().reshape(groups, G) if bias is not None else None
-        if k is not None:                       # y = Wg·x + (β − Wg·μ)
-            shift = -(Wg @ mean.reshape(groups, G, 1)).reshape(C)
-            y = k.group_apply(x, Wg, None, None, shift + bias.detach() if bias is not None else shift)
-            ctx.save_for_backward(x, mean, W, weight, bias)
+        if k is not None:
+            y = k.whiten_apply(x, W, weight, bias, mean)                     # diag(γ)W·(x − μ) + β
         else:
-            y = _apply(kind, A, Wg, beta, x, N, groups, G)
-            ctx.save_for_backward(x, xc, W, weight, bias)
+            Wg = W * weight.detach().reshape(groups, G, 1) if weight is not None else W    # diag(γ)·W
+            y = _apply(kind, A, Wg, bias.detach().reshape(groups, G) if bias is not None else None, x, N, groups, G)
+        ctx.save_for_backward(x, mean if k is not None else xc, W, weight, bias)
         ctx.k, ctx.kind, ctx.groups, ctx.m, ctx.reference, ctx.x_shape = k, kind, groups, m, reference, x.shape
         ctx.vjp = vjp
         ctx.set_materialize_grads(False)
@@ -282,80 +283,47 @@ class _WhitenFn(torch.autograd.Function):
             return (None,) * 8
         x, saved, W, weight, bias = ctx.saved_tensors     # saved: the mean (kernels) or x − μ (torch)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        groups, kind, m, k = ctx.groups, ctx.kind, ctx.m, ctx.k
-        N, C = ctx.x_shape[:2]
-        G = C // groups
         if torch.is_grad_enabled():                     # a graph of the backward: the definition's
             return differentiable_backward(ctx.reference, (x, weight, bias), (need_x, need_w, need_b), dy) \
                 + (None,) * 5
-        if k is not None:                               # Σ dy·(x − μ)ᵀ and Σ dy in one read of dy and x
-            dy = _in_layout_of(dy, x)
-            P64, dbeta64 = k.group_cross(dy, None, x, saved, G)                     # g, G, G ; C
-            P, dbeta = P64.to(x.dtype), dbeta64.to(x.dtype)
+        if ctx.k is not None:                           # Σ dy·(x − μ)ᵀ and Σ dy in one read of dy and x
+            dW, dweight, dbeta = ctx.k.whiten_grad_sums(dy, x, saved, W, weight)   # g, G, G ; C ; C
+            dx = ctx.k.whiten_grad_x(dy, x, saved, W, weight, ctx.vjp(dW), dbeta) if need_x else None
         else:
-            dy = dy.contiguous(memory_format=torch.channels_last) if kind == "rows" and dy.dim() == 4 \
-                else dy.contiguous()
-            _, A = _views(saved, saved, groups)
-            _, Dv = _views(dy, dy, groups)
-            P = torch.bmm(Dv, A.transpose(1, 2))                                    # Σ dy·X_cᵀ
-            if kind == "ncl":
-                P = P.view(N, groups, G, G).sum(0)                                  # g, G, G
-            dbeta = dy.sum(dim=D.reduction_dims(dy))                                # C
-        gamma = weight.detach().reshape(groups, G, 1) if weight is not None else None
-        dweight = (W * P).sum(-1).reshape(C) if need_w and weight is not None else None
-        dx = None
-        if need_x:
-            dW = P * gamma if gamma is not None else P
-            dS = ctx.vjp(dW)
-            S = (dS + dS.transpose(1, 2)) / m                                       # g, G, G
-            Wg = W * gamma if gamma is not None else W
-            shift = -(Wg.transpose(1, 2) @ (dbeta / m).reshape(groups, G, 1))       # −Wᵀ mean(dY), g, G, 1
-            if k is not None:                           # dx = Wgᵀ·dy + S·x + (shift − S·μ) in one pass
-                dx = k.group_apply(dy, Wg.transpose(1, 2), x, S,
-                                   (shift - S @ saved.reshape(groups, G, 1)).reshape(C))
-            else:
-                dx = _backward_x(kind, Dv, A, Wg, S, shift, dy, N, groups, G)
-        return (dx, dweight.to(weight.dtype) if dweight is not None else None,
+            dx, dweight, dbeta = _backward_torch(ctx, dy, saved, W, weight, need_x)
+        return (dx, dweight.to(weight.dtype) if need_w and weight is not None else None,
                 dbeta.to(bias.dtype) if need_b and bias is not None else None, None, None, None, None, None)
 
 
-def _in_layout_of(t: Tensor, x: Tensor) -> Tensor:
-    """t with x's strides (the kernels take operands of one layout)."""
-    if t.stride() == x.stride():
-        return t
-    return torch.empty_like(x).copy_(t)
+def _backward_torch(ctx, dy: Tensor, xc: Tensor, W: Tensor, weight: Optional[Tensor], need_x: bool):
+    """_WhitenFn's backward on torch's batched products: (dx or None, dγ or None, dβ)."""
+    groups, kind, m = ctx.groups, ctx.kind, ctx.m
+    N, C = ctx.x_shape[:2]
+    G = C // groups
+    dy = dy.contiguous(memory_format=torch.channels_last) if kind == "rows" and dy.dim() == 4 else dy.contiguous()
+    _, A = _views(xc, xc, groups)
+    _, Dv = _views(dy, dy, groups)
+    P = torch.bmm(Dv, A.transpose(1, 2))                                            # Σ dy·X_cᵀ
+    if kind == "ncl":
+        P = P.view(N, groups, G, G).sum(0)                                          # g, G, G
+    dbeta = dy.sum(dim=D.reduction_dims(dy))                                        # C
+    gamma = weight.detach().reshape(groups, G, 1) if weight is not None else None
+    dweight = (W * P).sum(-1).reshape(C) if weight is not None else None
+    if not need_x:
+        return None, dweight, dbeta
+    dS = ctx.vjp(P * gamma if gamma is not None else P)
+    S = (dS + dS.transpose(1, 2)) / m                                               # g, G, G
+    Wg = W * gamma if gamma is not None else W
+    shift = -(Wg.transpose(1, 2) @ (dbeta / m).reshape(groups, G, 1))               # −Wᵀ mean(dY), g, G, 1
+    return _backward_x(kind, Dv, A, Wg, S, shift, dy, N, groups, G), dweight, dbeta
 
 
 def _kernels(x: Tensor):
     """The compiled CPU module when it takes x (float32/float64, contiguous or channels_last), else None.
-    Its group_cross (Σ (a − μ_a)(b − μ_b)ᵀ per group, float64 sums) and group_apply (A·a + B·b + c
-    per group) read x in its own layout once per call: torch's batched products needed x − μ
-    materialized, a broadcast copy of β into the output and copies of the transposed operands."""
-    return dispatch.compiled_for(x, "group_cross") if x.dtype in (torch.float32, torch.float64) else None
-
-
-def _centered_gram(k, x: Tensor, shift: Optional[Tensor], G: int, m: int) -> tuple[Tensor, Tensor]:
-    """The batch mean μ (C, x's dtype) and Σ (x − μ)(x − μ)ᵀ per group ((g, G, G) float64).
-
-    With a ``shift`` K near μ (the running mean) in ONE pass: P_K = Σ (x − K)(x − K)ᵀ and Σ x, then
-    μ = Σx/m and P = P_K − m·(μ − K)(μ − K)ᵀ. Its rounding error grows with m·(μ − K)² against the
-    channel's own M2 = P_K,ii − m·(μ − K)_i², so the shift is kept only where m·(μ − K)_i² ≤ M2_i in
-    every channel (error ≤ 2× exact centering's); otherwise — no running mean, a shifted batch,
-    NaN — a second pass centres on μ itself."""
-    C = x.shape[1]
-    if shift is not None:
-        K = shift.detach().to(torch.float64)
-        PK, total = k.group_cross(x, K, None, K, G)
-        d = total / m - K                                                    # μ − K, C
-        m2 = PK.diagonal(dim1=-2, dim2=-1).reshape(C) - m * d * d
-        if bool((m * d * d <= m2).all()):
-            dg = d.view(-1, G, 1)
-            return (K + d).to(x.dtype), PK - m * (dg @ dg.transpose(1, 2))
-        mean = (total / m).to(x.dtype)
-    else:
-        mean = x.mean(dim=D.reduction_dims(x))
-    P, _ = k.group_cross(x, mean, None, mean, G)
-    return mean, P
+    Its whitening entries read x in its own layout once per pass (float64 sums): torch's batched
+    products needed x − μ materialized, a broadcast copy of β into the output and copies of the
+    transposed operands."""
+    return dispatch.compiled_for(x, "whiten_moments") if x.dtype in (torch.float32, torch.float64) else None
 
 
 def _apply(kind, A, Wg, beta, x, N, groups, G):
@@ -446,7 +414,7 @@ class _Whitening(nn.Module):
         if x.numel() == 0:                       # nothing to whiten (N = 0): no statistics change
             return D.affine(x * 1.0, self.weight, self.bias)
         if (self.training or self.running_mean is None) and x.dtype in (torch.float32, torch.float64) \
-                and _views(x, x, self.groups)[0] is not None and not dispatch.traced(x):
+                and _viewable(x) and not dispatch.traced(x):
             BF.check_batch_size(x)
             y, mean, W = _WhitenFn.apply(x, self.weight, self.bias, self.groups, self.eps, self._matrix_vjp,
                                          self._reference, self.running_mean if self.training else None)
@@ -471,18 +439,19 @@ class _Whitening(nn.Module):
                     self.running_mean.lerp_(mean.reshape(C), self.momentum)
                     self.running_whitening.lerp_(W.detach(), self.momentum)
         else:
-            kind, A = _views(x, x, self.groups)
-            if kind is not None and x.dtype in (torch.float32, torch.float64) and not dispatch.traced(x):
-                # y = diag(γ)·W·(x − μ) + β = Wg·x + (β − Wg·μ): one batched product on x's own layout
+            if _viewable(x) and x.dtype in (torch.float32, torch.float64) and not dispatch.traced(x):
+                k = _kernels(x)
+                params = [t for t in (self.weight, self.bias) if t is not None]
+                if k is not None and not (torch.is_grad_enabled() and any(t.requires_grad for t in [x] + params)):
+                    # y = diag(γ)·W·(x − μ) + β: one pass on x's own layout (no autograd node)
+                    return k.whiten_apply(x, self.running_whitening, self.weight, self.bias, self.running_mean)
+                # = Wg·x + (β − Wg·μ): one batched product on x's own layout
+                kind, A = _views(x, x, self.groups)
                 G = C // self.groups
                 W = self.running_whitening.to(x.dtype)
                 Wg = W * self.weight.reshape(self.groups, G, 1) if self.weight is not None else W
                 shift = -(Wg @ self.running_mean.to(x.dtype).reshape(self.groups, G, 1)).squeeze(-1)   # g, G
                 beta = shift + self.bias.reshape(self.groups, G) if self.bias is not None else shift
-                k = _kernels(x)
-                if k is not None and not (torch.is_grad_enabled() and (Wg.requires_grad or beta.requires_grad
-                                                                       or x.requires_grad)):
-                    return k.group_apply(x, Wg, None, None, beta.reshape(C))     # (no autograd node)
                 return _apply(kind, A, Wg, beta, x, x.shape[0], self.groups, G)
             X = x.transpose(0, 1).reshape(C, -1).view(self.groups, C // self.groups, -1)
             Y = self.running_whitening @ (X - self.running_mean.view(self.groups, -1, 1))
