@@ -808,20 +808,26 @@ def test_statistics_of_a_billion_bfloat16_values_keep_float_accuracy():
 # -- edge cases torch.nn accepts --------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
-def test_inf_input_gives_torch_running_mean(fmt):
-    """A +Inf value makes its channel's mean +Inf (torch.nn's sum/m), not NaN."""
-    x = torch.randn(8, 4, 5, 5).contiguous(memory_format=fmt)
+@pytest.mark.parametrize("shape", [(8, 4, 5, 5), (2, 16, 3, 3), (40, 16, 3, 3)],
+                         ids=["wide-rows", "one-tiled-chunk", "tiled-chunks"])
+def test_inf_input_gives_torch_running_mean(fmt, shape):
+    """A +Inf value makes its channel's mean +Inf (torch.nn's sum/m), not NaN — on every
+    reduction path (channels_last 16 channels: the register tiles, one chunk of ≤ 64 rows or several)."""
+    x = torch.randn(*shape).contiguous(memory_format=fmt)
     x[0, 0, 0, 0] = float("inf")
     x[1, 1, 1, 1] = float("-inf")
-    x[2, 2, 0, 0], x[3, 2, 0, 0] = float("inf"), float("-inf")
-    rm, rv = torch.zeros(4), torch.ones(4)
-    rm_t, rv_t = torch.zeros(4), torch.ones(4)
+    x[0, 2, 0, 0], x[1, 2, 0, 0] = float("inf"), float("-inf")
+    x[1, 3, 2, 2] = float("nan")
+    C = shape[1]
+    rm, rv = torch.zeros(C), torch.ones(C)
+    rm_t, rv_t = torch.zeros(C), torch.ones(C)
     y = BF.batch_norm(x, rm, rv, training=True)
     y_t = F.batch_norm(x, rm_t, rv_t, training=True)
     torch.testing.assert_close(rm, rm_t, equal_nan=True)
     torch.testing.assert_close(rv, rv_t, equal_nan=True)
     torch.testing.assert_close(y, y_t, equal_nan=True)
-    assert rm[0] == float("inf") and rm[1] == float("-inf") and rm[2].isnan()
+    assert rm[0] == float("inf") and rm[1] == float("-inf") and rm[2].isnan() and rm[3].isnan()
+    assert torch.isfinite(rm[4:]).all()
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -411,6 +411,45 @@ def test_whitening_batched_products_equal_the_definition(shape, fmt, name, produ
 
 
 @pytest.mark.parametrize("name", ["zca", "iternorm"])
+@pytest.mark.parametrize("shape,fmt", [((70, 32), None), ((24, 32, 3, 3), None), ((24, 32, 3, 3), torch.channels_last)],
+                         ids=["2d", "nchw", "channels_last"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["f64", "f32"])
+@pytest.mark.parametrize("track", [True, False], ids=["running", "no-running"])
+def test_whitening_on_the_vector_tiles_equals_torch_products(name, shape, fmt, dtype, tol, track, monkeypatch):
+    """Groups of 16 (one 64-byte vector in float32, two in float64) through the module: the
+    compiled step — Σ exactly symmetric, the shift by the running mean or (without running
+    statistics) by 0, rejected for a mean of 3σ — and the compiled eval, against torch's products."""
+    from bnlab.variants import whitening
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(*shape, generator=g) + torch.linspace(-1, 3, shape[1]).view(1, -1, *([1] * (len(shape) - 2))))
+    x = x.to(dtype)
+    x = x.contiguous(memory_format=fmt) if fmt is not None else x
+    dy = torch.randn(*shape, generator=g).to(dtype)
+    k = kernels.load()
+    mean, sigma, finite = k.whiten_moments(x, None, 16, 1e-5)
+    assert finite and torch.equal(sigma, sigma.transpose(1, 2))
+    results = []
+    for products in ("kernels", "torch"):
+        if products == "torch":
+            monkeypatch.setattr(whitening, "_kernels", lambda t: None)
+        layer = (bnlab.IterNorm if name == "iternorm" else bnlab.DecorrelatedBatchNorm)(
+            32, group_size=16, track_running_stats=track).to(dtype)
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+            layer.bias.uniform_(-1, 1, generator=torch.Generator().manual_seed(2))
+        got = list(_step(layer, x, dy))
+        if track:
+            got += [layer.running_mean.clone(), layer.running_whitening.clone()]
+            with torch.no_grad():
+                got.append(layer.eval()(x))
+        results.append(got)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    if fmt is not None:
+        assert results[0][0].is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("name", ["zca", "iternorm"])
 @pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["f64", "f32"])
 @pytest.mark.parametrize("wants", ["all", "x only", "params only"])

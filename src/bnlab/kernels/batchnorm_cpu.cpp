@@ -3528,7 +3528,7 @@ std::tuple<at::Tensor, at::Tensor, bool> whiten_moments(const at::Tensor& x, con
       for (int64_t c = 0; c < C; ++c) mp[c] = T(K[c] + d[c]);
       for (int64_t gi = 0; gi < g; ++gi)
         for (int64_t i = 0; i < G; ++i)
-          for (int64_t j = 0; j < G; ++j) P[gi * GG + i * G + j] -= m * d[gi * G + i] * d[gi * G + j];
+          for (int64_t j = 0; j < G; ++j) P[gi * GG + i * G + j] -= m * (d[gi * G + i] * d[gi * G + j]);   // symmetric
     } else {                                        // centred on μ (in x's dtype), a second pass
       for (int64_t c = 0; c < C; ++c) mp[c] = T(S[c] / m), mean[c] = double(mp[c]);
       cross_into<T>(xp, mean.data(), xp, mean.data(), true, l, G, P.data(), S.data());
