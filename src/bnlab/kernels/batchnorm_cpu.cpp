@@ -4174,9 +4174,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("running_var"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("act") = 0,
         py::arg("slope") = 0.0);
   m.def("backward_train", &backward_train, "training backward: (dx, dgamma, dbeta)");
-  m.def("group_cross", &group_cross, "whitening: Σ (a − μ_a)(b − μ_b)ᵀ per group of G channels and Σ a (float64)",
+  m.def("group_cross", &group_cross, "whitening's covariance pass alone (the layers call the whiten_* entries): Σ (a − μ_a)(b − μ_b)ᵀ per group of G channels and Σ a (float64)",
         py::arg("a"), py::arg("mu_a"), py::arg("b"), py::arg("mu_b"), py::arg("G"));
-  m.def("group_apply", &group_apply, "whitening: A·a + B·b + c per group of channels, in a's layout",
+  m.def("group_apply", &group_apply, "whitening's apply pass alone (the layers call the whiten_* entries): A·a + B·b + c per group of channels, in a's layout",
         py::arg("a"), py::arg("A"), py::arg("b"), py::arg("B"), py::arg("c"));
   m.def("whiten_moments", &whiten_moments,
         "whitening's forward statistics: (μ, Σ = P/m + εI, whether Σ is finite), one pass shifted by K where close enough",
