@@ -441,8 +441,9 @@ class _Whitening(nn.Module):
         else:
             if _viewable(x) and x.dtype in (torch.float32, torch.float64) and not dispatch.traced(x):
                 k = _kernels(x)
-                params = [t for t in (self.weight, self.bias) if t is not None]
-                if k is not None and not (torch.is_grad_enabled() and any(t.requires_grad for t in [x] + params)):
+                operands = [t for t in (x, self.weight, self.bias, self.running_whitening, self.running_mean)
+                            if t is not None]
+                if k is not None and not (torch.is_grad_enabled() and any(t.requires_grad for t in operands)):
                     # y = diag(γ)·W·(x − μ) + β: one pass on x's own layout (no autograd node)
                     return k.whiten_apply(x, self.running_whitening, self.weight, self.bias, self.running_mean)
                 # = Wg·x + (β − Wg·μ): one batched product on x's own layout
