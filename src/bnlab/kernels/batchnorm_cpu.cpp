@@ -426,20 +426,18 @@ void stats_rows_wide(const scalar_t* x, const Layout& l, double* mean_out, doubl
   const int64_t C = l.C, M = l.M;
   const Wide w = wide_rows(C);
   const int64_t R = w.R;
+  // this thread's accumulators (the workers' lambda below names them without a capture: each its own)
+  thread_local avec<acc_t> K, s, q;
   if (M <= R) {                   // one chunk (a virtual batch): no per-thread accumulators to clear and merge
-    thread_local avec<acc_t> K1, s1, q1;
-    K1.resize(w.W), s1.resize(w.W), q1.resize(w.W);
-    wide_chunk_sums<acc_t>(x, C, w, 0, M, true, K1.data(), s1.data(), q1.data());
-    return chunk_moments(K1.data(), s1.data(), q1.data(), C, double(M), mean_out, m2_out);
+    K.resize(w.W), s.resize(w.W), q.resize(w.W);
+    wide_chunk_sums<acc_t>(x, C, w, 0, M, true, K.data(), s.data(), q.data());
+    return chunk_moments(K.data(), s.data(), q.data(), C, double(M), mean_out, m2_out);
   }
   const int nt = at::get_num_threads();
   std::vector<Moments>& per = moments_scratch(nt, C);
   at::parallel_for(0, (M + R - 1) / R, 1, [&](int64_t b0, int64_t b1) {
     Moments& acc = per[at::get_thread_num()];
-    thread_local avec<acc_t> K, s, q;
-    K.resize(w.W);
-    s.resize(w.W);
-    q.resize(w.W);
+    K.resize(w.W), s.resize(w.W), q.resize(w.W);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * R, r1 = std::min(M, r0 + R);
       // a wide row starting at row r: W = k·C values, row r·C onwards (the same memory as k rows)
@@ -534,6 +532,12 @@ inline void row_tiles(int64_t r0, int64_t r1, int64_t C, std::initializer_list<s
   });
 }
 
+// dst[0 … NV) ← the NV 64-byte vectors of T at p (a tile's per-channel constants)
+template <int NV, typename T>
+inline void load_tile(typename V64<T>::v (&dst)[NV], const T* p) {
+  for (int v = 0; v < NV; ++v) dst[v] = *reinterpret_cast<const typename V64<T>::v*>(p + v * V64<T>::n);
+}
+
 // s[c] += Σ_r (x[r][c] − K[c]), q[c] += Σ_r (x[r][c] − K[c])² over n rows of C values, for the NV
 // vectors of channels from x, K, s, q (all offset to the tile's first channel)
 template <int NV, typename scalar_t, typename acc_t>
@@ -541,12 +545,8 @@ inline void shifted_sums_tile(const scalar_t* __restrict x, int64_t C, int64_t n
                               acc_t* __restrict s, acc_t* __restrict q) {
   using vec = typename V64<acc_t>::v;
   constexpr int L = V64<acc_t>::n;
-  vec k[NV], a[NV], b[NV];
-  for (int v = 0; v < NV; ++v) {
-    k[v] = *reinterpret_cast<const vec*>(K + v * L);
-    a[v] = vec{};
-    b[v] = vec{};
-  }
+  vec k[NV], a[NV] = {}, b[NV] = {};
+  load_tile(k, K);
   for (int64_t r = 0; r < n; ++r) {
     const scalar_t* __restrict xr = x + r * C;
     for (int v = 0; v < NV; ++v) {
@@ -591,20 +591,18 @@ template <typename scalar_t>
 void stats_rows_tiled(const scalar_t* x, const Layout& l, double* mean_out, double* m2_out) {
   using acc_t = typename Acc<scalar_t>::type;
   const int64_t C = l.C, M = l.M, R = kChunkRows;
+  // this thread's accumulators (the workers' lambda below names them without a capture: each its own)
+  thread_local avec<acc_t> K, s, q;
   if (M <= R) {                   // one chunk (a virtual batch): no per-thread accumulators to clear and merge
-    thread_local avec<acc_t> K1, s1, q1;
-    K1.resize(C), s1.resize(C), q1.resize(C);
-    tiled_chunk_sums<acc_t>(x, C, 0, M, true, K1.data(), s1.data(), q1.data());
-    return chunk_moments(K1.data(), s1.data(), q1.data(), C, double(M), mean_out, m2_out);
+    K.resize(C), s.resize(C), q.resize(C);
+    tiled_chunk_sums<acc_t>(x, C, 0, M, true, K.data(), s.data(), q.data());
+    return chunk_moments(K.data(), s.data(), q.data(), C, double(M), mean_out, m2_out);
   }
   const int nt = at::get_num_threads();
   std::vector<Moments>& per = moments_scratch(nt, C);
   at::parallel_for(0, (M + R - 1) / R, 1, [&](int64_t b0, int64_t b1) {
     Moments& acc = per[at::get_thread_num()];
-    thread_local avec<acc_t> K, s, q;
-    K.resize(C);
-    s.resize(C);
-    q.resize(C);
+    K.resize(C), s.resize(C), q.resize(C);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * R, r1 = std::min(M, r0 + R);
       tiled_chunk_sums<acc_t>(x, C, r0, r1, acc.n[0] == 0, K.data(), s.data(), q.data());
@@ -1067,21 +1065,22 @@ void grad_sums_rows_wide(const scalar_t* dy, const scalar_t* x, const double* me
   for (int64_t c = 0; c < C; ++c) mu[c] = acc_t(mean[c]);
   tile(mu.data(), C, w.k);
   const int64_t R = w.R;
-  // a1, a2 ← the float sums of rows [r0, r1), folded to C
-  auto chunk = [&](int64_t r0, int64_t r1, acc_t* a1, acc_t* a2) {
-    std::fill(a1, a1 + w.W, acc_t(0));
-    std::fill(a2, a2 + w.W, acc_t(0));
+  // f1, f2 ← the float sums of rows [r0, r1), folded to C
+  auto chunk = [&](int64_t r0, int64_t r1, acc_t* f1, acc_t* f2) {
+    std::fill(f1, f1 + w.W, acc_t(0));
+    std::fill(f2, f2 + w.W, acc_t(0));
     wide_chunk(w, C, r0, r1, [&](int64_t r, int64_t n, int64_t width) {
-      grad_sums_chunk<acc_t, scalar_t>(dy + r * C, x + r * C, width, 0, n, mu.data(), a1, a2);
+      grad_sums_chunk<acc_t, scalar_t>(dy + r * C, x + r * C, width, 0, n, mu.data(), f1, f2);
     });
-    fold(a1, C, w.k);
-    fold(a2, C, w.k);
+    fold(f1, C, w.k);
+    fold(f2, C, w.k);
   };
+  // this thread's float sums (the workers' lambda below names them without a capture: each its own)
+  thread_local avec<acc_t> a1, a2;
   if (M <= R) {                   // one chunk (a virtual batch): no per-thread sums to clear and reduce
-    thread_local avec<acc_t> b1, b2;
-    b1.resize(w.W), b2.resize(w.W);
-    chunk(0, M, b1.data(), b2.data());
-    return widen_sums(b1.data(), b2.data(), C, sum_dy, sum_dy_xmu);
+    a1.resize(w.W), a2.resize(w.W);
+    chunk(0, M, a1.data(), a2.data());
+    return widen_sums(a1.data(), a2.data(), C, sum_dy, sum_dy_xmu);
   }
   const int nt = at::get_num_threads();
   std::vector<std::vector<double>>& s1 = sums_scratch(0, nt, C);
@@ -1090,9 +1089,7 @@ void grad_sums_rows_wide(const scalar_t* dy, const scalar_t* x, const double* me
     const int tid = at::get_thread_num();
     double* __restrict t1 = s1[tid].data();
     double* __restrict t2 = s2[tid].data();
-    thread_local avec<acc_t> a1, a2;
-    a1.resize(w.W);
-    a2.resize(w.W);
+    a1.resize(w.W), a2.resize(w.W);
     for (int64_t b = b0; b < b1; ++b) {
       chunk(b * R, std::min(M, (b + 1) * R), a1.data(), a2.data());
       for (int64_t c = 0; c < C; ++c) {
@@ -1110,12 +1107,8 @@ inline void grad_sums_tile(const scalar_t* __restrict dy, const scalar_t* __rest
                            const acc_t* __restrict mu, acc_t* __restrict a1, acc_t* __restrict a2) {
   using vec = typename V64<acc_t>::v;
   constexpr int L = V64<acc_t>::n;
-  vec m[NV], a[NV], b[NV];
-  for (int v = 0; v < NV; ++v) {
-    m[v] = *reinterpret_cast<const vec*>(mu + v * L);
-    a[v] = vec{};
-    b[v] = vec{};
-  }
+  vec m[NV], a[NV] = {}, b[NV] = {};
+  load_tile(m, mu);
   for (int64_t r = 0; r < n; ++r) {
     for (int v = 0; v < NV; ++v) {
       const vec g = VLoad<scalar_t>::load(dy + r * C + v * L);
@@ -1141,20 +1134,21 @@ void grad_sums_rows_tiled(const scalar_t* dy, const scalar_t* x, const double* m
   mu.resize(C);
   for (int64_t c = 0; c < C; ++c) mu[c] = acc_t(mean[c]);
   const int64_t sz = sizeof(scalar_t);
-  // a1, a2 ← the float sums of rows [r0, r1)
-  auto chunk = [&](int64_t r0, int64_t r1, acc_t* a1, acc_t* a2) {
-    std::fill(a1, a1 + C, acc_t(0));
-    std::fill(a2, a2 + C, acc_t(0));
+  // f1, f2 ← the float sums of rows [r0, r1)
+  auto chunk = [&](int64_t r0, int64_t r1, acc_t* f1, acc_t* f2) {
+    std::fill(f1, f1 + C, acc_t(0));
+    std::fill(f2, f2 + C, acc_t(0));
     row_tiles<acc_t, kRowTile>(r0, r1, C, {{reinterpret_cast<const char*>(dy), sz}, {reinterpret_cast<const char*>(x), sz}},
                                [&](int64_t r, int64_t n, int64_t c, auto NV) {
-      grad_sums_tile<decltype(NV)::value>(dy + r * C + c, x + r * C + c, C, n, mu.data() + c, a1 + c, a2 + c);
+      grad_sums_tile<decltype(NV)::value>(dy + r * C + c, x + r * C + c, C, n, mu.data() + c, f1 + c, f2 + c);
     });
   };
+  // this thread's float sums (the workers' lambda below names them without a capture: each its own)
+  thread_local avec<acc_t> a1, a2;
   if (M <= R) {                   // one chunk (a virtual batch): no per-thread sums to clear and reduce
-    thread_local avec<acc_t> b1, b2;
-    b1.resize(C), b2.resize(C);
-    chunk(0, M, b1.data(), b2.data());
-    return widen_sums(b1.data(), b2.data(), C, sum_dy, sum_dy_xmu);
+    a1.resize(C), a2.resize(C);
+    chunk(0, M, a1.data(), a2.data());
+    return widen_sums(a1.data(), a2.data(), C, sum_dy, sum_dy_xmu);
   }
   const int nt = at::get_num_threads();
   std::vector<std::vector<double>>& s1 = sums_scratch(0, nt, C);
@@ -1163,9 +1157,7 @@ void grad_sums_rows_tiled(const scalar_t* dy, const scalar_t* x, const double* m
     const int tid = at::get_thread_num();
     double* __restrict t1 = s1[tid].data();
     double* __restrict t2 = s2[tid].data();
-    thread_local avec<acc_t> a1, a2;
-    a1.resize(C);
-    a2.resize(C);
+    a1.resize(C), a2.resize(C);
     for (int64_t b = b0; b < b1; ++b) {
       chunk(b * R, std::min(M, (b + 1) * R), a1.data(), a2.data());
       for (int64_t c = 0; c < C; ++c) {
@@ -1341,10 +1333,10 @@ void update_running(const c10::optional<at::Tensor>& running_mean, const c10::op
   }
 }
 
-// dy in x's dtype and strides: itself when it already is, else a converted copy
+// dy in x's dtype and strides: itself when it already is, else a converted copy (empty_like keeps a
+// dense x's strides exactly, whatever its memory format)
 inline at::Tensor in_layout_of(const at::Tensor& dy, const at::Tensor& x) {
-  return dy.scalar_type() == x.scalar_type() && dy.strides() == x.strides()
-             ? dy : dy.to(x.scalar_type()).contiguous(x.suggest_memory_format());
+  return dy.scalar_type() == x.scalar_type() && dy.strides() == x.strides() ? dy : at::empty_like(x).copy_(dy);
 }
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -1667,11 +1659,8 @@ template <int P, int NV, typename scalar_t, typename acc_t>
 inline void lp_terms_tile(const scalar_t* __restrict x, int64_t C, int64_t n, const acc_t* mu, acc_t* t) {
   using vec = typename V64<acc_t>::v;
   constexpr int L = V64<acc_t>::n;
-  vec m[NV], a[NV];
-  for (int v = 0; v < NV; ++v) {
-    m[v] = *reinterpret_cast<const vec*>(mu + v * L);
-    a[v] = vec{};
-  }
+  vec m[NV], a[NV] = {};
+  load_tile(m, mu);
   for (int64_t r = 0; r < n; ++r)
     for (int v = 0; v < NV; ++v) {
       const vec z = VLoad<scalar_t>::load(x + r * C + v * L) - m[v];
@@ -1697,12 +1686,8 @@ inline void lp_ties_tile(const scalar_t* __restrict x, int64_t C, int64_t n, con
                          acc_t* h) {
   using vec = typename V64<acc_t>::v;
   constexpr int L = V64<acc_t>::n;
-  vec m[NV], tp[NV], a[NV];
-  for (int v = 0; v < NV; ++v) {
-    m[v] = *reinterpret_cast<const vec*>(mu + v * L);
-    tp[v] = *reinterpret_cast<const vec*>(top + v * L);
-    a[v] = vec{};
-  }
+  vec m[NV], tp[NV], a[NV] = {};
+  load_tile(m, mu), load_tile(tp, top);
   for (int64_t r = 0; r < n; ++r)
     for (int v = 0; v < NV; ++v) {
       const vec z = VLoad<scalar_t>::load(x + r * C + v * L) - m[v];
@@ -1834,13 +1819,8 @@ inline void lp_grad_sums_tile(const scalar_t* __restrict g, const scalar_t* __re
                               acc_t* q3) {
   using vec = typename V64<acc_t>::v;
   constexpr int L = V64<acc_t>::n;
-  vec m[NV], nn[NV], tt[NV], a1[NV], a2[NV], a3[NV];
-  for (int v = 0; v < NV; ++v) {
-    m[v] = *reinterpret_cast<const vec*>(mu + v * L);
-    nn[v] = *reinterpret_cast<const vec*>(nk + v * L);
-    tt[v] = *reinterpret_cast<const vec*>(tk + v * L);
-    a1[v] = a2[v] = a3[v] = vec{};
-  }
+  vec m[NV], nn[NV], tt[NV], a1[NV] = {}, a2[NV] = {}, a3[NV] = {};
+  load_tile(m, mu), load_tile(nn, nk), load_tile(tt, tk);
   const vec im = vec{} + inv_m;
   for (int64_t r = 0; r < n; ++r)
     for (int v = 0; v < NV; ++v) {
@@ -1877,14 +1857,7 @@ inline void lp_dx_tile(const T* __restrict g, const T* __restrict x, T* __restri
   using vec = typename V64<T>::v;
   constexpr int L = V64<T>::n;
   vec m[NV], av[NV], kv[NV], sv[NV], nn[NV], tt[NV];
-  for (int v = 0; v < NV; ++v) {
-    m[v] = *reinterpret_cast<const vec*>(mu + v * L);
-    av[v] = *reinterpret_cast<const vec*>(a + v * L);
-    kv[v] = *reinterpret_cast<const vec*>(kap + v * L);
-    sv[v] = *reinterpret_cast<const vec*>(sh + v * L);
-    nn[v] = *reinterpret_cast<const vec*>(nk + v * L);
-    tt[v] = *reinterpret_cast<const vec*>(tk + v * L);
-  }
+  load_tile(m, mu), load_tile(av, a), load_tile(kv, kap), load_tile(sv, sh), load_tile(nn, nk), load_tile(tt, tk);
   const vec im = vec{} + inv_m;
   for (int64_t r = 0; r < n; ++r)
     for (int v = 0; v < NV; ++v) {
@@ -3382,6 +3355,28 @@ void apply_rows(const T* a, const T* A, const T* b, const T* B, const T* c, T* o
   });
 }
 
+// Σ (a − μ_a)(b − μ_b)ᵀ per group (+= into P, zeroed here) and Σ a (into S), b = a when same
+template <typename T>
+void cross_into(const T* a, const double* mu_a, const T* b, const double* mu_b, bool same, const Layout& l, int64_t G,
+                double* P, double* S) {
+  const int64_t g = l.C / G;
+  std::fill(P, P + g * G * G, 0.0);
+  std::fill(S, S + l.C, 0.0);
+  if (l.rows) cross_rows<T>(a, mu_a, b, mu_b, l, G, P, S);
+  else cross_ncl<T>(a, mu_a, b, mu_b, same, l, G, P, S);
+  if (same)                                       // exactly symmetric: the upper triangle mirrored
+    for (int64_t gi = 0; gi < g; ++gi)
+      for (int64_t i = 0; i < G; ++i)
+        for (int64_t j = 0; j < i; ++j) P[gi * G * G + i * G + j] = P[gi * G * G + j * G + i];
+}
+
+// out = A·a + B·b + c per group, in a's layout
+template <typename T>
+void apply_into(const T* a, const T* A, const T* b, const T* B, const T* c, T* out, const Layout& l, int64_t G) {
+  if (l.rows) apply_rows<T>(a, A, b, B, c, out, l, G);
+  else apply_ncl<T>(a, A, b, B, c, out, l, G);
+}
+
 void check_group_input(const at::Tensor& t, const at::Tensor& like, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
               what, ": float32 or float64 CPU tensor expected");
@@ -3410,24 +3405,13 @@ std::vector<at::Tensor> group_cross(const at::Tensor& a, const c10::optional<at:
   TORCH_CHECK(!same || has_mu_a, "group_cross: the Gram of a needs a's mean");
   const std::vector<double> ma = has_mu_a ? values_as<double>(*mu_a, l.C, "group_cross") : std::vector<double>();
   const std::vector<double> mb = values_as<double>(mu_b, l.C, "group_cross");
-  at::Tensor P = at::zeros({g, G, G}, at::TensorOptions().dtype(at::kDouble));
-  at::Tensor S = at::zeros({l.C}, at::TensorOptions().dtype(at::kDouble));
+  at::Tensor P = at::empty({g, G, G}, at::TensorOptions().dtype(at::kDouble));
+  at::Tensor S = at::empty({l.C}, at::TensorOptions().dtype(at::kDouble));
   const at::Tensor bb = same ? a : *b;
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "bnlab_group_cross", [&] {
-    const double* pa = has_mu_a ? ma.data() : nullptr;
-    if (l.rows)
-      cross_rows<scalar_t>(a.data_ptr<scalar_t>(), pa, bb.data_ptr<scalar_t>(), mb.data(), l, G,
-                           P.data_ptr<double>(), S.data_ptr<double>());
-    else
-      cross_ncl<scalar_t>(a.data_ptr<scalar_t>(), pa, bb.data_ptr<scalar_t>(), mb.data(), same, l, G,
-                          P.data_ptr<double>(), S.data_ptr<double>());
+    cross_into<scalar_t>(a.data_ptr<scalar_t>(), has_mu_a ? ma.data() : nullptr, bb.data_ptr<scalar_t>(), mb.data(),
+                         same, l, G, P.data_ptr<double>(), S.data_ptr<double>());
   });
-  if (same) {                                     // exactly symmetric: the upper triangle mirrored
-    double* p = P.data_ptr<double>();
-    for (int64_t gi = 0; gi < g; ++gi)
-      for (int64_t i = 0; i < G; ++i)
-        for (int64_t j = 0; j < i; ++j) p[gi * G * G + i * G + j] = p[gi * G * G + j * G + i];
-  }
   return {P, S};
 }
 
@@ -3447,11 +3431,8 @@ at::Tensor group_apply(const at::Tensor& a, const at::Tensor& A, const c10::opti
     const std::vector<scalar_t> Av = values_as<scalar_t>(A, g * G * G, "group_apply");
     const std::vector<scalar_t> Bv = has_b ? values_as<scalar_t>(*B, g * G * G, "group_apply") : std::vector<scalar_t>();
     const std::vector<scalar_t> cv = values_as<scalar_t>(c, l.C, "group_apply");
-    const scalar_t* pb = has_b ? b->data_ptr<scalar_t>() : nullptr;
-    if (l.rows)
-      apply_rows<scalar_t>(a.data_ptr<scalar_t>(), Av.data(), pb, Bv.data(), cv.data(), out.data_ptr<scalar_t>(), l, G);
-    else
-      apply_ncl<scalar_t>(a.data_ptr<scalar_t>(), Av.data(), pb, Bv.data(), cv.data(), out.data_ptr<scalar_t>(), l, G);
+    apply_into<scalar_t>(a.data_ptr<scalar_t>(), Av.data(), has_b ? b->data_ptr<scalar_t>() : nullptr, Bv.data(),
+                         cv.data(), out.data_ptr<scalar_t>(), l, G);
   });
   return out;
 }
@@ -3474,25 +3455,6 @@ std::vector<T> channel_values(const c10::optional<at::Tensor>& t, int64_t C, T a
   if (!(t.has_value() && t->defined())) return std::vector<T>(C, absent);
   const std::vector<double> v = values_as<double>(*t, C, what);
   return std::vector<T>(v.begin(), v.end());
-}
-
-inline at::Tensor like_strides(const at::Tensor& t, const at::Tensor& x) {
-  return t.scalar_type() == x.scalar_type() && t.strides() == x.strides() ? t : at::empty_like(x).copy_(t);
-}
-
-// Σ (a − μ_a)(b − μ_b)ᵀ per group (+= into P, zeroed here) and Σ a (into S), b = a when same
-template <typename T>
-void cross_into(const T* a, const double* mu_a, const T* b, const double* mu_b, bool same, const Layout& l, int64_t G,
-                double* P, double* S) {
-  const int64_t g = l.C / G;
-  std::fill(P, P + g * G * G, 0.0);
-  std::fill(S, S + l.C, 0.0);
-  if (l.rows) cross_rows<T>(a, mu_a, b, mu_b, l, G, P, S);
-  else cross_ncl<T>(a, mu_a, b, mu_b, same, l, G, P, S);
-  if (same)                                       // exactly symmetric: the upper triangle mirrored
-    for (int64_t gi = 0; gi < g; ++gi)
-      for (int64_t i = 0; i < G; ++i)
-        for (int64_t j = 0; j < i; ++j) P[gi * G * G + i * G + j] = P[gi * G * G + j * G + i];
 }
 
 // (μ (C), Σ (g, G, G), finite), both in x's dtype. One pass shifted by K — the running mean, or 0 —
@@ -3542,6 +3504,11 @@ std::tuple<at::Tensor, at::Tensor, bool> whiten_moments(const at::Tensor& x, con
   return {mean_t, sigma, finite};
 }
 
+inline void check_whitening_matrix(const at::Tensor& W, const Layout& l, const char* what) {
+  TORCH_CHECK(W.dim() == 3 && W.size(1) == W.size(2) && W.size(0) * W.size(1) == l.C, what,
+              ": W must be (groups, G, G) with groups·G = C");
+}
+
 // A_g = diag(γ_g)·W_g in T, and optionally the transpose
 template <typename T>
 std::vector<T> scaled_rows(const at::Tensor& W, const std::vector<T>& gamma, int64_t g, int64_t G, bool transpose,
@@ -3557,19 +3524,12 @@ std::vector<T> scaled_rows(const at::Tensor& W, const std::vector<T>& gamma, int
   return A;
 }
 
-template <typename T>
-void apply_into(const T* a, const T* A, const T* b, const T* B, const T* c, T* out, const Layout& l, int64_t G) {
-  if (l.rows) apply_rows<T>(a, A, b, B, c, out, l, G);
-  else apply_ncl<T>(a, A, b, B, c, out, l, G);
-}
-
 // y = A·x + (β − A·μ), A = diag(γ)·W
 at::Tensor whiten_apply(const at::Tensor& x, const at::Tensor& W, const c10::optional<at::Tensor>& weight,
                         const c10::optional<at::Tensor>& bias, const at::Tensor& mean) {
   check_group_input(x, x, "whiten_apply");
   const Layout l = layout_of(x);
-  TORCH_CHECK(W.dim() == 3 && W.size(1) == W.size(2) && W.size(0) * W.size(1) == l.C,
-              "whiten_apply: W must be (groups, G, G) with groups·G = C");
+  check_whitening_matrix(W, l, "whiten_apply");
   const int64_t C = l.C, g = W.size(0), G = W.size(1);
   at::Tensor y = empty_out(x, x.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlab_whiten_apply", [&] {
@@ -3594,10 +3554,9 @@ at::Tensor whiten_apply(const at::Tensor& x, const at::Tensor& W, const c10::opt
 std::vector<at::Tensor> whiten_grad_sums(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& mean,
                                          const at::Tensor& W, const c10::optional<at::Tensor>& weight) {
   check_group_input(x, x, "whiten_grad_sums");
-  const at::Tensor dy = like_strides(dy_in, x);
+  const at::Tensor dy = in_layout_of(dy_in, x);
   const Layout l = layout_of(x);
-  TORCH_CHECK(W.dim() == 3 && W.size(1) == W.size(2) && W.size(0) * W.size(1) == l.C,
-              "whiten_grad_sums: W must be (groups, G, G) with groups·G = C");
+  check_whitening_matrix(W, l, "whiten_grad_sums");
   const int64_t C = l.C, g = W.size(0), G = W.size(1), GG = G * G;
   const bool has_w = weight.has_value() && weight->defined();
   at::Tensor dW = at::empty({g, G, G}, x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -3632,10 +3591,10 @@ std::vector<at::Tensor> whiten_grad_sums(const at::Tensor& dy_in, const at::Tens
 at::Tensor whiten_grad_x(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& W,
                          const c10::optional<at::Tensor>& weight, const at::Tensor& dsigma, const at::Tensor& dbeta) {
   check_group_input(x, x, "whiten_grad_x");
-  const at::Tensor dy = like_strides(dy_in, x);
+  const at::Tensor dy = in_layout_of(dy_in, x);
   const Layout l = layout_of(x);
-  TORCH_CHECK(W.dim() == 3 && W.size(1) == W.size(2) && W.size(0) * W.size(1) == l.C && dsigma.sizes() == W.sizes(),
-              "whiten_grad_x: W and dsigma must be (groups, G, G) with groups·G = C");
+  check_whitening_matrix(W, l, "whiten_grad_x");
+  TORCH_CHECK(dsigma.sizes() == W.sizes(), "whiten_grad_x: dsigma must have W's shape");
   const int64_t C = l.C, g = W.size(0), G = W.size(1), GG = G * G;
   const double m = double(l.M);
   at::Tensor dx = empty_out(x, x.scalar_type());
