@@ -651,6 +651,43 @@ def _check_group_kernels(shape, fmt, G, dtype, tol, threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("shape,fmt,G", [((37, 48), None, 16), ((37, 48), None, 48), ((5, 48, 4, 8), None, 16),
+                                         ((5, 48, 4, 8), None, 48), ((3, 64, 5, 7), torch.channels_last, 16),
+                                         ((3, 64, 5, 7), torch.channels_last, 32)],
+                         ids=["2d-16", "2d-48", "nchw-16", "nchw-48", "channels_last-16", "channels_last-32"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_group_apply_streamed_stores_equal_cached_stores(shape, fmt, G, threads):
+    """The output pass's streaming stores (taken when the pass's bytes pass the threshold, here
+    forced to 0) write exactly what its normal stores write: every row tile, the rows' remainder
+    (37 rows), NCHW rows on whole lines (L = 32), one and two operands, 1 and 2 threads."""
+    k = kernels.load()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(G + threads)
+        a, b = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+        if fmt is not None:
+            a, b = a.contiguous(memory_format=fmt), b.contiguous(memory_format=fmt)
+        C = shape[1]
+        A, B = (torch.randn(C // G, G, G, generator=g, dtype=torch.float64) for _ in range(2))
+        c = torch.randn(C, generator=g, dtype=torch.float64)
+        for two in (False, True):
+            args = (a, A, b if two else None, B if two else None, c)
+            old = k.control.set_stream_threshold(-1)
+            try:
+                cached = k.group_apply(*args)
+                k.control.set_stream_threshold(0)
+                streamed = k.group_apply(*args)
+            finally:
+                k.control.set_stream_threshold(old)
+            assert torch.equal(streamed, cached)
+            Y = A @ _per_group(a, G) + c.view(-1, G, 1) + (B @ _per_group(b, G) if two else 0)
+            want = Y.reshape(C, shape[0], *shape[2:]).transpose(0, 1)
+            torch.testing.assert_close(streamed.double(), want, atol=1e-4 * want.abs().max().item(), rtol=0)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_group_kernels_reject_what_they_do_not_take():
     k = kernels.load()
     x = torch.randn(4, 6, 3, 3)
