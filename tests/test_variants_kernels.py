@@ -768,3 +768,98 @@ def test_newton_kernel_gradcheck_gradgradcheck_and_bad_input():
     W, P = k.newton_inv_sqrt(torch.eye(3).expand(2, 3, 3).contiguous(), 4)
     with pytest.raises(RuntimeError, match="do not match"):
         k.newton_inv_sqrt_backward(torch.randn(2, 3, 3), torch.eye(3).expand(2, 3, 3).contiguous(), P[:, :1])
+
+
+def _spectra(G, g, gen):
+    """(g, G, G) float64 SPD test matrices: Wishart + εI, a multiple of I (one eigenvalue G times),
+    repeated eigenvalues in a rotated basis, eigenvalues from 1e-6 to 1e2, a large scale, rank G/2 + ε."""
+    A = torch.randn(g, G, 3 * G, generator=gen, dtype=torch.float64)
+    out = [A @ A.transpose(1, 2) / (3 * G) + 1e-5 * torch.eye(G, dtype=torch.float64)]
+    Q, _ = torch.linalg.qr(torch.randn(g, G, G, generator=gen, dtype=torch.float64))
+    for lam in (torch.full((G,), 2.5, dtype=torch.float64),
+                torch.tensor([1.0, 1.0, 3.0, 3.0] * G, dtype=torch.float64)[:G],
+                torch.logspace(-6, 2, G, dtype=torch.float64),
+                torch.linspace(1, 4, G, dtype=torch.float64) * 1e6):
+        out.append(Q @ torch.diag_embed(lam.expand(g, G)) @ Q.transpose(1, 2))
+    B = torch.randn(g, G, max(1, G // 2), generator=gen, dtype=torch.float64)
+    out.append(B @ B.transpose(1, 2) + 1e-5 * torch.eye(G, dtype=torch.float64))
+    return out
+
+
+@pytest.mark.parametrize("G,g", [(1, 3), (3, 9), (16, 8), (16, 37), (17, 5), (64, 2)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_zca_kernel_equals_the_eigendecomposition(G, g, threads):
+    """ZCA's Σ^(−½) on the kernels (Jacobi, eight matrices a vector) against _InvSqrtm on LAPACK's
+    eigh and its autograd product, on spectra that stress an eigensolver (equal, repeated, spread
+    over eight decades, large, rank-deficient + ε), group counts that fill no whole set of eight;
+    and the closed forms: W·Σ·W = I, W exactly symmetric, D orthonormal, Σ = D·diag(s²)·Dᵀ."""
+    from bnlab.variants.whitening import inv_sqrtm
+    k = kernels.load()
+    gen = torch.Generator().manual_seed(G * 100 + g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for sigma in _spectra(G, g, gen):
+            eye = torch.eye(G, dtype=torch.float64)
+            W, Dm, s = k.zca_inv_sqrt(sigma)
+            cond = (s.max(-1).values / s.min(-1).values).square().max().item()
+            s1 = sigma.clone().requires_grad_()
+            want = inv_sqrtm(s1)
+            scale = want.abs().max().item()
+            torch.testing.assert_close(W, want.detach(), atol=1e-13 * cond * scale, rtol=0)
+            assert torch.equal(W, W.transpose(1, 2))
+            torch.testing.assert_close(W @ sigma @ W, eye.expand(g, G, G), atol=1e-12 * cond, rtol=0)
+            torch.testing.assert_close(Dm.transpose(1, 2) @ Dm, eye.expand(g, G, G), atol=1e-13, rtol=0)
+            torch.testing.assert_close(Dm @ torch.diag_embed(s.square()) @ Dm.transpose(1, 2), sigma,
+                                       atol=1e-13 * sigma.abs().max().item(), rtol=0)
+            dW = torch.randn(g, G, G, generator=gen, dtype=torch.float64)
+            d_want, = torch.autograd.grad(want, s1, dW)
+            d_got = k.zca_inv_sqrt_backward(dW, Dm, s)
+            torch.testing.assert_close(d_got, d_want, atol=1e-12 * cond * d_want.abs().max().item(), rtol=0)
+            W32, _, _ = k.zca_inv_sqrt(sigma.float())
+            assert W32.dtype == torch.float32
+            if cond < 1e4:
+                torch.testing.assert_close(W32.double(), want.detach(), atol=1e-5 * scale, rtol=0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_zca_kernel_gradcheck_module_path_and_bad_input():
+    """The hand-written backward by gradcheck in float64; DecorrelatedBatchNorm's ZCA step takes its
+    matrix from this kernel (PCA does not: its eigenvectors' signs are LAPACK's); NaN comes out NaN
+    (no endless sweeps); bad input is refused."""
+    k = kernels.load()
+    gen = torch.Generator().manual_seed(3)
+    A = torch.randn(3, 5, 12, generator=gen, dtype=torch.float64)
+    sigma = (A @ A.transpose(1, 2) / 12 + 0.1 * torch.eye(5, dtype=torch.float64)).requires_grad_()
+
+    class Zca(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, s):
+            W, Dm, sv = k.zca_inv_sqrt(s)
+            ctx.save_for_backward(Dm, sv)
+            return W
+
+        @staticmethod
+        def backward(ctx, dW):
+            return k.zca_inv_sqrt_backward(dW, *ctx.saved_tensors)
+
+    # perturbations of a symmetric input are not symmetric: gradcheck on the symmetrized input
+    assert torch.autograd.gradcheck(lambda s: Zca.apply(0.5 * (s + s.transpose(1, 2))), (sigma,))
+    zca = bnlab.DecorrelatedBatchNorm(10, group_size=5).double()
+    W, vjp = zca._matrix_vjp(sigma.detach().repeat(1, 1, 1)[:2])
+    assert torch.equal(W, k.zca_inv_sqrt(sigma.detach()[:2])[0])
+    pca = bnlab.DecorrelatedBatchNorm(10, group_size=5, whitening="pca").double()
+    W_pca, _ = pca._matrix_vjp(sigma.detach()[:2])
+    assert not torch.allclose(W_pca, W)
+    nan = sigma.detach().clone()
+    nan[1, 2, 3] = nan[1, 3, 2] = float("nan")
+    Wn, _, _ = k.zca_inv_sqrt(nan)
+    assert torch.isnan(Wn[1]).any() and torch.isfinite(Wn[0]).all() and torch.isfinite(Wn[2]).all()
+    with pytest.raises(RuntimeError, match="sigma must be"):
+        k.zca_inv_sqrt(torch.randn(2, 3, 4))
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        k.zca_inv_sqrt(torch.eye(3).expand(2, 3, 3).half())
+    _, Dm, sv = k.zca_inv_sqrt(torch.eye(3).expand(2, 3, 3).contiguous())
+    with pytest.raises(RuntimeError, match="do not match"):
+        k.zca_inv_sqrt_backward(torch.randn(2, 3, 3), Dm[:1], sv)

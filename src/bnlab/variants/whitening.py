@@ -189,15 +189,16 @@ class _NewtonFn(torch.autograd.Function):
         return ctx.module.newton_inv_sqrt_backward(dW, sigma, P), None, None
 
 
-def _newton_kernels(sigma: Tensor):
-    """The compiled module when it takes sigma ((g, G, G) float32/float64 on the CPU), else None."""
-    return dispatch.compiled_for(sigma, "newton_inv_sqrt") \
+def _matrix_kernels(sigma: Tensor, entry: str):
+    """The compiled module when it has ``entry`` and takes sigma ((g, G, G) float32/float64 on the
+    CPU), else None."""
+    return dispatch.compiled_for(sigma, entry) \
         if sigma.dtype in (torch.float32, torch.float64) and sigma.dim() == 3 else None
 
 
 def _newton(sigma: Tensor, T: int) -> Tensor:
     """iternorm_matrix(sigma, T), on the compiled kernels where they take sigma."""
-    module = _newton_kernels(sigma)
+    module = _matrix_kernels(sigma, "newton_inv_sqrt")
     if module is None:
         return iternorm_matrix(sigma, T)
     return _NewtonFn.apply(sigma, T, module)
@@ -490,6 +491,17 @@ class DecorrelatedBatchNorm(_Whitening):
             torch.eye(sigma.shape[-1], dtype=sigma.dtype, device=sigma.device).expand_as(sigma)
         return whitening_matrix(sigma, self.whitening, reference)
 
+    def _matrix_vjp(self, sigma: Tensor):
+        """ZCA on the kernels where they take Σ: Σ^(−½) by Jacobi's eigendecomposition and the
+        same divided-difference backward as :class:`_InvSqrtm` (which stays the definition the
+        tests hold it to). PCA keeps LAPACK's eigh: its output depends on the eigenvectors'
+        order and signs, which are the definition's."""
+        module = _matrix_kernels(sigma, "zca_inv_sqrt") if self.whitening == "zca" else None
+        if module is None:
+            return super()._matrix_vjp(sigma)
+        W, Dm, s = module.zca_inv_sqrt(sigma)
+        return W, lambda dW: module.zca_inv_sqrt_backward(dW, Dm, s)
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", whitening={self.whitening!r}"
 
@@ -511,7 +523,7 @@ class IterNorm(_Whitening):
 
     def _matrix_vjp(self, sigma: Tensor):
         """The iterations and their backward straight on the kernels where they take Σ."""
-        module = _newton_kernels(sigma)
+        module = _matrix_kernels(sigma, "newton_inv_sqrt")
         if module is None:
             return super()._matrix_vjp(sigma)
         W, P = module.newton_inv_sqrt(sigma, self.T)
