@@ -846,9 +846,14 @@ def test_zca_kernel_gradcheck_module_path_and_bad_input():
 
     # perturbations of a symmetric input are not symmetric: gradcheck on the symmetrized input
     assert torch.autograd.gradcheck(lambda s: Zca.apply(0.5 * (s + s.transpose(1, 2))), (sigma,))
-    zca = bnlab.DecorrelatedBatchNorm(10, group_size=5).double()
+    zca = bnlab.DecorrelatedBatchNorm(10, group_size=5).double()                # G ≤ 16: the kernel
     W, vjp = zca._matrix_vjp(sigma.detach().repeat(1, 1, 1)[:2])
     assert torch.equal(W, k.zca_inv_sqrt(sigma.detach()[:2])[0])
+    from bnlab.variants.whitening import inv_sqrtm
+    B = torch.randn(2, 32, 64, generator=gen, dtype=torch.float64)
+    big = B @ B.transpose(1, 2) / 64 + 0.1 * torch.eye(32, dtype=torch.float64)
+    W32, _ = bnlab.DecorrelatedBatchNorm(64, group_size=32).double()._matrix_vjp(big)   # G > 16: LAPACK's eigh
+    assert torch.equal(W32, inv_sqrtm(big))
     pca = bnlab.DecorrelatedBatchNorm(10, group_size=5, whitening="pca").double()
     W_pca, _ = pca._matrix_vjp(sigma.detach()[:2])
     assert not torch.allclose(W_pca, W)
