@@ -130,7 +130,8 @@ def whitening_floor(threads=(1, 2), repeats: int = 9, log=print) -> list[dict]:
     matrix product reaches on this core (a 512² float32 GEMM, in cache). ``floor`` is what a step
     needs, × BN's step — a lower bound: it leaves out every byte moved. IterNorm's iterations are
     timed as a step runs them: on the compiled kernels, forward and backward (torch's products,
-    forward only, where the kernels are absent)."""
+    forward only, where the kernels are absent); so is ZCA's Jacobi (G ≤ 16, kernels), which a
+    ZCA step takes instead of the eigendecomposition."""
     from ..kernels import dispatch
     module = dispatch.cpu_module()
     rows = []
@@ -160,20 +161,28 @@ def whitening_floor(threads=(1, 2), repeats: int = 9, log=print) -> list[dict]:
                         Q = P
                         for _ in range(5):
                             Q = 1.5 * Q - 0.5 * Q @ Q @ Q @ S
+                    def jacobi():                       # ZCA's Σ^(−½) and its backward, as a step runs them (G ≤ 16)
+                        _, Dm, sv = module.zca_inv_sqrt(S)
+                        module.zca_inv_sqrt_backward(P, Dm, sv)
                     parts = {"bn": bn, "eigh": lambda: torch.linalg.eigh(S), "newton": newton}
+                    if module is not None and G <= 16:
+                        parts["jacobi"] = jacobi
                     for f in parts.values():
                         f()
                     ms = {k: statistics.median(_timed(f, 3) for _ in range(repeats)) * 1e3 for k, f in parts.items()}
                     ms["madds"] = 4.5 * G * x.numel() / rate * 1e3
+                    zca_ms = ms.get("jacobi", ms["eigh"])
                     label = "x".join(map(str, shape))
                     row = dict(threads=t, shape=label, G=G, bn_ms=ms["bn"], eigh_ms=ms["eigh"],
-                               newton_ms=ms["newton"], madds_ms=ms["madds"], gemm_gmadds=rate / 1e9,
-                               zca_floor=(ms["eigh"] + ms["madds"]) / ms["bn"],
+                               jacobi_ms=ms.get("jacobi"), newton_ms=ms["newton"], madds_ms=ms["madds"],
+                               gemm_gmadds=rate / 1e9, pca_floor=(ms["eigh"] + ms["madds"]) / ms["bn"],
+                               zca_floor=(zca_ms + ms["madds"]) / ms["bn"],
                                iternorm_floor=(ms["newton"] + ms["madds"]) / ms["bn"])
                     rows.append(row)
-                    log(f"{t}t {label:>12} G={G:<3} BN {ms['bn']:.3f} ms  eigh {ms['eigh']:.3f}  newton "
-                        f"{ms['newton']:.3f}  4.5·G multiply-adds/value {ms['madds']:.3f} (at {rate / 1e9:.1f} G/s)  "
-                        f"floor ZCA/PCA ×{row['zca_floor']:.2f}  IterNorm ×{row['iternorm_floor']:.2f}")
+                    log(f"{t}t {label:>12} G={G:<3} BN {ms['bn']:.3f} ms  eigh {ms['eigh']:.3f}  Jacobi "
+                        f"{zca_ms:.3f}  newton {ms['newton']:.3f}  4.5·G multiply-adds/value {ms['madds']:.3f} "
+                        f"(at {rate / 1e9:.1f} G/s)  floor PCA ×{row['pca_floor']:.2f}  ZCA ×{row['zca_floor']:.2f}  "
+                        f"IterNorm ×{row['iternorm_floor']:.2f}")
     finally:
         torch.set_num_threads(before)
     return rows
@@ -218,12 +227,16 @@ def noise_floor(threads=(1, 2), repeats: int = 9, log=print) -> list[dict]:
 def floor_markdown(rows: list[dict]) -> str:
     out = ["**whitening's floor** (ms; floor = what one training step needs, × bnlab BatchNorm's step; "
            "the multiply-adds at the rate of torch's 512² GEMM on the same threads)\n",
-           "| threads | shape | G | BN step | eigh (all groups) | 5 Newton iterations (+ backward on the kernels) | 4.5·G multiply-adds per value "
-           "| ZCA/PCA floor (eigh + multiply-adds) | IterNorm floor (Newton + multiply-adds) |",
-           "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+           "| threads | shape | G | BN step | eigh (all groups) | ZCA's Jacobi + backward (G ≤ 16, kernels) "
+           "| 5 Newton iterations (+ backward on the kernels) | 4.5·G multiply-adds per value "
+           "| PCA floor (eigh + multiply-adds) | ZCA floor (Jacobi or eigh + multiply-adds) "
+           "| IterNorm floor (Newton + multiply-adds) |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        out.append(f"| {r['threads']} | {r['shape']} | {r['G']} | {r['bn_ms']:.3f} | {r['eigh_ms']:.3f} | "
-                   f"{r['newton_ms']:.3f} | {r['madds_ms']:.3f} | {r['zca_floor']:.2f}× | {r['iternorm_floor']:.2f}× |")
+        jacobi = f"{r['jacobi_ms']:.3f}" if r.get("jacobi_ms") is not None else "—"
+        out.append(f"| {r['threads']} | {r['shape']} | {r['G']} | {r['bn_ms']:.3f} | {r['eigh_ms']:.3f} | {jacobi} | "
+                   f"{r['newton_ms']:.3f} | {r['madds_ms']:.3f} | {r['pca_floor']:.2f}× | {r['zca_floor']:.2f}× | "
+                   f"{r['iternorm_floor']:.2f}× |")
     return "\n".join(out) + "\n"
 
 
