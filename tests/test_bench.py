@@ -173,3 +173,23 @@ def test_noise_floor_times_the_kernels_draws_against_bns_step(monkeypatch):
         assert r["floor"] == pytest.approx(1 + r["draws_ms"] / r["bn_ms"])
     table = B.noise_markdown(rows)
     assert table.count("\n| 1 | ") == 2 and "floor × BN" in table
+
+
+def test_whitening_floor_times_zcas_jacobi_for_small_groups_only():
+    """The whitening floor: PCA's floor from the eigendecomposition, ZCA's from the Jacobi kernel
+    where a ZCA step runs it (G ≤ 16) and from eigh beyond, IterNorm's from the iterations."""
+    from bnlab import kernels
+    from bnlab.bench import variants as B
+    if not kernels.available():
+        pytest.skip(f"no CPU kernels: {kernels.failure()}")
+    rows = B.whitening_floor(threads=(1,), repeats=1, log=lambda *_: None)
+    assert [(r["shape"], r["G"]) for r in rows] == [("256x512", 16), ("256x512", 64), ("64x64x28x28", 16),
+                                                    ("64x64x28x28", 64)]
+    for r in rows:
+        assert r["pca_floor"] == pytest.approx((r["eigh_ms"] + r["madds_ms"]) / r["bn_ms"])
+        zca_ms = r["jacobi_ms"] if r["G"] <= 16 else r["eigh_ms"]
+        assert (r["jacobi_ms"] is None) == (r["G"] > 16) and zca_ms > 0
+        assert r["zca_floor"] == pytest.approx((zca_ms + r["madds_ms"]) / r["bn_ms"])
+        assert r["iternorm_floor"] == pytest.approx((r["newton_ms"] + r["madds_ms"]) / r["bn_ms"])
+    table = B.floor_markdown(rows)
+    assert table.count("\n| 1 | ") == 4 and table.count("| — |") == 2 and "ZCA floor" in table
