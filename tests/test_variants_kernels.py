@@ -825,9 +825,8 @@ def test_zca_kernel_equals_the_eigendecomposition(G, g, threads):
 
 
 def test_zca_kernel_gradcheck_module_path_and_bad_input():
-    """The hand-written backward by gradcheck in float64; DecorrelatedBatchNorm's ZCA step takes its
-    matrix from this kernel (PCA does not: its eigenvectors' signs are LAPACK's); NaN comes out NaN
-    (no endless sweeps); bad input is refused."""
+    """The hand-written backward by gradcheck in float64; groups over 16 keep torch's eigh; NaN
+    comes out NaN (no endless sweeps); bad input is refused."""
     k = kernels.load()
     gen = torch.Generator().manual_seed(3)
     A = torch.randn(3, 5, 12, generator=gen, dtype=torch.float64)
@@ -846,17 +845,11 @@ def test_zca_kernel_gradcheck_module_path_and_bad_input():
 
     # perturbations of a symmetric input are not symmetric: gradcheck on the symmetrized input
     assert torch.autograd.gradcheck(lambda s: Zca.apply(0.5 * (s + s.transpose(1, 2))), (sigma,))
-    zca = bnlab.DecorrelatedBatchNorm(10, group_size=5).double()                # G ≤ 16: the kernel
-    W, vjp = zca._matrix_vjp(sigma.detach().repeat(1, 1, 1)[:2])
-    assert torch.equal(W, k.zca_inv_sqrt(sigma.detach()[:2])[0])
     from bnlab.variants.whitening import inv_sqrtm
     B = torch.randn(2, 32, 64, generator=gen, dtype=torch.float64)
     big = B @ B.transpose(1, 2) / 64 + 0.1 * torch.eye(32, dtype=torch.float64)
     W32, _ = bnlab.DecorrelatedBatchNorm(64, group_size=32).double()._matrix_vjp(big)   # G > 16: LAPACK's eigh
     assert torch.equal(W32, inv_sqrtm(big))
-    pca = bnlab.DecorrelatedBatchNorm(10, group_size=5, whitening="pca").double()
-    W_pca, _ = pca._matrix_vjp(sigma.detach()[:2])
-    assert not torch.allclose(W_pca, W)
     nan = sigma.detach().clone()
     nan[1, 2, 3] = nan[1, 3, 2] = float("nan")
     Wn, _, _ = k.zca_inv_sqrt(nan)
@@ -868,3 +861,62 @@ def test_zca_kernel_gradcheck_module_path_and_bad_input():
     _, Dm, sv = k.zca_inv_sqrt(torch.eye(3).expand(2, 3, 3).contiguous())
     with pytest.raises(RuntimeError, match="do not match"):
         k.zca_inv_sqrt_backward(torch.randn(2, 3, 3), Dm[:1], sv)
+
+
+@pytest.mark.parametrize("shape,fmt", [((37, 32), None), ((6, 32, 5, 3), None), ((6, 32, 5, 3), torch.channels_last)],
+                         ids=["2d", "nchw", "channels_last"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["f64", "f32"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_whitening_node_equals_the_python_step(shape, fmt, dtype, tol, affine):
+    """ZCA (G ≤ 16) and IterNorm train through the compiled node (whiten_train) — PCA and ZCA with
+    G = 32 do not — and the node's output, gradients and running statistics equal the Python step
+    (_WhitenFn on the same kernels) it replaces; eval afterwards reads the same buffers."""
+    from bnlab.variants import whitening as Wh
+    k = kernels.load()
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(*shape, generator=g) * 2 + 1).to(dtype)
+    x = x if fmt is None else x.contiguous(memory_format=fmt)
+    dy = torch.randn(*shape, generator=g).to(dtype)
+    for make, node in ((lambda: bnlab.DecorrelatedBatchNorm(32, group_size=16, affine=affine), True),
+                       (lambda: bnlab.IterNorm(32, group_size=8, T=4, affine=affine), True),
+                       (lambda: bnlab.DecorrelatedBatchNorm(32, group_size=16, whitening="pca", affine=affine), False),
+                       (lambda: bnlab.DecorrelatedBatchNorm(32, group_size=32, affine=affine), False)):
+        a = make().to(dtype)
+        if affine:
+            with torch.no_grad():
+                a.weight.uniform_(0.5, 1.5, generator=g)
+                a.bias.uniform_(-1, 1, generator=g)
+        b = copy.deepcopy(a)
+        b._node = lambda: None                                  # the Python step
+        outs = []
+        for layer in (a, b):
+            xr = x.clone().requires_grad_()
+            calls = k.control.whiten_node_calls()
+            for _ in range(2):                                  # the second step reads the updated buffers
+                xr.grad = None
+                y = layer(xr)
+                y.backward(dy)
+            ran = k.control.whiten_node_calls() - calls
+            outs.append((y.detach(), xr.grad, [p.grad for p in layer.parameters()], ran))
+        assert outs[0][3] == (2 if node else 0) and outs[1][3] == 0
+        torch.testing.assert_close(outs[0][0], outs[1][0], atol=tol, rtol=tol)
+        assert outs[0][0].stride() == x.stride()
+        torch.testing.assert_close(outs[0][1], outs[1][1], atol=tol, rtol=tol)
+        for p, q in zip(outs[0][2], outs[1][2]):
+            torch.testing.assert_close(p, q, atol=tol, rtol=tol)
+        for name in ("running_mean", "running_whitening", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=tol, rtol=tol)
+        a.eval(), b.eval()
+        torch.testing.assert_close(a(x), b(x), atol=tol, rtol=tol)
+
+
+def test_whitening_node_refuses_non_finite_input_and_keeps_its_statistics():
+    from bnlab.errors import NonFiniteError
+    for layer in (bnlab.DecorrelatedBatchNorm(32, group_size=16), bnlab.IterNorm(32, group_size=16)):
+        x = torch.randn(20, 32)
+        x[3, 5] = float("inf")
+        before = {n: b.clone() for n, b in layer.named_buffers()}
+        with pytest.raises(NonFiniteError, match="NaN/Inf"):
+            layer(x.requires_grad_())
+        for n, b in layer.named_buffers():
+            assert torch.equal(b, before[n]), n

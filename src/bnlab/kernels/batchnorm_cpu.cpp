@@ -2538,6 +2538,7 @@ at::Tensor batch_norm_train(const at::Tensor& x, const c10::optional<at::Tensor>
 // ---------------------------------------------------------------------------------------------
 
 std::atomic<int64_t> group_node_calls{0};
+std::atomic<int64_t> whiten_node_calls{0};
 
 py::object& group_graph_backward() {
   static py::object* fn = new py::object();             // never destroyed: no Python at exit
@@ -4033,6 +4034,102 @@ at::Tensor zca_inv_sqrt_backward(const at::Tensor& dW_in, const at::Tensor& D_in
 }
 
 // ---------------------------------------------------------------------------------------------
+// Whitening's training step as one C++ autograd node, for the matrix functions the kernels carry:
+// ZCA with groups of ≤ 16 (zca_inv_sqrt) and IterNorm (newton_inv_sqrt). The same calls as
+// whitening.py's _WhitenFn — whiten_moments, the matrix function, whiten_apply; backward
+// whiten_grad_sums, the function's vector-Jacobian product, whiten_grad_x — and the running
+// statistics' update, without a Python frame in between: on (256, 512) the Python around the
+// kernels cost about as much as BatchNorm's whole step. Under create_graph the backward is the
+// definition's graph (whitening.py's _graph_backward). A NaN/Inf input raises before any running
+// statistic changes (the message starts "whitening: NaN/Inf", which whitening.py turns into its
+// NonFiniteError).
+// ---------------------------------------------------------------------------------------------
+enum WhitenKind : int64_t { kZca = 0, kIterNorm = 1 };
+
+py::object& whiten_graph_backward() {
+  static py::object* fn = new py::object();             // never destroyed: no Python at exit
+  return *fn;
+}
+
+struct WhitenTrain : public torch::autograd::Function<WhitenTrain> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                            int64_t G, double eps, int64_t kind, int64_t T, const c10::optional<at::Tensor>& shift,
+                            const c10::optional<at::Tensor>& running_mean,
+                            const c10::optional<at::Tensor>& running_whitening,
+                            const c10::optional<at::Tensor>& num_batches_tracked, double momentum) {
+    TORCH_CHECK(kind == kZca || kind == kIterNorm, "whiten_train: kind 0 (ZCA) or 1 (IterNorm)");
+    auto [mean, sigma, finite] = whiten_moments(x, shift, G, eps);                 // C ; g, G, G
+    TORCH_CHECK(finite, "whitening: NaN/Inf in the input — its covariance has no eigendecomposition or inverse "
+                        "square root; no statistics were updated");
+    std::vector<at::Tensor> fn = kind == kZca ? zca_inv_sqrt(sigma) : newton_inv_sqrt(sigma, T);
+    const at::Tensor W = fn[0];
+    at::Tensor y = whiten_apply(x, W, weight, bias, mean);                          // diag(γ)W·(x − μ) + β
+    const bool update = running_mean.has_value() && running_mean->defined();
+    if (update) {
+      TORCH_CHECK(running_whitening.has_value() && running_whitening->defined() &&
+                      running_whitening->sizes() == W.sizes() && running_mean->numel() == x.size(1),
+                  "whiten_train: running_whitening must be (groups, G, G) and running_mean C values");
+      if (num_batches_tracked.has_value() && num_batches_tracked->defined()) num_batches_tracked->add_(1);
+      running_mean->lerp_(mean.to(running_mean->scalar_type()), momentum);
+      running_whitening->lerp_(W.to(running_whitening->scalar_type()), momentum);
+    }
+    NodeInputs::save(ctx, x, weight, bias);
+    ctx->saved_data["mean"] = mean;
+    ctx->saved_data["W"] = W;
+    ctx->saved_data["a"] = kind == kZca ? fn[1] : sigma;            // ZCA: D, s; IterNorm: Σ, the iterates
+    ctx->saved_data["b"] = kind == kZca ? fn[2] : fn[1];
+    ctx->saved_data["kind"] = kind;
+    ctx->saved_data["G"] = G;
+    ctx->saved_data["T"] = T;
+    ctx->saved_data["eps"] = eps;
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list& grads) {
+    const at::Tensor& dy = grads[0];
+    const NodeInputs in(ctx);
+    torch::autograd::variable_list result(13);                 // one per forward argument
+    if (!dy.defined()) return result;
+    const int64_t kind = ctx->saved_data["kind"].toInt();
+    at::Tensor dx, dw, db;
+    if (at::GradMode::is_enabled()) {                          // a graph of the backward: the definition
+      py::gil_scoped_acquire gil;
+      py::tuple out = whiten_graph_backward()(dy, in.x, in.py_weight(), in.py_bias(), ctx->saved_data["G"].toInt(),
+                                              ctx->saved_data["eps"].toDouble(), kind, ctx->saved_data["T"].toInt(),
+                                              in.need_dx, in.need_dw, in.need_db);
+      dx = tensor_or_undefined(out[0]), dw = tensor_or_undefined(out[1]), db = tensor_or_undefined(out[2]);
+    } else {
+      whiten_node_calls.fetch_add(1);
+      const at::Tensor mean = ctx->saved_data["mean"].toTensor(), W = ctx->saved_data["W"].toTensor();
+      const at::Tensor a = ctx->saved_data["a"].toTensor(), b = ctx->saved_data["b"].toTensor();
+      const c10::optional<at::Tensor> weight = in.weight.defined() ? c10::optional<at::Tensor>(in.weight) : c10::nullopt;
+      std::vector<at::Tensor> sums = whiten_grad_sums(dy, in.x, mean, W, weight);   // dW, dγ, dβ
+      if (in.need_dx) {
+        const at::Tensor dS = kind == kZca ? zca_inv_sqrt_backward(sums[0], a, b) : newton_inv_sqrt_backward(sums[0], a, b);
+        dx = whiten_grad_x(dy, in.x, mean, W, weight, dS, sums[2]);
+      }
+      dw = sums[1], db = sums[2];
+    }
+    in.hand_back(result, dx, dw, db);
+    return result;
+  }
+};
+
+at::Tensor whiten_train(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                        const c10::optional<at::Tensor>& bias, int64_t G, double eps, int64_t kind, int64_t T,
+                        const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& running_mean,
+                        const c10::optional<at::Tensor>& running_whitening,
+                        const c10::optional<at::Tensor>& num_batches_tracked, double momentum) {
+  TORCH_CHECK(whiten_graph_backward() && !whiten_graph_backward().is_none(),
+              "whiten_train: set_whiten_graph_backward was not called");
+  auto opt = [](const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined() ? t : c10::nullopt; };
+  return WhitenTrain::apply(x, opt(weight), opt(bias), G, eps, kind, T, opt(shift), opt(running_mean),
+                            opt(running_whitening), opt(num_batches_tracked), momentum);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Noisy BN's noise (Santurkar et al. 2018, App. Alg. 1), drawn inside the pass that applies it:
 //     per channel c and step t:   μ_c = (2u − 1)·n_μ,   σ_c = 1 + u'·(n_σ − 1)
 //     per element e:              s = σ_c + r_σ·z,       m = μ_c − r_μ + 2r_μ·v,   y = s·a + m
@@ -4416,6 +4513,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("zca_inv_sqrt", &zca_inv_sqrt,
         "ZCA: (W, D, s) — Σ^(−½) per group by Jacobi's eigendecomposition Σ = D·diag(s²)·Dᵀ (see zca_inv_sqrt)",
         py::arg("sigma"));
+  m.def("whiten_train", &whiten_train,
+        "whitening's training step (ZCA with groups ≤ 16, IterNorm) as a C++ autograd node (see WhitenTrain)",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("G"), py::arg("eps"), py::arg("kind"), py::arg("T"),
+        py::arg("shift"), py::arg("running_mean"), py::arg("running_whitening"), py::arg("num_batches_tracked"),
+        py::arg("momentum"));
+  m.def("set_whiten_graph_backward", [](py::object fn) { whiten_graph_backward() = fn; },
+        "register whitening.py's _graph_backward, which WhitenTrain's node calls under create_graph=True");
   m.def("zca_inv_sqrt_backward", &zca_inv_sqrt_backward, "ZCA: ∂ℓ/∂Σ from ∂ℓ/∂W and zca_inv_sqrt's D, s",
         py::arg("dW"), py::arg("D"), py::arg("s"));
   m.def("nonstationary_noise", &nonstationary_noise,
@@ -4451,6 +4555,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "how many times lp_train's node ran its closed-form backward");
   c.def("group_node_calls", [] { return group_node_calls.load(); },
         "how many times group_train's node ran its closed-form backward");
+  c.def("whiten_node_calls", [] { return whiten_node_calls.load(); },
+        "how many times whiten_train's node ran its compiled backward");
   c.def("noise_values", &noise_values, "Noisy BN's (z, v) for the logical elements [first, first + n), for tests",
         py::arg("first"), py::arg("n"), py::arg("seed"), py::arg("step"));
   c.def("noise_draws", &noise_draws, "Noisy BN's draws alone for n values (no data touched), for benchmarks",

@@ -327,6 +327,35 @@ def _kernels(x: Tensor):
     return dispatch.compiled_for(x, "whiten_moments") if x.dtype in (torch.float32, torch.float64) else None
 
 
+def _graph_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], G: int, eps: float,
+                    kind: int, T: int, need_x: bool, need_w: bool, need_b: bool) -> tuple:
+    """The whitening node's backward as a differentiable graph (create_graph=True, called by the
+    C++ node ``whiten_train``): the gradients of the readable forward — ZCA's :func:`inv_sqrtm`
+    (kind 0) or IterNorm's :func:`iternorm_matrix` (kind 1) — rebuilt from x."""
+    groups = x.shape[1] // G
+
+    def reference(x, weight, bias):
+        Xc, _, sigma = group_covariance(x, groups, eps)
+        W = inv_sqrtm(sigma) if kind == 0 else iternorm_matrix(sigma, T)
+        y = (W @ Xc).reshape(x.shape[1], x.shape[0], *x.shape[2:]).transpose(0, 1)
+        return D.affine(y, weight, bias)
+
+    return differentiable_backward(reference, (x, weight, bias), (need_x, need_w, need_b), dy)
+
+
+def _node_kernels(x: Tensor):
+    """The compiled module when it has the whitening node and takes x, with the graph backward the
+    node calls registered."""
+    k = dispatch.compiled_for(x, "whiten_train") if x.dtype in (torch.float32, torch.float64) else None
+    if k is not None and not _node_kernels.registered:
+        k.set_whiten_graph_backward(_graph_backward)
+        _node_kernels.registered = True
+    return k
+
+
+_node_kernels.registered = False
+
+
 def _apply(kind, A, Wg, beta, x, N, groups, G):
     """y = Wg·X_c + β in x's layout."""
     if kind == "ncl":
@@ -400,6 +429,11 @@ class _Whitening(nn.Module):
     def _matrix(self, sigma: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _node(self) -> Optional[tuple[int, int]]:
+        """(kind, T) when the compiled node (``whiten_train``) carries this layer's matrix function:
+        0 for ZCA with groups of ≤ 16, 1 for IterNorm; else None (the step runs :class:`_WhitenFn`)."""
+        return None
+
     def _matrix_vjp(self, sigma: Tensor):
         """(W(Σ), dW ↦ dΣ): the small matrix function and its vector-Jacobian product, here by
         autograd through a graph of :meth:`_matrix` on the (g, G, G) matrices, kept for the
@@ -417,6 +451,20 @@ class _Whitening(nn.Module):
         if (self.training or self.running_mean is None) and x.dtype in (torch.float32, torch.float64) \
                 and _viewable(x) and not dispatch.traced(x):
             BF.check_batch_size(x)
+            node = self._node()
+            k = _node_kernels(x) if node is not None else None
+            if k is not None:                   # the whole step in one C++ autograd node
+                update = self.training and self.running_mean is not None
+                try:
+                    return k.whiten_train(x, self.weight, self.bias, C // self.groups, self.eps, *node,
+                                          self.running_mean if self.training else None,
+                                          self.running_mean if update else None,
+                                          self.running_whitening if update else None,
+                                          self.num_batches_tracked if update else None, self.momentum)
+                except RuntimeError as e:
+                    if "whitening: NaN/Inf" in str(e):
+                        raise NonFiniteError(str(e).splitlines()[0]) from None
+                    raise
             y, mean, W = _WhitenFn.apply(x, self.weight, self.bias, self.groups, self.eps, self._matrix_vjp,
                                          self._reference, self.running_mean if self.training else None)
             if self.training and self.running_mean is not None:
@@ -491,19 +539,13 @@ class DecorrelatedBatchNorm(_Whitening):
             torch.eye(sigma.shape[-1], dtype=sigma.dtype, device=sigma.device).expand_as(sigma)
         return whitening_matrix(sigma, self.whitening, reference)
 
-    def _matrix_vjp(self, sigma: Tensor):
-        """ZCA with groups of at most 16 on the kernels where they take Σ: Σ^(−½) by Jacobi's
-        eigendecomposition and the same divided-difference backward as :class:`_InvSqrtm` (which
-        stays the definition the tests hold it to). Jacobi's sweeps cost O(G³) each with eight
-        matrices a vector: 2–3× faster than torch's eigh for G ≤ 16, slower from G = 32 on. PCA
-        keeps LAPACK's eigh: its output depends on the eigenvectors' order and signs, which are
-        the definition's."""
-        module = _matrix_kernels(sigma, "zca_inv_sqrt") if self.whitening == "zca" and sigma.shape[-1] <= 16 \
-            else None
-        if module is None:
-            return super()._matrix_vjp(sigma)
-        W, Dm, s = module.zca_inv_sqrt(sigma)
-        return W, lambda dW: module.zca_inv_sqrt_backward(dW, Dm, s)
+    def _node(self) -> Optional[tuple[int, int]]:
+        """ZCA with groups of ≤ 16 runs on the node: Σ^(−½) by the kernels' Jacobi eigendecomposition
+        (``zca_inv_sqrt``: 2–3× faster than torch's eigh there, slower from G = 32 on, where eigh
+        stays) with :class:`_InvSqrtm`'s divided-difference backward; _InvSqrtm stays the definition
+        the tests hold it to. PCA keeps LAPACK's eigh: its output depends on the eigenvectors' order
+        and signs, which are the definition's."""
+        return (0, 0) if self.whitening == "zca" and self.num_features // self.groups <= 16 else None
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", whitening={self.whitening!r}"
@@ -531,6 +573,9 @@ class IterNorm(_Whitening):
             return super()._matrix_vjp(sigma)
         W, P = module.newton_inv_sqrt(sigma, self.T)
         return W, lambda dW: module.newton_inv_sqrt_backward(dW, sigma, P)
+
+    def _node(self) -> Optional[tuple[int, int]]:
+        return 1, self.T
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", T={self.T}"
