@@ -177,7 +177,8 @@ def test_noise_floor_times_the_kernels_draws_against_bns_step(monkeypatch):
 
 def test_whitening_floor_times_zcas_jacobi_for_small_groups_only():
     """The whitening floor: PCA's floor from the eigendecomposition, ZCA's from the Jacobi kernel
-    where a ZCA step runs it (G ≤ 16) and from eigh beyond, IterNorm's from the iterations."""
+    where a ZCA step runs it (G ≤ 16; timed at every G) and from eigh beyond, IterNorm's from the
+    iterations."""
     from bnlab import kernels
     from bnlab.bench import variants as B
     if not kernels.available():
@@ -188,8 +189,8 @@ def test_whitening_floor_times_zcas_jacobi_for_small_groups_only():
     for r in rows:
         assert r["pca_floor"] == pytest.approx((r["eigh_ms"] + r["madds_ms"]) / r["bn_ms"])
         zca_ms = r["jacobi_ms"] if r["G"] <= 16 else r["eigh_ms"]
-        assert (r["jacobi_ms"] is None) == (r["G"] > 16) and zca_ms > 0
+        assert r["jacobi_ms"] > 0 and zca_ms > 0
         assert r["zca_floor"] == pytest.approx((zca_ms + r["madds_ms"]) / r["bn_ms"])
         assert r["iternorm_floor"] == pytest.approx((r["newton_ms"] + r["madds_ms"]) / r["bn_ms"])
     table = B.floor_markdown(rows)
-    assert table.count("\n| 1 | ") == 4 and table.count("| — |") == 2 and "ZCA floor" in table
+    assert table.count("\n| 1 | ") == 4 and "ZCA floor" in table
