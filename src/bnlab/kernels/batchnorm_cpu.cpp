@@ -3765,7 +3765,9 @@ inline void transpose_into(const T* __restrict A, T* __restrict At, int64_t G) {
 
 }  // namespace
 
-// (W, P) with W (g, G, G) and P (T + 1, g, G, G) the iterates P_0 … P_T, kept for the backward
+// (W, P) with W (g, G, G) and P (3T + 1, g, G, G): the iterates P_0 … P_T, then the powers the
+// iterations formed, P_0² … P_{T−1}² and P_0³ … P_{T−1}³ — kept for the backward, which would
+// otherwise form them again (the same products, so the same values)
 std::vector<at::Tensor> newton_inv_sqrt(const at::Tensor& sigma_in, int64_t T) {
   TORCH_CHECK(sigma_in.device().is_cpu(), "newton_inv_sqrt: a CPU tensor");
   TORCH_CHECK(sigma_in.dim() == 3 && sigma_in.size(1) == sigma_in.size(2), "newton_inv_sqrt: sigma must be (g, G, G)");
@@ -3774,14 +3776,14 @@ std::vector<at::Tensor> newton_inv_sqrt(const at::Tensor& sigma_in, int64_t T) {
   TORCH_CHECK(T >= 1, "newton_inv_sqrt: T ≥ 1");
   const at::Tensor sigma = sigma_in.contiguous();
   const int64_t g = sigma.size(0), G = sigma.size(1), GG = G * G;
-  at::Tensor W = at::empty_like(sigma), P = at::empty({T + 1, g, G, G}, sigma.options());
+  at::Tensor W = at::empty_like(sigma), P = at::empty({3 * T + 1, g, G, G}, sigma.options());
   AT_DISPATCH_FLOATING_TYPES(sigma.scalar_type(), "bnlab_newton", [&] {
     const scalar_t* S = sigma.data_ptr<scalar_t>();
     scalar_t* Wp = W.data_ptr<scalar_t>();
     scalar_t* Pp = P.data_ptr<scalar_t>();
     at::parallel_for(0, g, 1, [&](int64_t g0, int64_t g1) {
-      std::vector<scalar_t> buf(3 * GG);
-      scalar_t *SN = buf.data(), *P2 = SN + GG, *P3 = P2 + GG;
+      std::vector<scalar_t> buf(GG);
+      scalar_t* SN = buf.data();
       for (int64_t b = g0; b < g1; ++b) {
         const scalar_t* s = S + b * GG;
         scalar_t tr = 0;
@@ -3793,6 +3795,8 @@ std::vector<at::Tensor> newton_inv_sqrt(const at::Tensor& sigma_in, int64_t T) {
         for (int64_t k = 1; k <= T; ++k) {
           const scalar_t* Pk = Pp + ((k - 1) * g + b) * GG;
           scalar_t* Pn = Pp + (k * g + b) * GG;
+          scalar_t* P2 = Pp + ((T + k) * g + b) * GG;
+          scalar_t* P3 = Pp + ((2 * T + k) * g + b) * GG;
           mm(Pk, false, Pk, P2, G);                                          // P²
           mm(P2, false, Pk, P3, G);                                          // P³
           mm(P3, false, SN, Pn, G);                                          // P³·Σ_N
@@ -3807,15 +3811,15 @@ std::vector<at::Tensor> newton_inv_sqrt(const at::Tensor& sigma_in, int64_t T) {
   return {W, P};
 }
 
-// ∂ℓ/∂Σ from ∂ℓ/∂W, Σ and the iterates P_0 … P_T of newton_inv_sqrt
+// ∂ℓ/∂Σ from ∂ℓ/∂W, Σ and newton_inv_sqrt's P (the iterates and their squares and cubes)
 at::Tensor newton_inv_sqrt_backward(const at::Tensor& dW_in, const at::Tensor& sigma_in, const at::Tensor& P) {
   TORCH_CHECK(dW_in.device().is_cpu() && sigma_in.device().is_cpu() && P.device().is_cpu(),
               "newton_inv_sqrt_backward: CPU tensors");
   const at::Tensor dW = dW_in.contiguous().to(sigma_in.scalar_type()), sigma = sigma_in.contiguous();
-  TORCH_CHECK(P.dim() == 4 && P.size(1) == sigma.size(0) && P.size(2) == sigma.size(1) && P.is_contiguous() &&
-              dW.sizes() == sigma.sizes() && P.scalar_type() == sigma.scalar_type(),
-              "newton_inv_sqrt_backward: dW, sigma (g, G, G) and P (T + 1, g, G, G) do not match");
-  const int64_t T = P.size(0) - 1, g = sigma.size(0), G = sigma.size(1), GG = G * G;
+  TORCH_CHECK(P.dim() == 4 && P.size(0) % 3 == 1 && P.size(1) == sigma.size(0) && P.size(2) == sigma.size(1) &&
+              P.is_contiguous() && dW.sizes() == sigma.sizes() && P.scalar_type() == sigma.scalar_type(),
+              "newton_inv_sqrt_backward: dW, sigma (g, G, G) and P (3T + 1, g, G, G) do not match");
+  const int64_t T = (P.size(0) - 1) / 3, g = sigma.size(0), G = sigma.size(1), GG = G * G;
   at::Tensor dS = at::empty_like(sigma);
   AT_DISPATCH_FLOATING_TYPES(sigma.scalar_type(), "bnlab_newton_backward", [&] {
     const scalar_t* S = sigma.data_ptr<scalar_t>();
@@ -3823,9 +3827,9 @@ at::Tensor newton_inv_sqrt_backward(const at::Tensor& dW_in, const at::Tensor& s
     const scalar_t* Pp = P.data_ptr<scalar_t>();
     scalar_t* out = dS.data_ptr<scalar_t>();
     at::parallel_for(0, g, 1, [&](int64_t g0, int64_t g1) {
-      std::vector<scalar_t> buf(11 * GG);
-      scalar_t *SN = buf.data(), *SNt = SN + GG, *Gb = SNt + GG, *Gn = Gb + GG, *dSN = Gn + GG, *P2 = dSN + GG,
-               *P3 = P2 + GG, *X = P3 + GG, *Xt = X + GG, *Y = Xt + GG, *Z = Y + GG;
+      std::vector<scalar_t> buf(9 * GG);
+      scalar_t *SN = buf.data(), *SNt = SN + GG, *Gb = SNt + GG, *Gn = Gb + GG, *dSN = Gn + GG, *X = dSN + GG,
+               *Xt = X + GG, *Y = Xt + GG, *Z = Y + GG;
       for (int64_t b = g0; b < g1; ++b) {
         const scalar_t* s = S + b * GG;
         const scalar_t* d = D + b * GG;
@@ -3844,8 +3848,8 @@ at::Tensor newton_inv_sqrt_backward(const at::Tensor& dW_in, const at::Tensor& s
         const scalar_t dtr = scalar_t(-0.5) * r * r * r * dW_PT;
         for (int64_t k = T; k >= 1; --k) {
           const scalar_t* Pk = Pp + ((k - 1) * g + b) * GG;                 // P = P_{k−1}
-          mm(Pk, false, Pk, P2, G);                                          // P²
-          mm(P2, false, Pk, P3, G);                                          // P³
+          const scalar_t* P2 = Pp + ((T + k) * g + b) * GG;                 // P², as the forward formed it
+          const scalar_t* P3 = Pp + ((2 * T + k) * g + b) * GG;             // P³
           // Ḡ·(P²Σ_N)ᵀ
           mm(P2, false, SN, X, G);
           transpose_into(X, Xt, G);
@@ -4506,7 +4510,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("da"), py::arg("v"), py::arg("mean"), py::arg("invstd"), py::arg("weight"), py::arg("bias"),
         py::arg("act"), py::arg("slope"), py::arg("from_input"));
   m.def("newton_inv_sqrt", &newton_inv_sqrt,
-        "IterNorm: (W, P) — Σ^(−½) by T Newton iterations per group and the iterates P_0 … P_T (see newton_inv_sqrt)",
+        "IterNorm: (W, P) — Σ^(−½) by T Newton iterations per group; P the iterates P_0 … P_T and their squares and cubes (see newton_inv_sqrt)",
         py::arg("sigma"), py::arg("T"));
   m.def("newton_inv_sqrt_backward", &newton_inv_sqrt_backward, "IterNorm: ∂ℓ/∂Σ from ∂ℓ/∂W, Σ and the iterates",
         py::arg("dW"), py::arg("sigma"), py::arg("P"));
