@@ -868,9 +868,11 @@ def test_zca_kernel_gradcheck_module_path_and_bad_input():
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["f64", "f32"])
 @pytest.mark.parametrize("affine", [True, False])
 def test_whitening_node_equals_the_python_step(shape, fmt, dtype, tol, affine):
-    """ZCA (G ≤ 16) and IterNorm train through the compiled node (whiten_train) — PCA and ZCA with
-    G = 32 do not — and the node's output, gradients and running statistics equal the Python step
-    (_WhitenFn on the same kernels) it replaces; eval afterwards reads the same buffers."""
+    """ZCA (G ≤ 16), IterNorm and PCA train through the compiled node (whiten_train) — ZCA with
+    G = 32 and the PCA controls do not — and the node's output, gradients and running statistics
+    equal the Python step (_WhitenFn on the same kernels) it replaces; PCA's exactly (the same
+    eigh and autograd through it: its training is chaotic, so the lab's PCA arms stay the same);
+    eval afterwards reads the same buffers."""
     from bnlab.variants import whitening as Wh
     k = kernels.load()
     g = torch.Generator().manual_seed(11)
@@ -879,7 +881,10 @@ def test_whitening_node_equals_the_python_step(shape, fmt, dtype, tol, affine):
     dy = torch.randn(*shape, generator=g).to(dtype)
     for make, node in ((lambda: bnlab.DecorrelatedBatchNorm(32, group_size=16, affine=affine), True),
                        (lambda: bnlab.IterNorm(32, group_size=8, T=4, affine=affine), True),
-                       (lambda: bnlab.DecorrelatedBatchNorm(32, group_size=16, whitening="pca", affine=affine), False),
+                       (lambda: bnlab.DecorrelatedBatchNorm(32, group_size=16, whitening="pca", affine=affine), True),
+                       (lambda: bnlab.DecorrelatedBatchNorm(32, group_size=32, whitening="pca", affine=affine), True),
+                       (lambda: bnlab.DecorrelatedBatchNorm(32, group_size=16, whitening="pca_aligned",
+                                                            affine=affine), False),
                        (lambda: bnlab.DecorrelatedBatchNorm(32, group_size=32, affine=affine), False)):
         a = make().to(dtype)
         if affine:
@@ -899,6 +904,9 @@ def test_whitening_node_equals_the_python_step(shape, fmt, dtype, tol, affine):
             ran = k.control.whiten_node_calls() - calls
             outs.append((y.detach(), xr.grad, [p.grad for p in layer.parameters()], ran))
         assert outs[0][3] == (2 if node else 0) and outs[1][3] == 0
+        if getattr(a, "whitening", None) == "pca":
+            assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+            assert all(torch.equal(p, q) for p, q in zip(outs[0][2], outs[1][2]))
         torch.testing.assert_close(outs[0][0], outs[1][0], atol=tol, rtol=tol)
         assert outs[0][0].stride() == x.stride()
         torch.testing.assert_close(outs[0][1], outs[1][1], atol=tol, rtol=tol)

@@ -4053,8 +4053,10 @@ at::Tensor zca_inv_sqrt_backward(const at::Tensor& dW_in, const at::Tensor& D_in
 }
 
 // ---------------------------------------------------------------------------------------------
-// Whitening's training step as one C++ autograd node, for the matrix functions the kernels carry:
-// ZCA with groups of ≤ 16 (zca_inv_sqrt) and IterNorm (newton_inv_sqrt). The same calls as
+// Whitening's training step as one C++ autograd node: ZCA with groups of ≤ 16 (zca_inv_sqrt),
+// IterNorm (newton_inv_sqrt) and PCA (W = diag(λ^(−½))·Dᵀ from torch's eigh, its vector-Jacobian
+// product by autograd through the same ATen operations whitening.py's definition runs, so the
+// same values). The same calls as
 // whitening.py's _WhitenFn — whiten_moments, the matrix function, whiten_apply; backward
 // whiten_grad_sums, the function's vector-Jacobian product, whiten_grad_x — and the running
 // statistics' update, without a Python frame in between: on (256, 512) the Python around the
@@ -4063,7 +4065,17 @@ at::Tensor zca_inv_sqrt_backward(const at::Tensor& dW_in, const at::Tensor& D_in
 // statistic changes (the message starts "whitening: NaN/Inf", which whitening.py turns into its
 // NonFiniteError).
 // ---------------------------------------------------------------------------------------------
-enum WhitenKind : int64_t { kZca = 0, kIterNorm = 1 };
+enum WhitenKind : int64_t { kZca = 0, kIterNorm = 1, kPca = 2 };
+
+// PCA's W = diag(max(λ, tiny)^(−½))·Dᵀ with (λ, D) = eigh(Σ), recorded on a leaf copy of Σ: (W, the leaf)
+std::pair<at::Tensor, at::Tensor> pca_matrix(const at::Tensor& sigma) {
+  at::AutoGradMode on(true);
+  at::Tensor leaf = sigma.detach().requires_grad_(true);
+  auto [lam, D] = at::linalg_eigh(leaf);
+  const double tiny = sigma.scalar_type() == at::kFloat ? double(std::numeric_limits<float>::min())
+                                                        : std::numeric_limits<double>::min();
+  return {at::matmul(at::diag_embed(lam.clamp_min(tiny).rsqrt()), D.transpose(-1, -2)), leaf};
+}
 
 py::object& whiten_graph_backward() {
   static py::object* fn = new py::object();             // never destroyed: no Python at exit
@@ -4077,11 +4089,17 @@ struct WhitenTrain : public torch::autograd::Function<WhitenTrain> {
                             const c10::optional<at::Tensor>& running_mean,
                             const c10::optional<at::Tensor>& running_whitening,
                             const c10::optional<at::Tensor>& num_batches_tracked, double momentum) {
-    TORCH_CHECK(kind == kZca || kind == kIterNorm, "whiten_train: kind 0 (ZCA) or 1 (IterNorm)");
+    TORCH_CHECK(kind == kZca || kind == kIterNorm || kind == kPca, "whiten_train: kind 0 (ZCA), 1 (IterNorm) or 2 (PCA)");
     auto [mean, sigma, finite] = whiten_moments(x, shift, G, eps);                 // C ; g, G, G
     TORCH_CHECK(finite, "whitening: NaN/Inf in the input — its covariance has no eigendecomposition or inverse "
                         "square root; no statistics were updated");
-    std::vector<at::Tensor> fn = kind == kZca ? zca_inv_sqrt(sigma) : newton_inv_sqrt(sigma, T);
+    std::vector<at::Tensor> fn;
+    if (kind == kPca) {
+      auto [Wg, leaf] = pca_matrix(sigma);
+      fn = {Wg.detach(), Wg, leaf};                              // W; W with its graph, Σ's leaf
+    } else {
+      fn = kind == kZca ? zca_inv_sqrt(sigma) : newton_inv_sqrt(sigma, T);
+    }
     const at::Tensor W = fn[0];
     at::Tensor y = whiten_apply(x, W, weight, bias, mean);                          // diag(γ)W·(x − μ) + β
     const bool update = running_mean.has_value() && running_mean->defined();
@@ -4096,8 +4114,9 @@ struct WhitenTrain : public torch::autograd::Function<WhitenTrain> {
     NodeInputs::save(ctx, x, weight, bias);
     ctx->saved_data["mean"] = mean;
     ctx->saved_data["W"] = W;
-    ctx->saved_data["a"] = kind == kZca ? fn[1] : sigma;            // ZCA: D, s; IterNorm: Σ, the iterates
-    ctx->saved_data["b"] = kind == kZca ? fn[2] : fn[1];
+    // ZCA: D, s; IterNorm: Σ, the iterates; PCA: W's graph and Σ's leaf
+    ctx->saved_data["a"] = kind == kIterNorm ? sigma : fn[1];
+    ctx->saved_data["b"] = kind == kIterNorm ? fn[1] : fn[2];
     ctx->saved_data["kind"] = kind;
     ctx->saved_data["G"] = G;
     ctx->saved_data["T"] = T;
@@ -4126,7 +4145,10 @@ struct WhitenTrain : public torch::autograd::Function<WhitenTrain> {
       const c10::optional<at::Tensor> weight = in.weight.defined() ? c10::optional<at::Tensor>(in.weight) : c10::nullopt;
       std::vector<at::Tensor> sums = whiten_grad_sums(dy, in.x, mean, W, weight);   // dW, dγ, dβ
       if (in.need_dx) {
-        const at::Tensor dS = kind == kZca ? zca_inv_sqrt_backward(sums[0], a, b) : newton_inv_sqrt_backward(sums[0], a, b);
+        at::Tensor dS;
+        if (kind == kZca) dS = zca_inv_sqrt_backward(sums[0], a, b);
+        else if (kind == kIterNorm) dS = newton_inv_sqrt_backward(sums[0], a, b);
+        else dS = torch::autograd::grad({a}, {b}, {sums[0]}, /*retain_graph=*/true)[0];   // kept: backward may run again
         dx = whiten_grad_x(dy, in.x, mean, W, weight, dS, sums[2]);
       }
       dw = sums[1], db = sums[2];
@@ -4533,7 +4555,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "ZCA: (W, D, s) — Σ^(−½) per group by Jacobi's eigendecomposition Σ = D·diag(s²)·Dᵀ (see zca_inv_sqrt)",
         py::arg("sigma"));
   m.def("whiten_train", &whiten_train,
-        "whitening's training step (ZCA with groups ≤ 16, IterNorm) as a C++ autograd node (see WhitenTrain)",
+        "whitening's training step (ZCA with groups ≤ 16, IterNorm, PCA) as a C++ autograd node (see WhitenTrain)",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("G"), py::arg("eps"), py::arg("kind"), py::arg("T"),
         py::arg("shift"), py::arg("running_mean"), py::arg("running_whitening"), py::arg("num_batches_tracked"),
         py::arg("momentum"));

@@ -331,12 +331,13 @@ def _graph_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optio
                     kind: int, T: int, need_x: bool, need_w: bool, need_b: bool) -> tuple:
     """The whitening node's backward as a differentiable graph (create_graph=True, called by the
     C++ node ``whiten_train``): the gradients of the readable forward — ZCA's :func:`inv_sqrtm`
-    (kind 0) or IterNorm's :func:`iternorm_matrix` (kind 1) — rebuilt from x."""
+    (kind 0), IterNorm's :func:`iternorm_matrix` (kind 1) or PCA's eigh (kind 2) — rebuilt from x."""
     groups = x.shape[1] // G
 
     def reference(x, weight, bias):
         Xc, _, sigma = group_covariance(x, groups, eps)
-        W = inv_sqrtm(sigma) if kind == 0 else iternorm_matrix(sigma, T)
+        W = inv_sqrtm(sigma) if kind == 0 else iternorm_matrix(sigma, T) if kind == 1 else \
+            whitening_matrix(sigma, "pca")
         y = (W @ Xc).reshape(x.shape[1], x.shape[0], *x.shape[2:]).transpose(0, 1)
         return D.affine(y, weight, bias)
 
@@ -431,7 +432,8 @@ class _Whitening(nn.Module):
 
     def _node(self) -> Optional[tuple[int, int]]:
         """(kind, T) when the compiled node (``whiten_train``) carries this layer's matrix function:
-        0 for ZCA with groups of ≤ 16, 1 for IterNorm; else None (the step runs :class:`_WhitenFn`)."""
+        0 for ZCA with groups of ≤ 16, 1 for IterNorm, 2 for PCA; else None (the step runs
+        :class:`_WhitenFn`)."""
         return None
 
     def _matrix_vjp(self, sigma: Tensor):
@@ -544,8 +546,11 @@ class DecorrelatedBatchNorm(_Whitening):
         (``zca_inv_sqrt``: 2–3× faster than torch's eigh there, slower from G = 32 on, where eigh
         stays) with :class:`_InvSqrtm`'s divided-difference backward; _InvSqrtm stays the definition
         the tests hold it to. PCA keeps LAPACK's eigh: its output depends on the eigenvectors' order
-        and signs, which are the definition's."""
-        return (0, 0) if self.whitening == "zca" and self.num_features // self.groups <= 16 else None
+        and signs, which are the definition's: the node runs torch's eigh and autograd through it, as
+        the definition does. The PCA controls (aligned axes, regularized gradient) keep the Python step."""
+        if self.whitening == "zca":
+            return (0, 0) if self.num_features // self.groups <= 16 else None
+        return (2, 0) if self.whitening == "pca" else None
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", whitening={self.whitening!r}"
