@@ -543,11 +543,12 @@ class DecorrelatedBatchNorm(_Whitening):
 
     def _node(self) -> Optional[tuple[int, int]]:
         """ZCA with groups of ≤ 16 runs on the node: Σ^(−½) by the kernels' Jacobi eigendecomposition
-        (``zca_inv_sqrt``: 2–3× faster than torch's eigh there, slower from G = 32 on, where eigh
-        stays) with :class:`_InvSqrtm`'s divided-difference backward; _InvSqrtm stays the definition
-        the tests hold it to. PCA keeps LAPACK's eigh: its output depends on the eigenvectors' order
-        and signs, which are the definition's: the node runs torch's eigh and autograd through it, as
-        the definition does. The PCA controls (aligned axes, regularized gradient) keep the Python step."""
+        (``zca_inv_sqrt``: with its backward about half torch's eigh alone for 32 groups of 16; from
+        G = 32 on its O(G³) sweeps are slower, and eigh stays) with :class:`_InvSqrtm`'s
+        divided-difference backward; _InvSqrtm stays the definition the tests hold it to. PCA keeps
+        LAPACK's eigh — its output depends on the eigenvectors' order and signs — and the node runs
+        it and autograd through it exactly as the definition does. The PCA controls (aligned axes,
+        regularized gradient) keep the Python step."""
         if self.whitening == "zca":
             return (0, 0) if self.num_features // self.groups <= 16 else None
         return (2, 0) if self.whitening == "pca" else None
