@@ -928,3 +928,44 @@ def test_whitening_node_refuses_non_finite_input_and_keeps_its_statistics():
             layer(x.requires_grad_())
         for n, b in layer.named_buffers():
             assert torch.equal(b, before[n]), n
+
+
+@pytest.mark.parametrize("scale", [1e-160, 1e-30, 1e30, 1e160, 1e300])
+def test_zca_kernel_at_any_scale_of_sigma(scale):
+    """Σ^(−½) scales as scale^(−½): the Jacobi sweeps work on each matrix scaled by a power of two,
+    so their sums of squares neither overflow nor underflow (unscaled, Σ ~ 1e160 stopped before
+    any rotation and returned the diagonal alone)."""
+    from bnlab.variants.whitening import inv_sqrtm
+    k = kernels.load()
+    gen = torch.Generator().manual_seed(1)
+    A = torch.randn(9, 16, 40, generator=gen, dtype=torch.float64)
+    sigma = A @ A.transpose(1, 2) / 40 + 0.1 * torch.eye(16, dtype=torch.float64)
+    W1, _, s1 = k.zca_inv_sqrt(sigma)
+    W, _, s = k.zca_inv_sqrt(sigma * scale)
+    torch.testing.assert_close(W * scale ** 0.5, W1, atol=1e-12 * W1.abs().max().item(), rtol=0)
+    torch.testing.assert_close(s / scale ** 0.5, s1, atol=0, rtol=1e-13)
+    torch.testing.assert_close(W1, inv_sqrtm(sigma), atol=1e-12, rtol=0)
+
+
+def test_group_cross_gram_centres_each_side_on_its_own_mean_in_every_layout():
+    """group_cross(a, μ_a, None, μ_b): Σ (a − μ_a)(a − μ_b)ᵀ per group, the same on the rows layout
+    (its centred-chunk Gram) and on (N, C, L)."""
+    k = kernels.load()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(70, 32, generator=g, dtype=torch.float64) * 3 + 5
+    mu_a, mu_b = x.mean(0), x.mean(0) + torch.linspace(-1, 1, 32, dtype=torch.float64)
+    P_rows, _ = k.group_cross(x, mu_a, None, mu_b, 16)
+    P_ncl, _ = k.group_cross(x.unsqueeze(-1).repeat(1, 1, 2).contiguous(), mu_a, None, mu_b, 16)
+    X = x.T.reshape(2, 16, 70)
+    want = (X - mu_a.view(2, 16, 1)) @ (X - mu_b.view(2, 16, 1)).transpose(1, 2)
+    torch.testing.assert_close(P_rows, want, atol=1e-9, rtol=1e-12)
+    torch.testing.assert_close(P_ncl, 2 * want, atol=1e-9, rtol=1e-12)
+
+
+def test_newton_kernel_backward_refuses_iterates_without_their_powers():
+    k = kernels.load()
+    S = torch.eye(3, dtype=torch.float64).expand(2, 3, 3).contiguous()
+    W, P = k.newton_inv_sqrt(S, 3)
+    assert P.shape == (3, 4, 2, 3, 3)
+    with pytest.raises(RuntimeError, match="do not match"):
+        k.newton_inv_sqrt_backward(torch.ones_like(S), S, P[0].contiguous())      # the iterates alone

@@ -3075,8 +3075,9 @@ template <bool NT, typename T>
 inline void store_vec(T* p, typename V64<T>::v v) {
 #ifdef BNLAB_STREAM
   if constexpr (NT && std::is_same<T, float>::value) {
-    const auto* h = reinterpret_cast<const StreamVec::V*>(&v);
-    for (int q = 0; q < int(64 / sizeof(StreamVec::V)); ++q) StreamVec::stream(p + q * StreamVec::kWidth, h[q]);
+    const float* h = reinterpret_cast<const float*>(&v);
+    for (int q = 0; q < int(64 / sizeof(StreamVec::V)); ++q)
+      StreamVec::stream(p + q * StreamVec::kWidth, StreamVec::load(h + q * StreamVec::kWidth));
     return;
   }
 #endif
@@ -3325,8 +3326,8 @@ void cross_rows(const T* a, const double* mu_a, const T* b, const double* mu_b, 
   const int64_t M = l.M, C = l.C, g = C / G, JV = G % V == 0 ? G / V : 0;
   const int nt = at::get_num_threads();
   std::vector<std::vector<double>> Pt(nt, std::vector<double>(g * G * G, 0.0)), St(nt, std::vector<double>(C, 0.0));
-  std::vector<T> MA(C), MB(C), zero(C, T(0));
-  for (int64_t c = 0; c < C; ++c) MA[c] = mu_a ? T(mu_a[c]) : T(0), MB[c] = T(mu_b[c]);
+  std::vector<T> MA(C), MB(C), shift_b(C);
+  for (int64_t c = 0; c < C; ++c) MA[c] = mu_a ? T(mu_a[c]) : T(0), MB[c] = T(mu_b[c]), shift_b[c] = MB[c] - MA[c];
   const int64_t R = 64;
   at::parallel_for(0, (M + R - 1) / R, 1, [&](int64_t c0, int64_t c1) {
     const int tid = at::get_thread_num();
@@ -3346,12 +3347,12 @@ void cross_rows(const T* a, const double* mu_a, const T* b, const double* mu_b, 
       const T* A0 = a + r0 * C;
       const T* B0 = b + r0 * C;
       const T* MBp = MB.data();
-      if (mu_a != nullptr && JV > 0) {
+      if (mu_a != nullptr && JV >= 1 && JV <= 4) {
         cbuf.resize(n * C);
         for (int64_t r = 0; r < n; ++r)
           for (int64_t c = 0; c < C; ++c) cbuf[r * C + c] = A0[r * C + c] - MA[c];
         A0 = cbuf.data();
-        if (same) B0 = cbuf.data(), MBp = zero.data();
+        if (same) B0 = cbuf.data(), MBp = shift_b.data();          // b − μ_b = (a − μ_a) − (μ_b − μ_a)
       }
       for (int64_t gi = 0; gi < g; ++gi) {
         const int64_t o = gi * G;
@@ -3780,9 +3781,9 @@ inline void transpose_into(const T* __restrict A, T* __restrict At, int64_t G) {
 
 }  // namespace
 
-// (W, P) with W (g, G, G) and P (3T + 1, g, G, G): the iterates P_0 … P_T, then the powers the
-// iterations formed, P_0² … P_{T−1}² and P_0³ … P_{T−1}³ — kept for the backward, which would
-// otherwise form them again (the same products, so the same values)
+// (W, P) with W (g, G, G) and P (3, T + 1, g, G, G): P[0] the iterates P_0 … P_T, P[1] and P[2]
+// the powers the iterations formed, P_0² … P_{T−1}² and P_0³ … P_{T−1}³ (their last slot zero) —
+// kept for the backward, which would otherwise form them again (the same products, so the same values)
 std::vector<at::Tensor> newton_inv_sqrt(const at::Tensor& sigma_in, int64_t T) {
   TORCH_CHECK(sigma_in.device().is_cpu(), "newton_inv_sqrt: a CPU tensor");
   TORCH_CHECK(sigma_in.dim() == 3 && sigma_in.size(1) == sigma_in.size(2), "newton_inv_sqrt: sigma must be (g, G, G)");
@@ -3791,7 +3792,7 @@ std::vector<at::Tensor> newton_inv_sqrt(const at::Tensor& sigma_in, int64_t T) {
   TORCH_CHECK(T >= 1, "newton_inv_sqrt: T ≥ 1");
   const at::Tensor sigma = sigma_in.contiguous();
   const int64_t g = sigma.size(0), G = sigma.size(1), GG = G * G;
-  at::Tensor W = at::empty_like(sigma), P = at::empty({3 * T + 1, g, G, G}, sigma.options());
+  at::Tensor W = at::empty_like(sigma), P = at::zeros({3, T + 1, g, G, G}, sigma.options());
   AT_DISPATCH_FLOATING_TYPES(sigma.scalar_type(), "bnlab_newton", [&] {
     const scalar_t* S = sigma.data_ptr<scalar_t>();
     scalar_t* Wp = W.data_ptr<scalar_t>();
@@ -3811,7 +3812,7 @@ std::vector<at::Tensor> newton_inv_sqrt(const at::Tensor& sigma_in, int64_t T) {
           const scalar_t* Pk = Pp + ((k - 1) * g + b) * GG;
           scalar_t* Pn = Pp + (k * g + b) * GG;
           scalar_t* P2 = Pp + ((T + k) * g + b) * GG;
-          scalar_t* P3 = Pp + ((2 * T + k) * g + b) * GG;
+          scalar_t* P3 = Pp + ((2 * T + 1 + k) * g + b) * GG;
           mm(Pk, false, Pk, P2, G);                                          // P²
           mm(P2, false, Pk, P3, G);                                          // P³
           mm(P3, false, SN, Pn, G);                                          // P³·Σ_N
@@ -3831,10 +3832,11 @@ at::Tensor newton_inv_sqrt_backward(const at::Tensor& dW_in, const at::Tensor& s
   TORCH_CHECK(dW_in.device().is_cpu() && sigma_in.device().is_cpu() && P.device().is_cpu(),
               "newton_inv_sqrt_backward: CPU tensors");
   const at::Tensor dW = dW_in.contiguous().to(sigma_in.scalar_type()), sigma = sigma_in.contiguous();
-  TORCH_CHECK(P.dim() == 4 && P.size(0) % 3 == 1 && P.size(1) == sigma.size(0) && P.size(2) == sigma.size(1) &&
-              P.is_contiguous() && dW.sizes() == sigma.sizes() && P.scalar_type() == sigma.scalar_type(),
-              "newton_inv_sqrt_backward: dW, sigma (g, G, G) and P (3T + 1, g, G, G) do not match");
-  const int64_t T = (P.size(0) - 1) / 3, g = sigma.size(0), G = sigma.size(1), GG = G * G;
+  TORCH_CHECK(P.dim() == 5 && P.size(0) == 3 && P.size(1) >= 2 && P.size(2) == sigma.size(0) &&
+                  P.size(3) == sigma.size(1) && P.size(4) == sigma.size(1) && P.is_contiguous() &&
+                  dW.sizes() == sigma.sizes() && P.scalar_type() == sigma.scalar_type(),
+              "newton_inv_sqrt_backward: dW, sigma (g, G, G) and P (3, T + 1, g, G, G) do not match");
+  const int64_t T = P.size(1) - 1, g = sigma.size(0), G = sigma.size(1), GG = G * G;
   at::Tensor dS = at::empty_like(sigma);
   AT_DISPATCH_FLOATING_TYPES(sigma.scalar_type(), "bnlab_newton_backward", [&] {
     const scalar_t* S = sigma.data_ptr<scalar_t>();
@@ -3864,7 +3866,7 @@ at::Tensor newton_inv_sqrt_backward(const at::Tensor& dW_in, const at::Tensor& s
         for (int64_t k = T; k >= 1; --k) {
           const scalar_t* Pk = Pp + ((k - 1) * g + b) * GG;                 // P = P_{k−1}
           const scalar_t* P2 = Pp + ((T + k) * g + b) * GG;                 // P², as the forward formed it
-          const scalar_t* P3 = Pp + ((2 * T + k) * g + b) * GG;             // P³
+          const scalar_t* P3 = Pp + ((2 * T + 1 + k) * g + b) * GG;         // P³
           // Ḡ·(P²Σ_N)ᵀ
           mm(P2, false, SN, X, G);
           transpose_into(X, Xt, G);
@@ -3904,11 +3906,11 @@ at::Tensor newton_inv_sqrt_backward(const at::Tensor& dW_in, const at::Tensor& s
 // definition, on LAPACK's eigh). The eigendecomposition is cyclic Jacobi (Golub & Van Loan,
 // Matrix Computations §8.5; Rutishauser's rotation), in float64, eight matrices at once, one per
 // lane of a 64-byte vector: torch's batched eigh costs ~20 µs per 16×16 matrix here, most of it
-// per-matrix work around LAPACK, the whole of a (256, 512) BatchNorm step for 32 groups. On a
-// positive definite matrix Jacobi's eigenvalues are accurate relative to each eigenvalue (Demmel
-// & Veselić 1992), which the smallest λ of Σ + εI — the largest entries of W — need. Sweeps run
-// until every lane's off-diagonal mass is ≤ 1e-30 of its diagonal's (quadratic convergence: 6–9
-// sweeps for G = 16), at most 60 (NaN never converges; it comes out NaN).
+// per-matrix work around LAPACK. Each matrix is first scaled by a power of two to a largest entry
+// near 1 (exact), so the sweeps' sums of squares hold at any scale of Σ. Sweeps run until every
+// lane's off-diagonal mass is ≤ 1e-30 of its diagonal's (quadratic convergence: 6–9 sweeps for
+// G = 16), at most 60 (NaN never converges; it comes out NaN) — eigenvalues accurate to about
+// float64's rounding of ‖Σ‖, as LAPACK's.
 // ---------------------------------------------------------------------------------------------
 typedef double lanes8 __attribute__((vector_size(64)));   // one entry of eight matrices
 
@@ -3984,9 +3986,20 @@ std::vector<at::Tensor> zca_inv_sqrt(const at::Tensor& sigma_in) {
         for (int64_t i = 0; i < GG; ++i)                                  // lanes past g: the identity
           for (int l = 0; l < 8; ++l)
             A[i][l] = b * 8 + l < g ? double(S[(b * 8 + l) * GG + i]) : (i % (G + 1) == 0 ? 1.0 : 0.0);
+        // each matrix scaled by a power of two (exact) to a largest entry in [½, 1): the sweeps'
+        // sums of squares then neither overflow nor underflow at any scale of Σ
+        lanes8 up = {};
+        for (int l = 0; l < 8; ++l) {
+          double m = 0;
+          for (int64_t i = 0; i < GG; ++i) m = std::max(m, std::fabs(A[i][l]));
+          int e = 0;
+          if (m > 0 && std::isfinite(m)) std::frexp(m, &e);
+          up[l] = std::ldexp(1.0, e);
+          for (int64_t i = 0; i < GG; ++i) A[i][l] = std::ldexp(A[i][l], -e);
+        }
         jacobi8(A.data(), V.data(), G);
         for (int64_t k = 0; k < G; ++k) {                                 // s = √max(λ, tiny)
-          const lanes8 lam = A[k * G + k];
+          const lanes8 lam = A[k * G + k] * up;
           sv[k] = sqrt8(lam < tiny ? lanes8{} + tiny : lam);
         }
         for (int64_t r = 0; r < G; ++r)                                   // D·diag(1/s)
@@ -4128,7 +4141,7 @@ struct WhitenTrain : public torch::autograd::Function<WhitenTrain> {
                                                  torch::autograd::variable_list& grads) {
     const at::Tensor& dy = grads[0];
     const NodeInputs in(ctx);
-    torch::autograd::variable_list result(13);                 // one per forward argument
+    torch::autograd::variable_list result(12);                 // one per forward argument
     if (!dy.defined()) return result;
     const int64_t kind = ctx->saved_data["kind"].toInt();
     at::Tensor dx, dw, db;
