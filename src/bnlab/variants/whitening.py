@@ -189,16 +189,15 @@ class _NewtonFn(torch.autograd.Function):
         return ctx.module.newton_inv_sqrt_backward(dW, sigma, P), None, None
 
 
-def _matrix_kernels(sigma: Tensor, entry: str):
-    """The compiled module when it has ``entry`` and takes sigma ((g, G, G) float32/float64 on the
-    CPU), else None."""
-    return dispatch.compiled_for(sigma, entry) \
+def _newton_kernels(sigma: Tensor):
+    """The compiled module when it takes sigma ((g, G, G) float32/float64 on the CPU), else None."""
+    return dispatch.compiled_for(sigma, "newton_inv_sqrt") \
         if sigma.dtype in (torch.float32, torch.float64) and sigma.dim() == 3 else None
 
 
 def _newton(sigma: Tensor, T: int) -> Tensor:
     """iternorm_matrix(sigma, T), on the compiled kernels where they take sigma."""
-    module = _matrix_kernels(sigma, "newton_inv_sqrt")
+    module = _newton_kernels(sigma)
     if module is None:
         return iternorm_matrix(sigma, T)
     return _NewtonFn.apply(sigma, T, module)
@@ -332,16 +331,19 @@ def _graph_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optio
     """The whitening node's backward as a differentiable graph (create_graph=True, called by the
     C++ node ``whiten_train``): the gradients of the readable forward — ZCA's :func:`inv_sqrtm`
     (kind 0), IterNorm's :func:`iternorm_matrix` (kind 1) or PCA's eigh (kind 2) — rebuilt from x."""
-    groups = x.shape[1] // G
+    matrix = inv_sqrtm if kind == 0 else (lambda s: iternorm_matrix(s, T)) if kind == 1 else \
+        (lambda s: whitening_matrix(s, "pca"))
+    return differentiable_backward(lambda x, w, b: _readable_forward(x, w, b, x.shape[1] // G, eps, matrix),
+                                   (x, weight, bias), (need_x, need_w, need_b), dy)
 
-    def reference(x, weight, bias):
-        Xc, _, sigma = group_covariance(x, groups, eps)
-        W = inv_sqrtm(sigma) if kind == 0 else iternorm_matrix(sigma, T) if kind == 1 else \
-            whitening_matrix(sigma, "pca")
-        y = (W @ Xc).reshape(x.shape[1], x.shape[0], *x.shape[2:]).transpose(0, 1)
-        return D.affine(y, weight, bias)
 
-    return differentiable_backward(reference, (x, weight, bias), (need_x, need_w, need_b), dy)
+def _readable_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], groups: int, eps: float,
+                      matrix) -> Tensor:
+    """y = γ·W(Σ)·(x − μ) + β on torch's operations, W = ``matrix``(Σ): the definition a create_graph
+    backward differentiates (no buffer updates)."""
+    Xc, _, sigma = group_covariance(x, groups, eps)
+    y = (matrix(sigma) @ Xc).reshape(x.shape[1], x.shape[0], *x.shape[2:]).transpose(0, 1)
+    return D.affine(y, weight, bias)
 
 
 def _node_kernels(x: Tensor):
@@ -513,11 +515,7 @@ class _Whitening(nn.Module):
 
     def _reference(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
         """The readable training forward (no buffer updates): what a create_graph backward differentiates."""
-        C = self.num_features
-        Xc, _, sigma = group_covariance(x, self.groups, self.eps)
-        Y = self._matrix(sigma) @ Xc
-        y = Y.reshape(C, x.shape[0], *x.shape[2:]).transpose(0, 1)
-        return D.affine(y, weight, bias)
+        return _readable_forward(x, weight, bias, self.groups, self.eps, self._matrix)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, groups={self.groups} (size {self.num_features // self.groups}), "
@@ -574,7 +572,7 @@ class IterNorm(_Whitening):
 
     def _matrix_vjp(self, sigma: Tensor):
         """The iterations and their backward straight on the kernels where they take Σ."""
-        module = _matrix_kernels(sigma, "newton_inv_sqrt")
+        module = _newton_kernels(sigma)
         if module is None:
             return super()._matrix_vjp(sigma)
         W, P = module.newton_inv_sqrt(sigma, self.T)
