@@ -3048,8 +3048,8 @@ namespace {
 // The (N, C, L) kernels walk a block's G rows side by side (row stride L): G interleaved streams are
 // more than the hardware prefetcher follows. A block's rows are one contiguous stretch, and the
 // blocks of a task are consecutive, so while one block is computed the next is prefetched into L2
-// as one linear stream, a few lines a step (the passes 1.6–1.9× faster on (64, 64, 28, 28) than a
-// prefetch a fixed distance ahead in each row).
+// as one linear stream, a few lines a step (faster than a prefetch a fixed distance ahead in each
+// row, which docs/variants.md lists as tried and rejected).
 struct Ahead {
   const char* a = nullptr;                              // next block of a (and b), up to end
   const char* b = nullptr;
@@ -3341,7 +3341,7 @@ void cross_rows(const T* a, const double* mu_a, const T* b, const double* mu_b, 
         for (int64_t c = 0; c < C; ++c) s[c] += a[r * C + c];
       for (int64_t c = 0; c < C; ++c) Sd[c] += double(s[c]);
       // a centred once per chunk into an L1/L2 buffer (the same a − μ_a the tile would form per
-      // value: a scalar subtract and broadcast each, 25–30% of the pass on (256, 512)); the Gram
+      // value: a scalar subtract and broadcast each, a large share of the pass); the Gram
       // (same) reads both operands from it. Tiles then run on rows [0, n) of the two bases.
       const int64_t n = r1 - r0;
       const T* A0 = a + r0 * C;
@@ -3905,8 +3905,9 @@ at::Tensor newton_inv_sqrt_backward(const at::Tensor& dW_in, const at::Tensor& s
 // (the Daleckii–Krein divided difference of λ^(−½); whitening.py's _InvSqrtm is the readable
 // definition, on LAPACK's eigh). The eigendecomposition is cyclic Jacobi (Golub & Van Loan,
 // Matrix Computations §8.5; Rutishauser's rotation), in float64, eight matrices at once, one per
-// lane of a 64-byte vector: torch's batched eigh costs ~20 µs per 16×16 matrix here, most of it
-// per-matrix work around LAPACK. Each matrix is first scaled by a power of two to a largest entry
+// lane of a 64-byte vector: for 32 groups of 16, torch's batched eigh alone costs more than a
+// (256, 512) BatchNorm step, Jacobi and its backward about half that (`bnlab bench variants`' floor
+// table). Each matrix is first scaled by a power of two to a largest entry
 // near 1 (exact), so the sweeps' sums of squares hold at any scale of Σ. Sweeps run until every
 // lane's off-diagonal mass is ≤ 1e-30 of its diagonal's (quadratic convergence: 6–9 sweeps for
 // G = 16), at most 60 (NaN never converges; it comes out NaN) — eigenvalues accurate to about
